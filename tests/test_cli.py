@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import polars as pl
+from typer.testing import CliRunner
+
+from croco import storage
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_config_show_prints_the_resolved_config():
+    result = runner.invoke(app, ["config", "show", "--set", "generation.k=5"])
+    assert result.exit_code == 0
+    assert "k: 5" in result.stdout
+    assert "reject_target: mean_minus_2sigma" in result.stdout
+
+
+def test_unknown_key_exits_non_zero_with_the_key_path():
+    result = runner.invoke(app, ["config", "show", "--set", "pairing.scoop=all_lang"])
+    assert result.exit_code == 2
+    assert "pairing.scoop: unknown key" in result.output
+
+
+def test_run_with_unknown_language_fails_before_any_work(tmp_path):
+    result = runner.invoke(app, ["run", "--set", "languages=[en, zz]",
+                                 "--set", f"data_root={tmp_path / 'data'}"])
+    assert result.exit_code == 2
+    assert "'zz' is not an ISO 639-1 language code" in result.output
+    assert not (tmp_path / "data").exists()
+
+
+def test_pairs_show_prints_pairs_and_stats(tmp_path):
+    root = tmp_path / "pairs" / "abc"
+    pairs = pl.DataFrame({
+        "prompt_id": ["p1"], "prompt_lang": ["de"], "prompt": ["Was ist Regen?"],
+        "chosen": ["Wasser, das fällt."], "rejected": ["Bla."], "chosen_score": [1.5],
+        "rejected_score": [-0.5], "chosen_lang": ["de"], "rejected_lang": ["de"],
+        "pool_size": [8], "scope": ["in_lang"], "reject_target": ["mean_minus_2sigma"]})
+    storage.write_parquet(pairs, str(root / "dpo" / "lang=de" / "data.parquet"))
+    stats = pl.DataFrame({"lang": ["de"], "prompts": [1], "samples": [8], "reward_mean": [0.1],
+                          "reward_std": [0.7], "pairs": [1], "skipped": [0], "gap_mean": [2.0],
+                          "gap_median": [2.0], "gap_min": [2.0], "gap_max": [2.0],
+                          "lang_match": [0.75]})
+    storage.write_parquet(stats, str(root / "stats.parquet"))
+    result = runner.invoke(app, ["pairs", "show", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "Wasser, das fällt." in result.output and "Bla." in result.output
+    assert "75%" in result.output
+
+
+def test_pairs_show_on_an_empty_folder_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["pairs", "show", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no pairs found" in result.output

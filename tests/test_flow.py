@@ -1,0 +1,157 @@
+"""The pipeline through real Prefect flow runs (Prefect's test harness), tiny models."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from croco import stages, storage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts how often each library stage is entered (a cached task never enters it)."""
+    counter: Counter = Counter()
+    for name in ("run_prompts", "run_generate", "run_score", "run_pairs"):
+        original = getattr(stages, name)
+
+        sig = inspect.signature(original)
+
+        def wrapper(*args, __original=original, __name=name, __sig=sig, **kwargs):
+            bound = __sig.bind(*args, **kwargs).arguments
+            counter[(__name, bound.get("lang", "all"))] += 1
+            return __original(*args, **kwargs)
+
+        monkeypatch.setattr(stages, name, wrapper)
+    return counter
+
+
+def by_stage(counter: Counter) -> dict[str, int]:
+    out: Counter = Counter()
+    for (name, _), n in counter.items():
+        out[name] += n
+    return dict(out)
+
+
+def test_full_run_writes_contract_tables_and_manifest(prefect_harness, tiny_config, calls):
+    from flows.pipeline import croco_pipeline
+
+    cfg = tiny_config()
+    result = croco_pipeline(config=cfg, run_id="first")
+    assert by_stage(calls) == {"run_prompts": 3, "run_generate": 3, "run_score": 3,
+                               "run_pairs": 1}
+    gens = storage.read_parquet(result["stages"]["generations"]["de"])
+    assert gens.height == 3 * 4  # limit 3 prompts x k 4
+    scores = storage.read_parquet(result["stages"]["scores"]["de"])
+    for col in ["prompt_id", "lang", "sample_idx", "response", "n_tokens", "finish_reason",
+                "policy", "reward", "reward_rm", "reward_judge", "reward_lang", "detected_lang",
+                "lang_prob"]:
+        assert col in scores.columns
+    pairs_uri = result["stages"]["pairs"]["all"]
+    pairs = storage.read_parquet(storage.join(pairs_uri, "dpo"))
+    assert 0 < pairs.height <= 9
+    assert (pairs["chosen_score"] > pairs["rejected_score"]).all()
+    assert (Path(pairs_uri) / "dpo" / "lang=fr" / "data.parquet").exists()
+    stats = storage.read_parquet(storage.join(pairs_uri, "stats.parquet"))
+    assert stats["lang"].to_list() == ["de", "en", "fr"]
+    assert (stats["pairs"] + stats["skipped"]).to_list() == [3, 3, 3]
+
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    assert manifest["run_id"] == "first"
+    assert manifest["config"]["generation"]["k"] == 4
+    assert manifest["stages"]["generations"]["de"]["rows"] == 12
+    assert manifest["stages"]["pairs"]["all"]["key"] == Path(pairs_uri).name
+    assert manifest["packages"]["prefect"]
+
+
+def test_unchanged_rerun_is_served_from_cache(prefect_harness, tiny_config, calls):
+    from flows.pipeline import croco_pipeline
+
+    cfg = tiny_config()
+    first = croco_pipeline(config=cfg)
+    calls.clear()
+    second = croco_pipeline(config=cfg)
+    assert by_stage(calls) == {}
+    assert second["stages"] == first["stages"]
+
+
+def test_changing_only_pairing_repairs_without_regenerating(prefect_harness, tiny_config, calls):
+    from flows.pipeline import croco_pipeline
+
+    first = croco_pipeline(config=tiny_config())
+    calls.clear()
+    second = croco_pipeline(config=tiny_config(**{"pairing.scope": "all_lang",
+                                                  "pairing.reject_target": "q1"}))
+    assert by_stage(calls) == {"run_pairs": 1}
+    assert second["stages"]["scores"] == first["stages"]["scores"]
+    assert second["stages"]["pairs"] != first["stages"]["pairs"]
+    pairs = storage.read_parquet(storage.join(second["stages"]["pairs"]["all"], "dpo"))
+    assert set(pairs["scope"]) == {"all_lang"} and set(pairs["reject_target"]) == {"q1"}
+
+
+def test_adding_a_language_runs_only_that_language(prefect_harness, tiny_config, calls):
+    from flows.pipeline import croco_pipeline
+
+    croco_pipeline(config=tiny_config())
+    calls.clear()
+    croco_pipeline(config=tiny_config(languages=["en", "de", "fr", "es"]))
+    assert calls == Counter({("run_prompts", "es"): 1, ("run_generate", "es"): 1,
+                             ("run_score", "es"): 1, ("run_pairs", "all"): 1})
+
+
+def test_deleted_outputs_are_recomputed_despite_the_cache(prefect_harness, tiny_config, calls):
+    from flows.pipeline import croco_pipeline
+
+    cfg = tiny_config()
+    first = croco_pipeline(config=cfg)
+    shutil.rmtree(Path(first["stages"]["generations"]["en"]).parent)
+    shutil.rmtree(Path(first["stages"]["pairs"]["all"]))
+    calls.clear()
+    second = croco_pipeline(config=cfg)
+    assert by_stage(calls)["run_generate"] == 3
+    assert storage.is_complete(second["stages"]["pairs"]["all"])
+
+
+def test_stages_option_stops_early(prefect_harness, tiny_config, calls):
+    from flows.pipeline import croco_pipeline
+
+    result = croco_pipeline(config=tiny_config(), stages=["prompts", "generate"])
+    assert set(result["stages"]) == {"prompts", "generations"}
+    assert by_stage(calls) == {"run_prompts": 3, "run_generate": 3}
+
+
+def test_bad_prompt_file_fails_the_run_and_writes_nothing(prefect_harness, tiny_config,
+                                                          tmp_path):
+    from flows.pipeline import croco_pipeline
+    from croco.prompts import PromptError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt_id": "a", "lang": "en", "prompt": "x"}\n{oops\n')
+    cfg = tiny_config(**{"prompts.path": str(bad)})
+    with pytest.raises(PromptError, match=r"bad\.jsonl line 2"):
+        croco_pipeline(config=cfg)
+    assert not (Path(cfg.data_root) / "prompts").exists() or not list(
+        (Path(cfg.data_root) / "prompts").rglob("_SUCCESS"))
+    assert not (Path(cfg.data_root) / "generations").exists()
+
+
+def test_pipeline_on_s3(prefect_harness, tiny_config, s3_bucket):
+    from flows.pipeline import croco_pipeline
+
+    cfg = tiny_config(data_root=f"s3://{s3_bucket}/croco", languages=["en", "de"])
+    result = croco_pipeline(config=cfg)
+    pairs_uri = result["stages"]["pairs"]["all"]
+    assert pairs_uri.startswith(f"s3://{s3_bucket}/croco/pairs/")
+    assert storage.read_parquet(storage.join(pairs_uri, "stats.parquet")).height == 2
+    manifest = storage.read_bytes(result["manifest"]).decode()
+    assert "testing-secret-value-123" not in manifest
+    assert "testing-key-id" not in manifest
+    assert pl.DataFrame(json.loads(manifest)["stages"]["scores"]).width == 2

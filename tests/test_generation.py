@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from croco import storage
+from croco.config import GenerationConfig, PolicyConfig, PromptsConfig
+from croco.generation import GENERATION_SCHEMA, conversations_for, generate_frame
+from croco.generation.transformers import TransformersGenerator
+from croco.prompts import load_prompts
+from croco.stages import run_generate, run_prompts
+
+
+def test_samples_share_one_prefill_and_match_plain_generate(tiny_lm):
+    gen = TransformersGenerator(tiny_lm)
+    convs = [[{"role": "user", "content": "Name a fruit."}],
+             [{"role": "user", "content": "Warum ist der Himmel blau? Bitte kurz."}]]
+    shared = gen.generate(convs, k=3, temperature=0.0, max_new_tokens=8)
+    enc = gen._encode(convs)
+    plain = gen.model.generate(**enc, do_sample=False, max_new_tokens=8,
+                               pad_token_id=gen.tokenizer.pad_token_id)
+    width = enc["input_ids"].shape[1]
+    for samples, ref in zip(shared, plain):
+        expected = gen.tokenizer.decode(ref[width:], skip_special_tokens=True).strip()
+        assert [s.text for s in samples] == [expected] * 3
+
+
+def test_sampling_is_seeded(tiny_lm):
+    gen = TransformersGenerator(tiny_lm)
+    convs = [[{"role": "user", "content": "Name a fruit."}]]
+    a = gen.generate(convs, k=4, temperature=1.0, max_new_tokens=6, seed=3)
+    b = gen.generate(convs, k=4, temperature=1.0, max_new_tokens=6, seed=3)
+    c = gen.generate(convs, k=4, temperature=1.0, max_new_tokens=6, seed=4)
+    assert a == b
+    assert a != c
+    assert len({s.text for s in a[0]}) > 1
+
+
+def test_generation_table_has_the_contract_columns(tiny_lm, prompt_file):
+    prompts = load_prompts(str(prompt_file)).filter(pl.col("lang") == "fr").head(2)
+    df = generate_frame(TransformersGenerator(tiny_lm), prompts, k=3, temperature=1.0, top_p=1.0,
+                        max_new_tokens=5, batch_size=4, seed=0, policy="tiny")
+    assert df.schema == pl.Schema(GENERATION_SCHEMA)
+    assert df.height == 6
+    assert df["sample_idx"].to_list() == [0, 1, 2, 0, 1, 2]
+    assert set(df["finish_reason"]) <= {"stop", "length"}
+    assert df.filter(pl.col("finish_reason") == "length")["n_tokens"].to_list() == [5] * df.filter(
+        pl.col("finish_reason") == "length").height
+
+
+def test_respond_in_language_instruction(prompt_file):
+    prompts = load_prompts(str(prompt_file)).filter(pl.col("lang") == "de").head(1)
+    convs = conversations_for(prompts, respond_in_language=True,
+                              instruction_template="Respond in {language}.")
+    assert convs[0][-1]["content"].endswith("\n\nRespond in German.")
+
+
+def test_crash_mid_generation_resumes_at_the_next_shard(tiny_lm, prompt_file, tmp_path):
+    root = str(tmp_path)
+    pcfg = PromptsConfig(path=str(prompt_file), limit=4)
+    prompts_uri = run_prompts(pcfg, "en", root)
+    policy = PolicyConfig(model=tiny_lm)
+    gen = GenerationConfig(k=2, max_new_tokens=4, batch_size=4, shard_size=1)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_two(i):
+        if i == 1:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run_generate(prompts_uri, "en", policy, gen, pcfg, root, on_shard=crash_after_two)
+    # find the output folder from the written shards
+    gens = storage.join(root, "generations")
+    (key,) = storage.list_dir(gens)
+    out = storage.join(gens, key, "lang=en")
+    assert storage.list_dir(out) == ["part-00000.parquet", "part-00001.parquet"]
+    assert not storage.is_complete(out)
+    before = {p: (tmp_path / "generations" / key / "lang=en" / p).stat().st_mtime_ns
+              for p in storage.list_dir(out)}
+
+    done = []
+    uri = run_generate(prompts_uri, "en", policy, gen, pcfg, root, on_shard=done.append)
+    assert uri == out
+    assert done == [2, 3]  # only the missing shards ran
+    for p, mtime in before.items():
+        assert (tmp_path / "generations" / key / "lang=en" / p).stat().st_mtime_ns == mtime
+    df = storage.read_parquet(uri)
+    assert df.height == 4 * 2
+    assert sorted(df["prompt_id"].unique()) == ["q0", "q1", "q2", "q3"]
+    assert storage.is_complete(uri)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from croco import storage
+from croco.config import PromptsConfig
+from croco.stages import run_prompts
+
+
+def test_local_write_is_atomic_and_marked(tmp_path):
+    uri = str(tmp_path / "out")
+    df = pl.DataFrame({"a": [1, 2]})
+    storage.write_parquet(df, storage.join(uri, "lang=en", "data.parquet"))
+    assert not storage.is_complete(uri)
+    storage.mark_complete(uri, {"rows": 2})
+    assert storage.is_complete(uri)
+    assert storage.read_parquet(uri).to_dict(as_series=False) == {"a": [1, 2]}
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def test_temporary_files_are_never_read(tmp_path):
+    (tmp_path / "x").mkdir()
+    pl.DataFrame({"a": [1]}).write_parquet(tmp_path / "x" / "part-00000.parquet")
+    (tmp_path / "x" / "part-00001.parquet.tmp-abcd1234").write_bytes(b"half a file")
+    assert storage.read_parquet(str(tmp_path / "x")).height == 1
+
+
+def test_s3_round_trip(s3_bucket):
+    root = f"s3://{s3_bucket}/runs"
+    df = pl.DataFrame({"prompt_id": ["a", "b"], "reward": [0.5, -1.0]})
+    storage.write_parquet(df, storage.join(root, "t", "lang=en", "part-00000.parquet"))
+    storage.mark_complete(storage.join(root, "t", "lang=en"), {"rows": 2})
+    assert storage.is_complete(storage.join(root, "t", "lang=en"))
+    assert storage.read_parquet(storage.join(root, "t")).equals(df)
+    assert storage.list_dir(storage.join(root, "t", "lang=en")) == ["_SUCCESS",
+                                                                    "part-00000.parquet"]
+
+
+def test_prompts_stage_on_s3(s3_bucket, prompt_file):
+    uri = run_prompts(PromptsConfig(path=str(prompt_file)), "de", f"s3://{s3_bucket}/data")
+    assert uri.startswith(f"s3://{s3_bucket}/data/prompts/")
+    assert storage.is_complete(uri)
+    df = storage.read_parquet(storage.join(uri, "data.parquet"))
+    assert set(df["lang"]) == {"de"} and df.height == 6
+
+
+def test_redact_hides_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    assert storage.redact("failed with key very-secret-value") == "failed with key ***"
+
+
+@pytest.mark.parametrize("uri,expected", [("s3://b/p/", "s3://b/p"), ("rel/dir", None)])
+def test_normalize_root(uri, expected, tmp_path):
+    out = storage.normalize_root(uri)
+    if expected:
+        assert out == expected
+    else:
+        assert out.endswith("rel/dir") and out.startswith("/")
