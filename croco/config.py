@@ -175,6 +175,70 @@ class PairingConfig(_Strict):
         return value
 
 
+class TrainingConfig(_Strict):
+    """Preference training. Defaults are the paper's (LoRA r 16 / alpha 32 / dropout 0.05 on
+    all linear projections, lr 5e-6, 1 epoch, cosine, warmup 0.05, weight decay 0.01,
+    effective batch 64, max length 4096, beta 0.1, 1% held out; SFT lr 2e-4)."""
+
+    enabled: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    learning_rate: float = Field(5e-6, gt=0)
+    sft_learning_rate: float = Field(2e-4, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1: run the epochs")
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    effective_batch_size: int = Field(64, ge=1)
+    per_device_batch_size: int = Field(8, ge=1)
+    max_length: int = Field(4096, ge=16)
+    beta: float = Field(0.1, gt=0)
+    heldout_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    seed: int = 42
+    device: str = "auto"
+    merge: bool = False
+    push_to_hub: str | None = Field(None, description="hub repo id; off by default")
+
+
+class VariantConfig(_Strict):
+    """One training run of the experiment grid.
+
+    `method`: dpo (pairs) or sft (chosen samples). `pairing` overrides the run's pairing
+    (e.g. scope all_lang). `generation_policy` makes the variant off-policy: its pairs come
+    from that model's samples, training still starts from `policy`. `rounds` > 1 makes it
+    iterative on-policy: round r samples from adapter r-1, scores, pairs and trains adapter r.
+    `per_language` trains one model per language (in_lang pairs only). `training` overrides
+    any training key for this variant (e.g. beta, learning_rate).
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    method: Literal["dpo", "sft"] = "dpo"
+    pairing: dict[str, Any] = Field(default_factory=dict)
+    generation_policy: str | None = None
+    rounds: int = Field(1, ge=1)
+    per_language: bool = False
+    training: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluationConfig(_Strict):
+    """Held-out comparison of the base and every variant: answers on the held-out prompts,
+    scored with the run's reward scorers (mean reward, share in the prompt's language)."""
+
+    enabled: bool = True
+    split: Literal["train", "heldout", "all"] = "heldout"
+    limit: int | None = Field(None, ge=1, description="held-out prompts per language")
+    k: int = Field(1, ge=1, description="answers per prompt")
+    temperature: float = Field(0.0, ge=0.0, description="the paper answers greedily")
+    max_new_tokens: int | None = Field(None, ge=1, description="None: generation's")
+
+
 class OrchestrationConfig(_Strict):
     gpu_slots: int = Field(1, ge=1, description="global 'gpu' concurrency limit")
     retries: int = Field(2, ge=0)
@@ -192,7 +256,38 @@ class CrocoConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     pairing: PairingConfig = Field(default_factory=PairingConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    variants: list[VariantConfig] = Field(
+        default_factory=lambda: [VariantConfig(name="dpo")],
+        description="training runs; the default is one DPO run on the run's pairs",
+    )
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_variants(cls, variants: list) -> list:
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique: {names}")
+        return variants
+
+    def variant_training(self, variant: "VariantConfig") -> TrainingConfig:
+        """The training config of a variant: the run's, with the variant's overrides."""
+        data = self.training.model_dump()
+        unknown = set(variant.training) - set(data)
+        if unknown:
+            raise ValueError(f"variants[{variant.name}].training: unknown key(s) {sorted(unknown)}")
+        data.update(variant.training)
+        return TrainingConfig.model_validate(data)
+
+    def variant_pairing(self, variant: "VariantConfig") -> PairingConfig:
+        data = self.pairing.model_dump()
+        unknown = set(variant.pairing) - set(data)
+        if unknown:
+            raise ValueError(f"variants[{variant.name}].pairing: unknown key(s) {sorted(unknown)}")
+        data.update(variant.pairing)
+        return PairingConfig.model_validate(data)
 
     @field_validator("languages")
     @classmethod

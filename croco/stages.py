@@ -31,6 +31,7 @@ from croco.config import (
     PolicyConfig,
     PromptsConfig,
     RewardConfig,
+    TrainingConfig,
     stable_hash,
 )
 
@@ -265,3 +266,141 @@ def run_pairs(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing:
 def completion_info(uri: str) -> dict:
     """What a stage output's `_SUCCESS` marker recorded (rows, seconds, ...)."""
     return _done_info(uri)
+
+
+# --------------------------------------------------------------------------- training
+
+STAGE_VERSIONS["training"] = 1
+
+
+def training_key(pairs_uri: str, variant_name: str, method: str, policy: PolicyConfig,
+                 training: TrainingConfig, lang: str | None, off_policy: bool) -> str:
+    return stable_hash({
+        "stage": "training", "v": STAGE_VERSIONS["training"], "pairs": key_of(pairs_uri),
+        "method": method, "policy": policy.model_dump(), "lang": lang,
+        "training": training.model_dump(exclude={"save_steps", "logging_steps", "device"}),
+        "off_policy": off_policy,
+    })
+
+
+def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyConfig,
+              training: TrainingConfig, data_root: str, lang: str | None = None,
+              generation_policy: str | None = None, callbacks: list | None = None) -> str:
+    """Train one variant (DPO on `dpo/`, SFT on `sft/`) and write
+    `<data_root>/training/<key>/{adapter/, metrics.json, training_config.json}`.
+
+    `policy.adapter`, when set, is continued (iterative rounds); `lang` restricts the
+    training data to one language (per-language models); `generation_policy` records that
+    the pairs came from another model's samples (off-policy)."""
+    from croco.training.dpo import ref_logps_uri, train_dpo
+    from croco.training.sft import train_sft
+
+    t0 = time.perf_counter()
+    off_policy = generation_policy is not None and generation_policy != policy.model
+    key = training_key(pairs_uri, variant_name, method, policy, training, lang, off_policy)
+    out = storage.join(data_root, "training", key)
+    if storage.is_complete(out):
+        return out
+    if method == "dpo":
+        data = storage.read_parquet(storage.join(pairs_uri, "dpo"))
+        if lang:
+            data = data.filter(pl.col("prompt_lang") == lang)
+        ref_uri = ref_logps_uri(pairs_uri, policy.model, policy.adapter, training.max_length)
+        metrics = train_dpo(data, policy=policy.model, adapter=policy.adapter, cfg=training,
+                            out_uri=out, ref_uri=ref_uri, callbacks=callbacks)
+    elif method == "sft":
+        data = storage.read_parquet(storage.join(pairs_uri, "sft"))
+        if lang:
+            data = data.filter(pl.col("lang") == lang)
+        metrics = train_sft(data, policy=policy.model, adapter=policy.adapter, cfg=training,
+                            out_uri=out, callbacks=callbacks)
+    else:
+        raise ValueError(f"variant {variant_name!r}: unknown method {method!r}")
+    metrics.update({"variant": variant_name, "lang": lang, "pairs_uri": pairs_uri,
+                    "policy": policy.model, "init_adapter": policy.adapter,
+                    "generation_policy": generation_policy or policy.model,
+                    "off_policy": off_policy})
+    if training.merge:
+        metrics["merged"] = export_merged(out, policy.model)
+    if training.push_to_hub:
+        metrics["pushed_to"] = push_adapter(out, training.push_to_hub)
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    storage.write_json(storage.join(out, "training_config.json"),
+                       {"variant": variant_name, "method": method, "lang": lang,
+                        "policy": policy.model_dump(), "training": training.model_dump(),
+                        "pairs_uri": pairs_uri, "off_policy": off_policy})
+    storage.mark_complete(out, {"rows": metrics.get("pairs_train", metrics.get("rows_train")),
+                                "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+def adapter_path(training_uri: str) -> str:
+    """A local path to a trained adapter (downloaded from remote storage once)."""
+    uri = storage.join(training_uri, "adapter")
+    fs, path = storage.filesystem(uri)
+    if "file" in fs.protocol:
+        return path
+    from croco.models import cache_dir
+
+    local = cache_dir() / "adapters" / key_of(training_uri)
+    if not (local / "adapter_config.json").exists():
+        fs.get(path, str(local), recursive=True)
+    return str(local)
+
+
+def export_merged(training_uri: str, policy: str) -> str:
+    """Merge the adapter into the base weights and store them under `merged/`."""
+    import tempfile
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from croco.models import load_tokenizer, resolve_model
+    from croco.training.common import publish
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(policy))
+    merged = PeftModel.from_pretrained(base, adapter_path(training_uri)).merge_and_unload()
+    with tempfile.TemporaryDirectory() as tmp:
+        merged.save_pretrained(tmp)
+        load_tokenizer(policy).save_pretrained(tmp)
+        return publish(Path(tmp), training_uri, "merged")
+
+
+def push_adapter(training_uri: str, repo_id: str) -> str:
+    """Push the adapter to the Hugging Face hub (needs network and HF_TOKEN)."""
+    from huggingface_hub import HfApi
+
+    HfApi().upload_folder(folder_path=adapter_path(training_uri), repo_id=repo_id,
+                          repo_type="model")
+    return repo_id
+
+
+# ------------------------------------------------------------------ held-out summary
+
+
+def heldout_summary(scores: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """One row per (model, lang): answers, mean reward, share in the prompt's language."""
+    frames = []
+    for model, df in scores.items():
+        frames.append(df.group_by("lang").agg(
+            pl.len().alias("answers"),
+            pl.col("reward").mean().alias("reward_mean"),
+            (pl.col("detected_lang") == pl.col("lang")).mean().alias("lang_match"),
+            pl.col("n_tokens").mean().alias("mean_tokens"),
+        ).with_columns(pl.lit(model).alias("model")))
+    out = pl.concat(frames).select("model", "lang", "answers", "reward_mean", "lang_match",
+                                   "mean_tokens")
+    return out.sort("model", "lang")
+
+
+def run_heldout_summary(score_uris: dict[str, dict[str, str]], data_root: str,
+                        run_id: str) -> str:
+    """`score_uris`: model name -> lang -> scores URI. Writes the summary table."""
+    scores = {model: pl.concat([storage.read_parquet(u) for u in by_lang.values()],
+                               how="diagonal_relaxed")
+              for model, by_lang in score_uris.items()}
+    table = heldout_summary(scores)
+    uri = storage.join(data_root, "runs", run_id, "heldout.parquet")
+    storage.write_parquet(table, uri)
+    return uri

@@ -69,10 +69,35 @@ def stats_table(stats, title: str) -> Table:
     return table
 
 
+def heldout_table(summary) -> Table:
+    """Per language: each model's mean reward and share of answers in the prompt's language."""
+    models = ["base"] + sorted(m for m in summary["model"].unique() if m != "base")
+    table = Table(title="held-out answers: mean reward / share in the prompt's language",
+                  title_justify="left")
+    table.add_column("lang")
+    for m in models:
+        table.add_column(f"{m} reward", justify="right")
+        table.add_column(f"{m} in lang", justify="right")
+    rows = {(r["model"], r["lang"]): r for r in summary.to_dicts()}
+    langs = sorted(summary["lang"].unique())
+    for lang in langs + ["mean"]:
+        cells = [lang]
+        for m in models:
+            if lang == "mean":
+                sub = summary.filter(summary["model"] == m)
+                rew, match = sub["reward_mean"].mean(), sub["lang_match"].mean()
+            else:
+                r = rows.get((m, lang), {})
+                rew, match = r.get("reward_mean"), r.get("lang_match")
+            cells += [_fmt(rew), f"{match:.0%}" if match is not None else "-"]
+        table.add_row(*cells)
+    return table
+
+
 @app.command()
 def run(config: ConfigArg = None, set_: SetOpt = None,
         stages: Annotated[Optional[str], typer.Option(
-            "--stages", help="comma-separated subset of prompts,generate,score,pair")] = None,
+            "--stages", help="stop after: prompts, generate, score, pair, train or evaluate")] = None,
         run_id: Annotated[Optional[str], typer.Option(help="name this run")] = None) -> None:
     """Run the pipeline (default: the demo on the embedded SmolLM2-135M-Instruct)."""
     cfg = _load(config, set_)
@@ -101,6 +126,17 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
         last = list(stage_uris)[-1]
         for lang, uri in stage_uris[last].items():
             console.print(f"{last} {lang}: [green]{uri}[/]")
+    for name, uri in stage_uris.get("training", {}).items():
+        m = storage.read_json(storage.join(uri, "metrics.json"))
+        acc = m.get("rewards/accuracies")
+        console.print(
+            f"trained [bold]{name}[/] ({m['method']}, {m.get('pairs_train', m.get('rows_train'))}"
+            f" rows, {m.get('steps')} steps): loss {_fmt(m.get('first_loss'))} -> "
+            f"{_fmt(m.get('final_loss'))}" + (f", reward accuracy {acc:.0%}" if acc is not None
+                                              else "")
+            + f"; adapter [green]{storage.join(uri, 'adapter')}[/]", highlight=False)
+    if "heldout" in stage_uris:
+        console.print(heldout_table(storage.read_parquet(stage_uris["heldout"]["all"])))
     console.print(f"manifest:  [green]{result['manifest']}[/]")
 
 

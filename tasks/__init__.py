@@ -5,8 +5,10 @@ from tasks.stages import (  # noqa: F401
     STAGE_CACHE,
     ensure_gpu_limit,
     generate_task,
+    heldout_task,
     manifest_task,
     pairs_task,
     prompts_task,
     score_task,
+    train_task,
 )

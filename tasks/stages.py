@@ -20,8 +20,15 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from croco import stages
-from croco.config import GenerationConfig, PairingConfig, PolicyConfig, PromptsConfig, RewardConfig
+from croco import stages, storage
+from croco.config import (
+    GenerationConfig,
+    PairingConfig,
+    PolicyConfig,
+    PromptsConfig,
+    RewardConfig,
+    TrainingConfig,
+)
 from croco.manifest import write_manifest
 
 STAGE_CACHE = INPUTS + TASK_SOURCE
@@ -152,3 +159,39 @@ class _null:
 
 
 logging.getLogger("croco").setLevel(logging.INFO)
+
+
+@task(name="train", task_run_name="train-{variant_name}", **_common)
+def train_task(pairs_uri: str, variant_name: str, method: str, policy: PolicyConfig,
+               training: TrainingConfig, data_root: str, code_version: int,
+               lang: str | None = None, generation_policy: str | None = None) -> str:
+    from prefect.artifacts import create_table_artifact
+
+    log = get_run_logger()
+    with gpu_slot():
+        uri = stages.run_train(pairs_uri, variant_name=variant_name, method=method,
+                               policy=policy, training=training, data_root=data_root, lang=lang,
+                               generation_policy=generation_policy)
+    metrics = storage.read_json(storage.join(uri, "metrics.json"))
+    keys = ["method", "pairs_train", "rows_train", "steps", "first_loss", "final_loss",
+            "rewards/accuracies", "rewards/margins", "eval_loss", "tokens_per_second",
+            "ref_logps", "ref_forward_batches", "off_policy", "train_runtime"]
+    create_table_artifact([{"metric": k, "value": str(metrics.get(k))} for k in keys
+                           if k in metrics],
+                          key=f"train-metrics-{variant_name}{'-' + lang if lang else ''}",
+                          description=f"training metrics, variant {variant_name}")
+    log.info("trained %s: loss %s -> %s -> %s", variant_name, metrics.get("first_loss"),
+             metrics.get("final_loss"), uri)
+    return uri
+
+
+@task(name="heldout-summary", **_common)
+def heldout_task(score_uris: dict[str, dict[str, str]], data_root: str, run_id: str,
+                 code_version: int) -> str:
+    """Per language and model: mean reward and share of answers in the prompt's language."""
+    from prefect.artifacts import create_table_artifact
+
+    table = stages.run_heldout_summary(score_uris, data_root, run_id)
+    create_table_artifact(storage.read_parquet(table).to_dicts(), key="heldout-comparison",
+                          description=f"held-out answers, base vs variants, run {run_id}")
+    return table

@@ -96,6 +96,21 @@ def prompt_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_lm_other(tmp_path_factory, tokenizer_dir) -> str:
+    """A second random tiny Llama: "another model" for off-policy pairs."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(7)
+    model = LlamaForCausalLM(_tiny_config(tok))
+    out = tmp_path_factory.mktemp("tiny-lm-other")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_lm, tiny_rm, prompt_file):
     """A full pipeline config over the tiny models, small enough to run in seconds."""
@@ -114,6 +129,11 @@ def tiny_config(tmp_path, tiny_lm, tiny_rm, prompt_file):
                 {"type": "judge", "name": "judge", "model": tiny_lm, "weight": 0.5},
                 {"type": "langid", "name": "lang", "weight": 0.1},
             ]},
+            "training": {"enabled": False, "max_steps": 2, "learning_rate": 5e-3,
+                         "effective_batch_size": 4, "per_device_batch_size": 4,
+                         "max_length": 64, "heldout_fraction": 0.0, "lora_r": 4,
+                         "lora_alpha": 8, "save_steps": 1},
+            "evaluation": {"limit": 1, "max_new_tokens": 4},
         }
         for key, value in overrides.items():
             node = data

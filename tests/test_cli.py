@@ -53,3 +53,47 @@ def test_pairs_show_on_an_empty_folder_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["pairs", "show", str(tmp_path)])
     assert result.exit_code == 2
     assert "no pairs found" in result.output
+
+
+def _write_config(path, cfg) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return str(path)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.slow
+def test_croco_run_trains_and_prints_the_heldout_comparison(prefect_harness, tiny_config,
+                                                            tmp_path):
+    cfg = tiny_config(**{"training.enabled": True})
+    path = _write_config(tmp_path / "c.yaml", cfg)
+    result = runner.invoke(app, ["run", path, "--run-id", "cli-run"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "pairs (in_lang, mean_minus_2sigma)" in out
+    assert "trained dpo (dpo" in out
+    assert "held-out answers" in out and "dpo reward" in out
+    assert (tmp_path / "data" / "runs" / "cli-run" / "manifest.json").exists()
+    assert (tmp_path / "data" / "runs" / "cli-run" / "heldout.parquet").exists()
+
+
+def test_training_launcher_runs_one_variant(tiny_config, tmp_path, monkeypatch):
+    from croco.training import launch
+
+    seen = {}
+
+    def fake_run_train(pairs_uri, **kwargs):
+        seen.update(kwargs, pairs_uri=pairs_uri)
+        return "uri"
+
+    monkeypatch.setattr(launch, "run_train", fake_run_train)
+    cfg = tiny_config(variants=[{"name": "b2", "method": "dpo", "training": {"beta": 0.2}}])
+    path = _write_config(tmp_path / "c.yaml", cfg)
+    assert launch.main(["--config", path, "--variant", "b2", "--pairs-uri", "/p/k"]) == "uri"
+    assert seen["training"].beta == 0.2 and seen["pairs_uri"] == "/p/k"
+    assert seen["method"] == "dpo" and seen["variant_name"] == "b2"
+    with pytest.raises(SystemExit, match="the config has"):
+        launch.main(["--config", path, "--variant", "nope", "--pairs-uri", "/p/k"])

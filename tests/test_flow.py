@@ -155,3 +155,62 @@ def test_pipeline_on_s3(prefect_harness, tiny_config, s3_bucket):
     assert "testing-secret-value-123" not in manifest
     assert "testing-key-id" not in manifest
     assert pl.DataFrame(json.loads(manifest)["stages"]["scores"]).width == 2
+
+
+def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, tiny_lm_other,
+                                                  calls):
+    from flows.pipeline import croco_pipeline
+
+    cfg = tiny_config(**{
+        "training.enabled": True,
+        "variants": [
+            {"name": "dpo", "method": "dpo"},
+            {"name": "dpo-all", "method": "dpo", "pairing": {"scope": "all_lang"},
+             "training": {"beta": 0.2}},
+            {"name": "sft", "method": "sft"},
+            {"name": "offp", "method": "dpo", "generation_policy": tiny_lm_other},
+            {"name": "iter", "method": "dpo", "rounds": 2},
+        ],
+    })
+    result = croco_pipeline(config=cfg, run_id="variants")
+    training = result["stages"]["training"]
+    assert set(training) == {"dpo", "dpo-all", "sft", "offp", "iter:round1", "iter:round2"}
+    metrics = {k: storage.read_json(storage.join(u, "metrics.json")) for k, u in training.items()}
+    assert metrics["sft"]["method"] == "sft"
+    assert metrics["offp"]["off_policy"] is True
+    assert metrics["dpo"]["off_policy"] is False
+    # dpo and iter round 1 train on the same pairs with the same settings: one cached run.
+    assert training["iter:round1"] == training["dpo"]
+    # round 2 continues round 1's adapter on pairs sampled from it.
+    assert metrics["iter:round2"]["init_adapter"].endswith("adapter")
+    assert result["stages"]["pairs"]["iter:round2"] != result["stages"]["pairs"]["all"]
+    # dpo-all: same pairs key family? no: all_lang pairs, stored ref log-probs of its own.
+    pairs_all = storage.read_parquet(storage.join(result["stages"]["pairs"]["dpo-all"], "dpo"))
+    assert set(pairs_all["scope"]) == {"all_lang"}
+    # off-policy pairs come from the other model's samples
+    gens = storage.read_parquet(result["stages"]["generations"]["en"])
+    off_scores = storage.read_parquet(result["stages"]["scores:offp"]["en"])
+    assert set(off_scores["policy"]) == {tiny_lm_other} and set(gens["policy"]) != {tiny_lm_other}
+
+    summary = storage.read_parquet(result["stages"]["heldout"]["all"])
+    assert set(summary["model"]) == {"base", "dpo", "dpo-all", "sft", "offp", "iter"}
+    assert summary.filter(pl.col("model") == "base")["answers"].to_list() == [1, 1, 1]
+
+    calls.clear()
+    again = croco_pipeline(config=cfg)
+    assert by_stage(calls) == {}
+    assert again["stages"]["training"] == training
+
+
+def test_second_dpo_variant_reuses_stored_reference_logps(prefect_harness, tiny_config):
+    from flows.pipeline import croco_pipeline
+
+    cfg = tiny_config(**{"training.enabled": True, "evaluation.enabled": False,
+                         "variants": [{"name": "beta1", "method": "dpo"},
+                                      {"name": "beta2", "method": "dpo",
+                                       "training": {"beta": 0.5, "learning_rate": 1e-3}}]})
+    result = croco_pipeline(config=cfg)
+    m1 = storage.read_json(storage.join(result["stages"]["training"]["beta1"], "metrics.json"))
+    m2 = storage.read_json(storage.join(result["stages"]["training"]["beta2"], "metrics.json"))
+    assert m1["ref_logps"] == "computed" and m1["ref_forward_batches"] > 0
+    assert m2["ref_logps"] == "stored" and m2["ref_forward_batches"] == 0

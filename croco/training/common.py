@@ -1,0 +1,168 @@
+"""What every trainer shares: device-dependent precision, LoRA, batch arithmetic, the
+held-out split, checkpoints mirrored to the run's storage, metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from croco import storage
+from croco.config import TrainingConfig
+
+
+def precision_args(cfg: TrainingConfig, device: torch.device) -> dict:
+    """bf16 and gradient checkpointing where they pay (a GPU), fp32 without checkpointing
+    on the CPU (TRL's defaults, bf16 + checkpointing, make a CPU step ~10x slower)."""
+    if cfg.precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        fp16 = False
+    else:
+        bf16, fp16 = cfg.precision == "bf16", cfg.precision == "fp16"
+    if cfg.gradient_checkpointing == "auto":
+        checkpointing = device.type == "cuda"
+    else:
+        checkpointing = cfg.gradient_checkpointing == "on"
+    return {"bf16": bf16, "fp16": fp16, "gradient_checkpointing": checkpointing,
+            "use_cpu": device.type == "cpu"}
+
+
+def lora_config(cfg: TrainingConfig, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type=task_type, bias="none")
+
+
+def batch_args(cfg: TrainingConfig) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = min(cfg.per_device_batch_size, cfg.effective_batch_size)
+    accum = max(1, cfg.effective_batch_size // (per_device * world))
+    return {"per_device_train_batch_size": per_device, "per_device_eval_batch_size": per_device,
+            "gradient_accumulation_steps": accum}
+
+
+def _warmup_arg(ratio: float) -> dict:
+    """transformers 5 takes a float in [0, 1) as a ratio in `warmup_steps`; 4.x had
+    `warmup_ratio`."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    if "warmup_ratio" in inspect.signature(TrainingArguments.__init__).parameters:
+        return {"warmup_ratio": ratio}
+    return {"warmup_steps": float(ratio) if ratio < 1 else 0.999}
+
+
+def schedule_args(cfg: TrainingConfig, lr: float) -> dict:
+    return {"learning_rate": lr, "num_train_epochs": cfg.num_train_epochs,
+            "max_steps": cfg.max_steps, "lr_scheduler_type": cfg.lr_scheduler_type,
+            **_warmup_arg(cfg.warmup_ratio), "weight_decay": cfg.weight_decay,
+            "seed": cfg.seed, "logging_steps": cfg.logging_steps, "save_steps": cfg.save_steps,
+            "save_strategy": "steps", "save_total_limit": 2, "report_to": [],
+            "disable_tqdm": False, "remove_unused_columns": False}
+
+
+def heldout_mask(ids: list[str], fraction: float) -> list[bool]:
+    """A stable split: a row is held out when the hash of its id falls below `fraction`."""
+    out = []
+    for i in ids:
+        h = int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        out.append(h < fraction)
+    return out
+
+
+def split_heldout(df: pl.DataFrame, id_col: str, fraction: float) -> tuple[pl.DataFrame,
+                                                                           pl.DataFrame]:
+    mask = pl.Series(heldout_mask(df[id_col].to_list(), fraction))
+    return df.filter(~mask), df.filter(mask)
+
+
+def local_workdir(out_uri: str) -> Path:
+    """Where the trainer writes: the output folder itself when storage is local, else a
+    local cache folder whose checkpoints are mirrored to storage."""
+    fs, path = storage.filesystem(out_uri)
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        return Path(path) / "work"
+    from croco.models import cache_dir
+
+    return cache_dir() / "training" / Path(path).name / "work"
+
+
+def last_checkpoint(workdir: Path, out_uri: str) -> str | None:
+    """The newest checkpoint, fetched from storage first when storage is remote."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    remote = storage.join(out_uri, "checkpoints")
+    fs, rpath = storage.filesystem(remote)
+    if "file" not in fs.protocol and fs.exists(rpath):
+        names = sorted((n for n in storage.list_dir(remote) if n.startswith("checkpoint-")),
+                       key=lambda n: int(n.split("-")[1]))
+        if names and not (workdir / names[-1]).exists():
+            workdir.mkdir(parents=True, exist_ok=True)
+            fs.get(f"{rpath}/{names[-1]}", str(workdir / names[-1]), recursive=True)
+    if workdir.exists():
+        return get_last_checkpoint(str(workdir))
+    return None
+
+
+def checkpoint_mirror(out_uri: str):
+    """A TrainerCallback that copies every saved checkpoint to remote storage."""
+    from transformers import TrainerCallback
+
+    class MirrorCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            fs, rpath = storage.filesystem(storage.join(out_uri, "checkpoints"))
+            if "file" in fs.protocol:
+                return
+            name = f"checkpoint-{state.global_step}"
+            src = Path(args.output_dir) / name
+            if src.exists():
+                fs.put(str(src), f"{rpath}/{name}", recursive=True)
+
+    return MirrorCheckpoints()
+
+
+def publish(local_dir: Path, out_uri: str, name: str) -> str:
+    """Copy a finished local folder (adapter, merged model) into storage."""
+    target = storage.join(out_uri, name)
+    fs, rpath = storage.filesystem(target)
+    if "file" in fs.protocol:
+        if Path(rpath) != local_dir:
+            if Path(rpath).exists():
+                shutil.rmtree(rpath)
+            shutil.copytree(local_dir, rpath)
+    else:
+        fs.put(str(local_dir), rpath, recursive=True)
+    return target
+
+
+def summarize_log(log_history: list[dict]) -> dict:
+    """Final and first values of the logged training metrics."""
+    train = [r for r in log_history if "loss" in r and "eval_loss" not in r]
+    evals = [r for r in log_history if "eval_loss" in r]
+    out: dict = {"steps": len(train)}
+    if train:
+        first, last = train[0], train[-1]
+        out["first_loss"] = first["loss"]
+        out["final_loss"] = last["loss"]
+        for k, v in last.items():
+            if k.startswith("rewards/") or k.startswith("logps/"):
+                out[k] = v
+    if evals:
+        out.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
+    summary = [r for r in log_history if "train_runtime" in r]
+    if summary:
+        out["train_runtime"] = summary[-1]["train_runtime"]
+        out["train_samples_per_second"] = summary[-1].get("train_samples_per_second")
+    return out
+
+
+def write_json_local(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,196 @@
+"""Offline DPO on CroCo pairs: TRL's `DPOTrainer` with a PEFT LoRA adapter.
+
+The reference is the frozen starting point (the base with the adapter disabled; when a
+previous round's adapter is continued, TRL keeps an initial copy of it as the reference).
+
+Reference log-probabilities are computed once and kept next to the pairs, at
+`<pairs>/ref_logps/<key>/data.parquet`, keyed by the pairs, the reference model (policy and
+adapter) and the max length; every later variant on the same pairs (another beta, another
+learning rate) reads them instead of running the reference model again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import polars as pl
+
+from croco import storage
+from croco.config import TrainingConfig, stable_hash
+from croco.training.common import (
+    batch_args,
+    checkpoint_mirror,
+    last_checkpoint,
+    local_workdir,
+    lora_config,
+    precision_args,
+    publish,
+    schedule_args,
+    split_heldout,
+    summarize_log,
+)
+
+log = logging.getLogger(__name__)
+
+REF_COLUMNS = ["pair_id", "ref_chosen_logps", "ref_rejected_logps"]
+
+
+def pair_ids(pairs: pl.DataFrame) -> pl.Series:
+    return pl.concat_str([pl.col("prompt_id"), pl.col("prompt_lang")], separator="|")
+
+
+def to_conversational(pairs: pl.DataFrame):
+    """Pairs -> a `datasets.Dataset` in TRL's conversational preference format."""
+    from datasets import Dataset
+
+    df = pairs.with_columns(pair_ids(pairs).alias("pair_id"))
+    rows = {
+        "pair_id": df["pair_id"].to_list(),
+        "prompt": [[{"role": "user", "content": p}] for p in df["prompt"].to_list()],
+        "chosen": [[{"role": "assistant", "content": c}] for c in df["chosen"].to_list()],
+        "rejected": [[{"role": "assistant", "content": r}] for r in df["rejected"].to_list()],
+    }
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        if col in df.columns:
+            rows[col] = df[col].to_list()
+    return Dataset.from_dict(rows)
+
+
+def ref_logps_uri(pairs_uri: str, policy: str, adapter: str | None, max_length: int) -> str:
+    key = stable_hash({"pairs": pairs_uri.rstrip("/").split("/")[-1], "policy": policy,
+                       "adapter": adapter, "max_length": max_length, "v": 1})
+    return storage.join(pairs_uri, "ref_logps", key)
+
+
+def _trainer_class():
+    from trl import DPOTrainer
+
+    class CrocoDPOTrainer(DPOTrainer):
+        """DPOTrainer that reuses reference log-probs already present in the dataset and
+        counts the reference forward passes it does run."""
+
+        ref_forward_batches = 0
+
+        def compute_ref_log_probs(self, model, inputs):
+            type(self).ref_forward_batches += 1
+            return super().compute_ref_log_probs(model, inputs)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    return CrocoDPOTrainer
+
+
+def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: TrainingConfig,
+              out_uri: str, ref_uri: str | None = None, callbacks: list | None = None,
+              reference: str = "precomputed") -> dict:
+    """Train a LoRA adapter with DPO; write `adapter/` under `out_uri`; return the metrics.
+
+    `reference="precomputed"` (default) runs the reference model once over the pairs (or
+    reads the stored result from `ref_uri`); `"per_step"` is TRL's plain mode, a reference
+    forward in every step (kept for the benchmark)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
+
+    from croco.models import load_tokenizer, pick_device, resolve_model
+
+    if pairs.is_empty():
+        raise ValueError("no pairs to train on: every pool was skipped (see the pair stats)")
+    device = pick_device(cfg.device)
+    t0 = time.perf_counter()
+    pairs = pairs.with_columns(pair_ids(pairs).alias("pair_id"))
+    stored = None
+    precompute = reference == "precomputed"
+    if not precompute:
+        ref_uri = None
+    if ref_uri and storage.is_complete(ref_uri):
+        stored = storage.read_parquet(storage.join(ref_uri, "data.parquet"))
+        pairs = pairs.join(stored, on="pair_id", how="left")
+        if pairs["ref_chosen_logps"].null_count():
+            log.warning("stored reference log-probs do not cover every pair; recomputing")
+            pairs = pairs.drop("ref_chosen_logps", "ref_rejected_logps")
+            stored = None
+    train_df, eval_df = split_heldout(pairs, "pair_id", cfg.heldout_fraction)
+    if train_df.is_empty():
+        train_df, eval_df = pairs, pairs.head(0)
+
+    workdir = local_workdir(out_uri)
+    workdir.mkdir(parents=True, exist_ok=True)
+    prec = precision_args(cfg, device)
+    args = DPOConfig(
+        output_dir=str(workdir), beta=cfg.beta, max_length=cfg.max_length,
+        precompute_ref_log_probs=precompute, eval_strategy="no",
+        **batch_args(cfg), **schedule_args(cfg, cfg.learning_rate), **prec,
+    )
+    tok = load_tokenizer(policy, padding_side="right")
+    dtype = torch.bfloat16 if prec["bf16"] else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(policy), dtype=dtype)
+    peft_config = None
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    else:
+        peft_config = lora_config(cfg)
+    trainer_cls = _trainer_class()
+    trainer_cls.ref_forward_batches = 0
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=to_conversational(train_df),
+        eval_dataset=to_conversational(eval_df) if eval_df.height else None,
+        processing_class=tok, peft_config=peft_config,
+        callbacks=[checkpoint_mirror(out_uri), *(callbacks or [])],
+    )
+    ref_batches_precompute = trainer_cls.ref_forward_batches
+    if ref_uri and stored is None:
+        _store_ref_logps(trainer, ref_uri)
+    resume = last_checkpoint(workdir, out_uri)
+    if resume:
+        log.info("resuming DPO from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate() if eval_df.height else {}
+
+    adapter_dir = workdir.parent / "adapter" if "work" == workdir.name else workdir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    tok.save_pretrained(str(adapter_dir))
+    tokens_per_pair = _count_tokens(trainer.train_dataset) / max(len(trainer.train_dataset), 1)
+    steps_run = trainer.state.global_step - (int(Path(resume).name.split("-")[1]) if resume else 0)
+    n_tokens = tokens_per_pair * steps_run * args.per_device_train_batch_size * \
+        args.gradient_accumulation_steps
+    metrics = {
+        "method": "dpo", "pairs_train": train_df.height, "pairs_heldout": eval_df.height,
+        "ref_logps": "stored" if stored is not None else "computed",
+        "ref_forward_batches": trainer_cls.ref_forward_batches,
+        "ref_forward_batches_precompute": ref_batches_precompute,
+        "resumed_from": Path(resume).name if resume else None,
+        "train_runtime": result.metrics.get("train_runtime"),
+        "tokens_per_second": (n_tokens / result.metrics["train_runtime"]
+                              if result.metrics.get("train_runtime") else None),
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+        **summarize_log(trainer.state.log_history),
+        **eval_metrics,
+    }
+    publish(adapter_dir, out_uri, "adapter")
+    return metrics
+
+
+def _count_tokens(dataset) -> int:
+    cols = set(dataset.column_names)
+    total = 0
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        if key in cols:
+            total += sum(len(x) for x in dataset[key])
+    return total
+
+
+def _store_ref_logps(trainer, ref_uri: str) -> None:
+    ds = trainer.train_dataset
+    frames = []
+    for d in [ds] + ([trainer.eval_dataset] if trainer.eval_dataset is not None else []):
+        frames.append(pl.DataFrame({c: d[c] for c in REF_COLUMNS}))
+    df = pl.concat(frames)
+    storage.write_parquet(df, storage.join(ref_uri, "data.parquet"))
+    storage.mark_complete(ref_uri, {"rows": df.height})

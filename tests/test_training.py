@@ -1,0 +1,171 @@
+"""Training with tiny random models: DPO, stored reference log-probs, resume, SFT, reward
+model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from croco import storage
+from croco.config import PolicyConfig, TrainingConfig
+from croco.stages import run_train
+from croco.training.dpo import ref_logps_uri, train_dpo
+
+FAST = dict(learning_rate=5e-3, effective_batch_size=4, per_device_batch_size=4, max_length=64,
+            heldout_fraction=0.0, warmup_ratio=0.0, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+
+
+def separable_pairs(n: int = 8) -> pl.DataFrame:
+    return pl.DataFrame({
+        "prompt_id": [f"p{i}" for i in range(n)], "prompt_lang": ["en"] * n,
+        "prompt": [f"Say something nice, number {i}." for i in range(n)],
+        "chosen": ["Yes, gladly, here it is."] * n, "rejected": ["zq xv kw jj qq"] * n,
+        "chosen_score": [1.0] * n, "rejected_score": [0.0] * n,
+        "chosen_lang": ["en"] * n, "rejected_lang": ["en"] * n, "pool_size": [4] * n,
+        "scope": ["in_lang"] * n, "reject_target": ["mean_minus_2sigma"] * n,
+    })
+
+
+def write_pairs(root: Path, pairs: pl.DataFrame) -> str:
+    uri = str(root / "pairs" / "abc123")
+    storage.write_parquet(pairs, storage.join(uri, "dpo", "lang=en", "data.parquet"))
+    sft = pairs.select("prompt_id", pl.col("prompt_lang").alias("lang"), "prompt",
+                       pl.col("chosen").alias("completion"),
+                       pl.col("chosen_score").alias("reward"))
+    storage.write_parquet(sft, storage.join(uri, "sft", "lang=en", "data.parquet"))
+    storage.mark_complete(uri)
+    return uri
+
+
+def test_dpo_lowers_its_loss_on_separable_pairs(tiny_lm, tmp_path):
+    cfg = TrainingConfig(num_train_epochs=3, **FAST)
+    m = train_dpo(separable_pairs(), policy=tiny_lm, adapter=None, cfg=cfg,
+                  out_uri=str(tmp_path / "run"))
+    assert m["first_loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at the start
+    assert m["final_loss"] < 0.9 * m["first_loss"]
+    assert m["rewards/accuracies"] == 1.0
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+
+
+def test_second_variant_on_the_same_pairs_runs_no_reference_forward(tiny_lm, tmp_path):
+    pairs = separable_pairs()
+    ref = ref_logps_uri(str(tmp_path / "pairs" / "k1"), tiny_lm, None, 64)
+    first = train_dpo(pairs, policy=tiny_lm, adapter=None, cfg=TrainingConfig(max_steps=2, **FAST),
+                      out_uri=str(tmp_path / "a"), ref_uri=ref)
+    assert first["ref_logps"] == "computed"
+    assert first["ref_forward_batches"] == 2  # 8 pairs / batch 4, once
+    assert storage.is_complete(ref)
+    stored = storage.read_parquet(storage.join(ref, "data.parquet"))
+    assert stored.height == 8 and stored["ref_chosen_logps"].null_count() == 0
+
+    second = train_dpo(pairs, policy=tiny_lm, adapter=None,
+                       cfg=TrainingConfig(max_steps=2, beta=0.3, **FAST),
+                       out_uri=str(tmp_path / "b"), ref_uri=ref)
+    assert second["ref_logps"] == "stored"
+    assert second["ref_forward_batches"] == 0
+
+
+def test_reference_logps_are_keyed_by_pairs_policy_and_length():
+    a = ref_logps_uri("/d/pairs/k1", "m", None, 64)
+    assert a == ref_logps_uri("/d/pairs/k1", "m", None, 64)
+    assert a != ref_logps_uri("/d/pairs/k2", "m", None, 64)
+    assert a != ref_logps_uri("/d/pairs/k1", "m2", None, 64)
+    assert a != ref_logps_uri("/d/pairs/k1", "m", None, 128)
+    assert a.startswith("/d/pairs/k1/ref_logps/")
+
+
+def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_lm, tmp_path):
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    cfg = TrainingConfig(max_steps=4, save_steps=1, **FAST)
+    pairs_uri = write_pairs(tmp_path, separable_pairs())
+    policy = PolicyConfig(model=tiny_lm)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(pairs_uri, variant_name="dpo", method="dpo", policy=policy, training=cfg,
+                  data_root=str(tmp_path), callbacks=[Interrupt()])
+    (key,) = storage.list_dir(str(tmp_path / "training"))
+    work = tmp_path / "training" / key / "work"
+    assert (work / "checkpoint-2").exists()
+    assert not storage.is_complete(str(tmp_path / "training" / key))
+
+    class CountSteps(TrainerCallback):
+        steps: list = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            CountSteps.steps.append(state.global_step)
+
+    uri = run_train(pairs_uri, variant_name="dpo", method="dpo", policy=policy, training=cfg,
+                    data_root=str(tmp_path), callbacks=[CountSteps()])
+    metrics = json.loads((Path(uri) / "metrics.json").read_text())
+    assert metrics["resumed_from"] == "checkpoint-2"
+    assert CountSteps.steps == [3, 4]  # only the steps after the checkpoint ran again
+    assert metrics["steps"] == 4
+    assert storage.is_complete(uri)
+
+
+def test_sft_trains_on_the_chosen_completions(tiny_lm, tmp_path):
+    pairs_uri = write_pairs(tmp_path, separable_pairs())
+    cfg = TrainingConfig(num_train_epochs=3, sft_learning_rate=5e-3,
+                         **{k: v for k, v in FAST.items() if k != "learning_rate"})
+    uri = run_train(pairs_uri, variant_name="sft", method="sft", policy=PolicyConfig(model=tiny_lm),
+                    training=cfg, data_root=str(tmp_path))
+    m = json.loads((Path(uri) / "metrics.json").read_text())
+    assert m["method"] == "sft" and m["rows_train"] == 8
+    assert m["final_loss"] < m["first_loss"]
+    assert (Path(uri) / "adapter" / "adapter_config.json").exists()
+
+
+def test_off_policy_training_is_recorded(tiny_lm, tmp_path):
+    pairs_uri = write_pairs(tmp_path, separable_pairs())
+    uri = run_train(pairs_uri, variant_name="offp", method="dpo",
+                    policy=PolicyConfig(model=tiny_lm), training=TrainingConfig(max_steps=1, **FAST),
+                    data_root=str(tmp_path), generation_policy="another/model")
+    m = json.loads((Path(uri) / "metrics.json").read_text())
+    assert m["off_policy"] is True and m["generation_policy"] == "another/model"
+
+
+def test_merge_exports_full_weights(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pairs_uri = write_pairs(tmp_path, separable_pairs())
+    uri = run_train(pairs_uri, variant_name="dpo", method="dpo", policy=PolicyConfig(model=tiny_lm),
+                    training=TrainingConfig(max_steps=1, merge=True, **FAST),
+                    data_root=str(tmp_path))
+    merged = AutoModelForCausalLM.from_pretrained(Path(uri) / "merged")
+    assert merged.config.num_hidden_layers == 2
+
+
+def test_reward_model_training_raises_pairwise_accuracy(tiny_lm, tmp_path):
+    from croco.training.reward_model import pairwise_accuracy, train_reward_model
+
+    prefs = pl.DataFrame({
+        "prompt": [f"Question {i}?" for i in range(16)],
+        "chosen": ["A clear, helpful and correct answer."] * 16,
+        "rejected": ["qq zx vv kk jj ww"] * 16,
+    })
+    cfg = TrainingConfig(num_train_epochs=4, learning_rate=2e-3, effective_batch_size=8,
+                         per_device_batch_size=8, max_length=64, warmup_ratio=0.0)
+    out = str(tmp_path / "rm")
+    from croco.models import load_model
+
+    base_dir = tmp_path / "base-rm"
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_lm, num_labels=1)
+    base.config.pad_token_id = load_model(tiny_lm)[1].pad_token_id
+    base.save_pretrained(base_dir)
+    load_model(tiny_lm)[1].save_pretrained(base_dir)
+    before = pairwise_accuracy(str(base_dir), prefs)
+    m = train_reward_model(prefs, base=tiny_lm, cfg=cfg, out_uri=out)
+    after = pairwise_accuracy(str(Path(out) / "model"), prefs)
+    assert m["final_loss"] < m["first_loss"]
+    assert after == 1.0
+    assert after > before or before == 1.0
