@@ -227,6 +227,20 @@ class VariantConfig(_Strict):
     training: dict[str, Any] = Field(default_factory=dict)
 
 
+class JudgeEvalConfig(_Strict):
+    """The pairwise judge of the open-ended evaluation (paper: temperature 0.7)."""
+
+    enabled: bool = True
+    model: str = EMBEDDED_POLICY
+    mode: Literal["generate", "logprob"] = "generate"
+    template: str | None = Field(None, description="None: croco's default judge template")
+    temperature: float = Field(0.7, ge=0.0)
+    max_new_tokens: int = Field(512, ge=1)
+    batch_size: int = Field(8, ge=1)
+    n_bootstrap: int = Field(1000, ge=10)
+    seed: int = 0
+
+
 class EvaluationConfig(_Strict):
     """Held-out comparison of the base and every variant: answers on the held-out prompts,
     scored with the run's reward scorers (mean reward, share in the prompt's language)."""
@@ -237,6 +251,7 @@ class EvaluationConfig(_Strict):
     k: int = Field(1, ge=1, description="answers per prompt")
     temperature: float = Field(0.0, ge=0.0, description="the paper answers greedily")
     max_new_tokens: int | None = Field(None, ge=1, description="None: generation's")
+    judge: JudgeEvalConfig = Field(default_factory=JudgeEvalConfig)
 
 
 class OrchestrationConfig(_Strict):

@@ -404,3 +404,54 @@ def run_heldout_summary(score_uris: dict[str, dict[str, str]], data_root: str,
     uri = storage.join(data_root, "runs", run_id, "heldout.parquet")
     storage.write_parquet(table, uri)
     return uri
+
+
+# --------------------------------------------------------------------- judge win rates
+
+STAGE_VERSIONS["judgments"] = 1
+
+
+def judge_key(candidate: dict[str, str], baseline: dict[str, str], judge) -> str:
+    return stable_hash({
+        "stage": "judgments", "v": STAGE_VERSIONS["judgments"],
+        "candidate": {k: key_of(u) for k, u in sorted(candidate.items())},
+        "baseline": {k: key_of(u) for k, u in sorted(baseline.items())},
+        "judge": judge.model_dump(exclude={"batch_size"}),
+    })
+
+
+def run_judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
+              prompts_uris: dict[str, str], judge, data_root: str, *,
+              device: str = "auto") -> str:
+    """Judge the candidate's held-out answers against the baseline's, both orders; write
+    `judgments.parquet` and `win_rates.parquet` (see croco.evaluation.winrate)."""
+    from croco.evaluation.judge import judge_pairs
+    from croco.evaluation.winrate import JUDGE_TEMPLATE, win_rates
+
+    t0 = time.perf_counter()
+    out = storage.join(data_root, "judgments", judge_key(candidate_scores, baseline_scores, judge))
+    if storage.is_complete(out):
+        return out
+    langs = sorted(candidate_scores)
+
+    def answers(uris: dict[str, str], name: str) -> pl.DataFrame:
+        df = pl.concat([storage.read_parquet(uris[lang]) for lang in langs])
+        return df.filter(pl.col("sample_idx") == 0).select("prompt_id", "lang",
+                                                           pl.col("response").alias(name))
+
+    prompts = pl.concat([storage.read_parquet(storage.join(prompts_uris[lang], "data.parquet"))
+                         for lang in langs]).select("prompt_id", "lang", "prompt")
+    pairs = (answers(candidate_scores, "candidate")
+             .join(answers(baseline_scores, "baseline"), on=["prompt_id", "lang"])
+             .join(prompts, on=["prompt_id", "lang"]).sort("lang", "prompt_id"))
+    judgments = judge_pairs(pairs, judge_model=judge.model, template=judge.template or
+                            JUDGE_TEMPLATE, mode=judge.mode, temperature=judge.temperature,
+                            max_new_tokens=judge.max_new_tokens, batch_size=judge.batch_size,
+                            seed=judge.seed, device=device)
+    rates = win_rates(judgments, n_bootstrap=judge.n_bootstrap, seed=judge.seed)
+    storage.write_parquet(judgments, storage.join(out, "judgments.parquet"))
+    storage.write_parquet(rates, storage.join(out, "win_rates.parquet"))
+    storage.mark_complete(out, {"rows": judgments.height,
+                                "invalid": int(judgments["verdict"].null_count()),
+                                "seconds": round(time.perf_counter() - t0, 3)})
+    return out

@@ -137,7 +137,49 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
             + f"; adapter [green]{storage.join(uri, 'adapter')}[/]", highlight=False)
     if "heldout" in stage_uris:
         console.print(heldout_table(storage.read_parquet(stage_uris["heldout"]["all"])))
+    if "judgments" in stage_uris:
+        for name, uri in stage_uris["judgments"].items():
+            rates = storage.read_parquet(storage.join(uri, "win_rates.parquet"))
+            console.print(winrate_table(rates, name))
     console.print(f"manifest:  [green]{result['manifest']}[/]")
+    if result.get("report"):
+        console.print(f"report:    [green]{result['report']}[/]")
+
+
+def winrate_table(rates, variant: str) -> Table:
+    table = Table(title=f"{variant} vs base: open-ended win rate (judge, both orders)",
+                  title_justify="left")
+    for col in ("lang", "win rate", "95% CI", "length-controlled", "prompts"):
+        table.add_column(col, justify="left" if col == "lang" else "right")
+    for r in rates.to_dicts():
+        table.add_row(r["lang"], f"{r['win_rate']:.1f}",
+                      f"{r['ci_low']:.1f}-{r['ci_high']:.1f}", f"{r['lc_win_rate']:.1f}",
+                      str(r["n_prompts"]))
+    n = sum(1 for r in rates.to_dicts() if r["win_rate"] >= 50)
+    table.caption = f"win rate >= 50 in {n} of {rates.height} languages"
+    return table
+
+
+@app.command()
+def report(run_id: Annotated[str, typer.Argument(help="a run id (see <data_root>/runs/)")],
+           data_root: Annotated[str, typer.Option(help="storage root")] = "./croco-data",
+           render_again: Annotated[bool, typer.Option("--render/--no-render",
+                                                      help="re-render from the stage outputs")]
+           = True) -> None:
+    """Print a run's report (re-rendered from its manifest by default)."""
+    from rich.markdown import Markdown
+
+    from croco.evaluation.report import load_run, render
+
+    try:
+        manifest = load_run(data_root, run_id)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    uri = storage.join(storage.normalize_root(data_root), "runs", run_id, "report.md")
+    if render_again or not storage.exists(uri):
+        uri = render(manifest, data_root)
+    console.print(Markdown(storage.read_bytes(uri).decode()))
+    console.print(f"report: [green]{uri}[/]")
 
 
 @config_app.command("show")

@@ -28,7 +28,9 @@ from tasks import (
     ensure_gpu_limit,
     generate_task,
     heldout_task,
+    judge_task,
     manifest_task,
+    report_task,
     pairs_task,
     prompts_task,
     score_task,
@@ -175,7 +177,19 @@ def croco_pipeline(config: CrocoConfig, stages: list[str] | None = None,
             out[f"eval-scores:{name}"] = scores
         out["heldout"] = {"all": heldout_task(eval_scores, root, run_id,
                                               STAGE_VERSIONS["scores"])}
+        if ev.judge.enabled and finals:
+            judged = _resolve(judge_task, [
+                dict(candidate_scores=eval_scores[name], baseline_scores=eval_scores["base"],
+                     prompts_uris=out["prompts"], judge=ev.judge, data_root=root,
+                     variant_name=name, code_version=STAGE_VERSIONS["judgments"])
+                for name in finals
+            ])
+            out["judgments"] = dict(zip(finals, judged))
     manifest_uri = manifest_task(root, run_id, config.model_dump(mode="json"), out,
                                  wall_seconds=round(time.perf_counter() - t0, 2))
     log.info("manifest: %s", manifest_uri)
-    return {"run_id": run_id, "manifest": manifest_uri, "stages": out}
+    result = {"run_id": run_id, "manifest": manifest_uri, "stages": out}
+    if "heldout" in out:
+        result["report"] = report_task(root, run_id)
+        log.info("report: %s", result["report"])
+    return result

@@ -6,9 +6,11 @@ from tasks.stages import (  # noqa: F401
     ensure_gpu_limit,
     generate_task,
     heldout_task,
+    judge_task,
     manifest_task,
     pairs_task,
     prompts_task,
+    report_task,
     score_task,
     train_task,
 )

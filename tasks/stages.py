@@ -23,6 +23,7 @@ from prefect.tasks import exponential_backoff
 from croco import stages, storage
 from croco.config import (
     GenerationConfig,
+    JudgeEvalConfig,
     PairingConfig,
     PolicyConfig,
     PromptsConfig,
@@ -195,3 +196,31 @@ def heldout_task(score_uris: dict[str, dict[str, str]], data_root: str, run_id: 
     create_table_artifact(storage.read_parquet(table).to_dicts(), key="heldout-comparison",
                           description=f"held-out answers, base vs variants, run {run_id}")
     return table
+
+
+@task(name="judge", task_run_name="judge-{variant_name}", **_common)
+def judge_task(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
+               prompts_uris: dict[str, str], judge: JudgeEvalConfig, data_root: str,
+               variant_name: str, code_version: int) -> str:
+    from prefect.artifacts import create_table_artifact
+
+    with gpu_slot():
+        uri = stages.run_judge(candidate_scores, baseline_scores, prompts_uris, judge, data_root)
+    rates = storage.read_parquet(storage.join(uri, "win_rates.parquet"))
+    create_table_artifact(rates.to_dicts(), key=f"win-rates-{variant_name}",
+                          description=f"win rate of {variant_name} against the base, per language")
+    return uri
+
+
+@task(name="report", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_condition_fn=retry_transient)
+def report_task(data_root: str, run_id: str) -> str:
+    """Render the run report and publish it as a markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from croco.evaluation.report import load_run, render
+
+    uri = render(load_run(data_root, run_id), data_root)
+    create_markdown_artifact(storage.read_bytes(uri).decode(), key="croco-report",
+                             description=f"croco report, run {run_id}")
+    return uri

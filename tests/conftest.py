@@ -133,7 +133,8 @@ def tiny_config(tmp_path, tiny_lm, tiny_rm, prompt_file):
                          "effective_batch_size": 4, "per_device_batch_size": 4,
                          "max_length": 64, "heldout_fraction": 0.0, "lora_r": 4,
                          "lora_alpha": 8, "save_steps": 1},
-            "evaluation": {"limit": 1, "max_new_tokens": 4},
+            "evaluation": {"limit": 1, "max_new_tokens": 4,
+                           "judge": {"model": tiny_lm, "mode": "logprob", "n_bootstrap": 50}},
         }
         for key, value in overrides.items():
             node = data

@@ -196,6 +196,22 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
     assert set(summary["model"]) == {"base", "dpo", "dpo-all", "sft", "offp", "iter"}
     assert summary.filter(pl.col("model") == "base")["answers"].to_list() == [1, 1, 1]
 
+    judged = result["stages"]["judgments"]
+    assert set(judged) == {"dpo", "dpo-all", "sft", "offp", "iter"}
+    judgments = storage.read_parquet(storage.join(judged["dpo"], "judgments.parquet"))
+    assert judgments.height == 3 * 2  # one held-out prompt per language, both orders
+    assert set(judgments["verdict"]) <= {"1", "2", "T"}
+    rates = storage.read_parquet(storage.join(judged["dpo"], "win_rates.parquet"))
+    assert rates["lang"].to_list() == ["de", "en", "fr"]
+    assert all(0 <= w <= 100 for w in rates["win_rate"])
+
+    report = Path(result["report"]).read_text()
+    assert "# croco report: run variants" in report
+    assert "**dpo**: open-ended win rate vs base >= 50 in" in report
+    for png in ("win_rates.png", "heldout_rewards.png", "pair_gaps.png",
+                "language_fidelity.png"):
+        assert (Path(result["report"]).parent / png).stat().st_size > 1000
+
     calls.clear()
     again = croco_pipeline(config=cfg)
     assert by_stage(calls) == {}

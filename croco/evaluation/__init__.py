@@ -1,0 +1,1 @@
+"""Evaluation: pairwise judge win rates, held-out reward and language fidelity, reports."""

@@ -1,0 +1,76 @@
+"""The pairwise judge: any causal LM compares the candidate's and the baseline's answers to
+the same held-out prompt, in both orders.
+
+`mode="generate"` (the paper's protocol) samples the judge's reasoning and verdict at the
+configured temperature (0.7) and parses the verdict from its final line.
+`mode="logprob"` is for small judges that rarely follow the output format: the judge's
+turn is started with "[[" and the verdict is the most likely of "1", "2" and "T"; the
+recorded output is then just that final line.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import torch
+
+from croco.evaluation.winrate import JUDGE_TEMPLATE, parse_verdict
+
+JUDGMENT_SCHEMA = {"lang": pl.String, "prompt_id": pl.String, "candidate_first": pl.Boolean,
+                   "verdict": pl.String, "candidate_len": pl.Int64, "baseline_len": pl.Int64,
+                   "judge_output": pl.String}
+
+
+def _conversations(rows: list[dict], template: str) -> list[list[dict]]:
+    convs = []
+    for r in rows:
+        first, second = ((r["candidate"], r["baseline"]) if r["candidate_first"]
+                         else (r["baseline"], r["candidate"]))
+        convs.append([{"role": "user", "content": template.format(
+            prompt=r["prompt"], output_1=first, output_2=second)}])
+    return convs
+
+
+@torch.inference_mode()
+def _logprob_verdicts(model, tok, convs: list[list[dict]], batch_size: int) -> list[str]:
+    from croco.reward.batching import forward_last
+
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + "[["
+             for c in convs]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    options = {v: tok(v, add_special_tokens=False)["input_ids"][0] for v in ("1", "2", "T")}
+    choice_ids = torch.tensor(list(options.values()))
+    picks = forward_last(model, ids, pad_id=tok.pad_token_id, batch_size=batch_size,
+                         select=lambda logits: logits[:, -1, choice_ids].argmax(-1).float(),
+                         logits_to_keep=1)
+    names = list(options)
+    return [names[int(p)] for p in picks]
+
+
+def judge_pairs(pairs: pl.DataFrame, *, judge_model: str, template: str = JUDGE_TEMPLATE,
+                mode: str = "generate", temperature: float = 0.7, max_new_tokens: int = 512,
+                batch_size: int = 8, seed: int = 0, device: str = "auto") -> pl.DataFrame:
+    """`pairs`: lang, prompt_id, prompt, candidate, baseline (one row per prompt). Returns one
+    judgment per prompt and order (JUDGMENT_SCHEMA); lengths are in characters."""
+    from croco.generation.transformers import TransformersGenerator
+
+    rows = []
+    for r in pairs.iter_rows(named=True):
+        for first in (True, False):
+            rows.append({**r, "candidate_first": first})
+    convs = _conversations(rows, template)
+    gen = TransformersGenerator(judge_model, device=device)
+    if mode == "logprob":
+        verdicts = _logprob_verdicts(gen.model, gen.tokenizer, convs, batch_size)
+        outputs = [f"[[{v}]]" for v in verdicts]
+    elif mode == "generate":
+        outs = gen.generate(convs, k=1, temperature=temperature, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, seed=seed)
+        outputs = [o[0].text for o in outs]
+        verdicts = [parse_verdict(t) for t in outputs]
+    else:
+        raise ValueError(f"judge mode {mode!r}: use generate or logprob")
+    return pl.DataFrame([{
+        "lang": r["lang"], "prompt_id": r["prompt_id"], "candidate_first": r["candidate_first"],
+        "verdict": v, "candidate_len": len(r["candidate"]), "baseline_len": len(r["baseline"]),
+        "judge_output": o,
+    } for r, v, o in zip(rows, verdicts, outputs)], schema=JUDGMENT_SCHEMA)

@@ -1,0 +1,203 @@
+"""The run report: Markdown with PNG plots, rendered from a run's manifest.
+
+Sections: per-variant verdict lines ("matches or exceeds base in N of M languages"),
+open-ended win rates against the base with 95% intervals and length-controlled rates,
+held-out mean reward and language fidelity per language and model, training metrics,
+and the pair statistics. Plots: win rate per language with intervals, held-out reward
+distributions of base and variants, the reward gap (chosen - rejected) of the pairs,
+language fidelity.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import polars as pl
+
+from croco import storage
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _md_table(df: pl.DataFrame, floats: int = 3) -> str:
+    cols = df.columns
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.iter_rows():
+        cells = []
+        for v in row:
+            if isinstance(v, float):
+                cells.append(f"{v:.{floats}f}")
+            else:
+                cells.append("-" if v is None else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def load_run(data_root: str, run_id: str) -> dict:
+    uri = storage.join(storage.normalize_root(data_root), "runs", run_id, "manifest.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"no run {run_id!r}: {uri} does not exist")
+    return json.loads(storage.read_bytes(uri))
+
+
+def collect(manifest: dict) -> dict:
+    """The tables a report shows, read from the stage outputs the manifest lists."""
+    st = manifest["stages"]
+    out: dict = {}
+    if "pairs" in st and "all" in st["pairs"]:
+        pairs_uri = st["pairs"]["all"]["uri"]
+        out["pair_stats"] = storage.read_parquet(storage.join(pairs_uri, "stats.parquet"))
+        dpo = storage.read_parquet(storage.join(pairs_uri, "dpo"))
+        out["gaps"] = (dpo["chosen_score"] - dpo["rejected_score"]).to_list()
+    out["training"] = {name: storage.read_json(storage.join(e["uri"], "metrics.json"))
+                       for name, e in st.get("training", {}).items()}
+    if "heldout" in st:
+        out["heldout"] = storage.read_parquet(st["heldout"]["all"]["uri"])
+    out["heldout_rewards"] = {
+        name.split(":", 1)[1]: pl.concat([storage.read_parquet(e["uri"]) for e in parts.values()])
+        for name, parts in st.items() if name.startswith("eval-scores:")}
+    rates = []
+    for name, e in st.get("judgments", {}).items():
+        r = storage.read_parquet(storage.join(e["uri"], "win_rates.parquet"))
+        rates.append(r.with_columns(pl.lit(name).alias("variant")))
+    if rates:
+        out["win_rates"] = pl.concat(rates)
+    return out
+
+
+def verdict_lines(data: dict) -> list[str]:
+    lines = []
+    rates = data.get("win_rates")
+    held = data.get("heldout")
+    variants = sorted(set(rates["variant"]) if rates is not None else
+                      (set(held["model"]) - {"base"} if held is not None else set()))
+    for v in variants:
+        parts = []
+        if rates is not None and v in set(rates["variant"]):
+            r = rates.filter(pl.col("variant") == v)
+            parts.append(f"open-ended win rate vs base >= 50 in "
+                         f"{int((r['win_rate'] >= 50).sum())} of {r.height} languages")
+        if held is not None and v in set(held["model"]):
+            base = held.filter(pl.col("model") == "base").select("lang", pl.col("reward_mean")
+                                                                  .alias("base"))
+            mine = held.filter(pl.col("model") == v).join(base, on="lang")
+            parts.append(f"held-out reward matches or exceeds base in "
+                         f"{int((mine['reward_mean'] >= mine['base']).sum())} of {mine.height} "
+                         "languages")
+        lines.append(f"- **{v}**: " + "; ".join(parts))
+    return lines
+
+
+def plots(data: dict) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    rates = data.get("win_rates")
+    if rates is not None and rates.height:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        variants = sorted(set(rates["variant"]))
+        langs = sorted(set(rates["lang"]))
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            r = rates.filter(pl.col("variant") == v).sort("lang")
+            xs = [langs.index(lang) + i * width for lang in r["lang"]]
+            err = [[w - lo for w, lo in zip(r["win_rate"], r["ci_low"])],
+                   [hi - w for w, hi in zip(r["win_rate"], r["ci_high"])]]
+            ax.bar(xs, r["win_rate"].to_list(), width, yerr=err, capsize=3, label=v)
+        ax.axhline(50, color="grey", lw=1, ls="--")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(langs))], langs)
+        ax.set_ylabel("win rate vs base (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+        out["win_rates.png"] = _png(fig)
+    rewards = data.get("heldout_rewards") or {}
+    if rewards:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for name, df in sorted(rewards.items()):
+            ax.hist(df["reward"].to_list(), bins=20, alpha=0.5, label=name)
+        ax.set_xlabel("reward of held-out answers")
+        ax.set_ylabel("answers")
+        ax.legend(fontsize=8)
+        out["heldout_rewards.png"] = _png(fig)
+    if data.get("gaps"):
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.hist(data["gaps"], bins=20, color="tab:purple")
+        ax.set_xlabel("reward gap, chosen - rejected")
+        ax.set_ylabel("pairs")
+        out["pair_gaps.png"] = _png(fig)
+    held = data.get("heldout")
+    if held is not None and held.height:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        models = ["base"] + sorted(set(held["model"]) - {"base"})
+        langs = sorted(set(held["lang"]))
+        width = 0.8 / len(models)
+        for i, m in enumerate(models):
+            h = held.filter(pl.col("model") == m).sort("lang")
+            ax.bar([langs.index(lang) + i * width for lang in h["lang"]],
+                   (h["lang_match"] * 100).to_list(), width, label=m)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(langs))], langs)
+        ax.set_ylabel("answers in the prompt's language (%)")
+        ax.set_ylim(0, 105)
+        ax.legend(fontsize=8)
+        out["language_fidelity.png"] = _png(fig)
+    return out
+
+
+def render(manifest: dict, data_root: str) -> str:
+    """Write `runs/<run_id>/report.md` and its PNGs; return the report's URI."""
+    run_id = manifest["run_id"]
+    run_uri = storage.join(storage.normalize_root(data_root), "runs", run_id)
+    data = collect(manifest)
+    images = plots(data)
+    for name, blob in images.items():
+        storage.write_bytes(storage.join(run_uri, name), blob)
+    cfg = manifest["config"]
+    md = [f"# croco report: run {run_id}", "",
+          f"Policy `{cfg['policy']['model']}`; languages {', '.join(cfg['languages'])}; "
+          f"k = {cfg['generation']['k']} samples per prompt; pairing "
+          f"{cfg['pairing']['scope']} / {cfg['pairing']['reject_target']}; reward = "
+          + " + ".join(f"{s['weight']} x {s['name']}" for s in cfg["reward"]["scorers"]) + ".",
+          ""]
+    lines = verdict_lines(data)
+    if lines:
+        md += ["## Against the base", "", *lines, ""]
+    if "win_rates" in data:
+        md += ["## Open-ended win rate against the base",
+               "Judge: both orders, ties 0.5; 95% bootstrap interval over prompts; "
+               "lc = length-controlled.", "",
+               _md_table(data["win_rates"].select("variant", "lang", "win_rate", "ci_low",
+                                                  "ci_high", "lc_win_rate", "n_prompts"), 1), ""]
+        if "win_rates.png" in images:
+            md += ["![win rates](win_rates.png)", ""]
+    if "heldout" in data:
+        md += ["## Held-out answers: mean reward and language fidelity", "",
+               _md_table(data["heldout"]), ""]
+        for name in ("heldout_rewards.png", "language_fidelity.png"):
+            if name in images:
+                md += [f"![{name[:-4]}]({name})", ""]
+    if data["training"]:
+        keys = ["method", "pairs_train", "rows_train", "steps", "first_loss", "final_loss",
+                "rewards/accuracies", "rewards/margins", "tokens_per_second", "ref_logps",
+                "off_policy"]
+        rows = [{"variant": n, **{k: m.get(k) for k in keys}}
+                for n, m in data["training"].items()]
+        md += ["## Training", "", _md_table(pl.DataFrame(rows, strict=False)), ""]
+    if "pair_stats" in data:
+        md += ["## Pairs", "", _md_table(data["pair_stats"]), ""]
+        if "pair_gaps.png" in images:
+            md += ["![pair gaps](pair_gaps.png)", ""]
+    text = "\n".join(md)
+    uri = storage.join(run_uri, "report.md")
+    storage.write_bytes(uri, text.encode())
+    return uri
