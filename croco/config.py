@@ -210,7 +210,8 @@ class TrainingConfig(_Strict):
 class VariantConfig(_Strict):
     """One training run of the experiment grid.
 
-    `method`: dpo (pairs) or sft (chosen samples). `pairing` overrides the run's pairing
+    `method`: dpo (pairs), sft (chosen samples) or online_dpo (TRL's online DPO on the
+    training prompts, two fresh samples per prompt per step, scored by the run's reward). `pairing` overrides the run's pairing
     (e.g. scope all_lang). `generation_policy` makes the variant off-policy: its pairs come
     from that model's samples, training still starts from `policy`. `rounds` > 1 makes it
     iterative on-policy: round r samples from adapter r-1, scores, pairs and trains adapter r.
@@ -219,7 +220,7 @@ class VariantConfig(_Strict):
     """
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
-    method: Literal["dpo", "sft"] = "dpo"
+    method: Literal["dpo", "sft", "online_dpo"] = "dpo"
     pairing: dict[str, Any] = Field(default_factory=dict)
     generation_policy: str | None = None
     rounds: int = Field(1, ge=1)
@@ -241,6 +242,22 @@ class JudgeEvalConfig(_Strict):
     seed: int = 0
 
 
+class StructuredEvalConfig(_Strict):
+    """Multiple-choice benchmarks per language through lm-evaluation-harness.
+
+    `tasks` maps a language to lm-eval task names (e.g. de: [belebele_deu_Latn,
+    global_mmlu_de]); `local_mc` is a JSONL multiple-choice file turned into one task per
+    language (`builtin:demo_mc` is the set shipped with croco). Nothing configured: skipped.
+    """
+
+    enabled: bool = True
+    backend: Literal["hf", "vllm", "euroeval"] = "hf"
+    tasks: dict[str, list[str]] = Field(default_factory=dict)
+    local_mc: str | None = None
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
 class EvaluationConfig(_Strict):
     """Held-out comparison of the base and every variant: answers on the held-out prompts,
     scored with the run's reward scorers (mean reward, share in the prompt's language)."""
@@ -252,6 +269,10 @@ class EvaluationConfig(_Strict):
     temperature: float = Field(0.0, ge=0.0, description="the paper answers greedily")
     max_new_tokens: int | None = Field(None, ge=1, description="None: generation's")
     judge: JudgeEvalConfig = Field(default_factory=JudgeEvalConfig)
+    structured: StructuredEvalConfig = Field(default_factory=StructuredEvalConfig)
+    reward_check: str | None = Field(
+        None, description="preference set for the reward check (lang, prompt, chosen, "
+        "rejected); builtin:demo_preferences is shipped")
 
 
 class OrchestrationConfig(_Strict):

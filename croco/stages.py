@@ -285,7 +285,9 @@ def training_key(pairs_uri: str, variant_name: str, method: str, policy: PolicyC
 
 def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyConfig,
               training: TrainingConfig, data_root: str, lang: str | None = None,
-              generation_policy: str | None = None, callbacks: list | None = None) -> str:
+              generation_policy: str | None = None, callbacks: list | None = None,
+              reward: RewardConfig | None = None, prompts_uris: dict[str, str] | None = None,
+              prompts_cfg: PromptsConfig | None = None, max_new_tokens: int = 64) -> str:
     """Train one variant (DPO on `dpo/`, SFT on `sft/`) and write
     `<data_root>/training/<key>/{adapter/, metrics.json, training_config.json}`.
 
@@ -298,6 +300,12 @@ def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyC
     t0 = time.perf_counter()
     off_policy = generation_policy is not None and generation_policy != policy.model
     key = training_key(pairs_uri, variant_name, method, policy, training, lang, off_policy)
+    if method == "online_dpo":
+        key = stable_hash({"base": key, "reward": reward.model_dump() if reward else None,
+                           "prompts": sorted(key_of(u) for u in (prompts_uris or {}).values()),
+                           "split": prompts_cfg.split if prompts_cfg else None,
+                           "limit": prompts_cfg.limit if prompts_cfg else None,
+                           "max_new_tokens": max_new_tokens})
     out = storage.join(data_root, "training", key)
     if storage.is_complete(out):
         return out
@@ -308,6 +316,22 @@ def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyC
         ref_uri = ref_logps_uri(pairs_uri, policy.model, policy.adapter, training.max_length)
         metrics = train_dpo(data, policy=policy.model, adapter=policy.adapter, cfg=training,
                             out_uri=out, ref_uri=ref_uri, callbacks=callbacks)
+    elif method == "online_dpo":
+        from croco.training.online import train_online_dpo
+
+        from croco.prompts import select_for_generation
+
+        if reward is None or not prompts_uris:
+            raise ValueError(f"variant {variant_name!r}: online_dpo needs the reward scorers "
+                             "and the training prompts")
+        prompts = pl.concat([storage.read_parquet(storage.join(u, "data.parquet"))
+                             for lang_, u in sorted(prompts_uris.items())
+                             if lang is None or lang_ == lang])
+        if prompts_cfg is not None:
+            prompts = select_for_generation(prompts, split=prompts_cfg.split,
+                                            limit=prompts_cfg.limit)
+        metrics = train_online_dpo(prompts, policy=policy.model, scorer_cfgs=reward.scorers,
+                                   cfg=training, out_uri=out, max_new_tokens=max_new_tokens)
     elif method == "sft":
         data = storage.read_parquet(storage.join(pairs_uri, "sft"))
         if lang:
@@ -316,7 +340,9 @@ def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyC
                             out_uri=out, callbacks=callbacks)
     else:
         raise ValueError(f"variant {variant_name!r}: unknown method {method!r}")
-    metrics.update({"variant": variant_name, "lang": lang, "pairs_uri": pairs_uri,
+    metrics.update({"variant": variant_name, "lang": lang,
+                    "pairs_uri": (storage.join(out, "online_pairs") if method == "online_dpo"
+                                  else pairs_uri),
                     "policy": policy.model, "init_adapter": policy.adapter,
                     "generation_policy": generation_policy or policy.model,
                     "off_policy": off_policy})
@@ -329,7 +355,8 @@ def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyC
                        {"variant": variant_name, "method": method, "lang": lang,
                         "policy": policy.model_dump(), "training": training.model_dump(),
                         "pairs_uri": pairs_uri, "off_policy": off_policy})
-    storage.mark_complete(out, {"rows": metrics.get("pairs_train", metrics.get("rows_train")),
+    storage.mark_complete(out, {"rows": metrics.get("pairs_train", metrics.get(
+        "rows_train", metrics.get("pairs_generated"))),
                                 "seconds": round(time.perf_counter() - t0, 3)})
     return out
 
@@ -451,7 +478,75 @@ def run_judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
     rates = win_rates(judgments, n_bootstrap=judge.n_bootstrap, seed=judge.seed)
     storage.write_parquet(judgments, storage.join(out, "judgments.parquet"))
     storage.write_parquet(rates, storage.join(out, "win_rates.parquet"))
+    valid = judgments.filter(pl.col("verdict").is_not_null())
     storage.mark_complete(out, {"rows": judgments.height,
                                 "invalid": int(judgments["verdict"].null_count()),
+                                # share of verdicts for whichever answer was shown first:
+                                # far from 0.5 means the judge has a position bias
+                                "first_position_share": (float((valid["verdict"] == "1").mean())
+                                                         if valid.height else None),
                                 "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+# ------------------------------------------------------------------ structured tasks
+
+STAGE_VERSIONS["structured"] = 1
+
+
+def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root: str) -> str:
+    """Multiple-choice accuracy of one model per language and task (lm-eval);
+    writes `results.parquet` (lang, task, metric, value, n)."""
+    from croco.evaluation.structured import evaluate_euroeval, evaluate_structured
+    from croco.models import pick_device, resolve_model
+
+    t0 = time.perf_counter()
+    adapter_key = key_of(policy.adapter.rsplit("/adapter", 1)[0]) if policy.adapter else None
+    key = stable_hash({"stage": "structured", "v": STAGE_VERSIONS["structured"],
+                       "model": policy.model, "adapter": adapter_key, "langs": sorted(langs),
+                       "cfg": structured.model_dump(exclude={"batch_size"})})
+    out = storage.join(data_root, "structured", key)
+    if storage.is_complete(out):
+        return out
+    device = pick_device(policy.device)
+    if structured.backend == "euroeval":
+        raw = evaluate_euroeval(resolve_model(policy.model), langs=langs, device=str(device))
+        df = pl.DataFrame([{"lang": ",".join(langs), "task": "euroeval", "metric": "raw",
+                            "value": None, "n": None, "raw": str(raw)}])
+    else:
+        df = evaluate_structured(
+            resolve_model(policy.model), adapter=policy.adapter,
+            tasks={lang: t for lang, t in structured.tasks.items() if lang in langs},
+            local_mc=structured.local_mc, langs=langs, backend=structured.backend,
+            batch_size=structured.batch_size, limit=structured.limit, device=str(device),
+            dtype="bfloat16" if device.type == "cuda" else "float32")
+    storage.write_parquet(df, storage.join(out, "results.parquet"))
+    storage.mark_complete(out, {"rows": df.height, "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+# ----------------------------------------------------------------------- reward check
+
+STAGE_VERSIONS["reward_check"] = 1
+
+
+def run_reward_check(path: str, reward: RewardConfig, langs: list[str], data_root: str) -> str:
+    """Ranking accuracy of the run's reward per language; writes `accuracy.parquet`."""
+    from croco.evaluation.reward_check import load_preference_set, ranking_accuracy
+    from croco.evaluation.reward_check import DEMO_PREFERENCES
+
+    src = DEMO_PREFERENCES if path == "builtin:demo_preferences" else path
+    from pathlib import Path
+
+    fingerprint = stable_hash(Path(src).read_bytes().decode("utf-8", "replace"))
+    key = stable_hash({"stage": "reward_check", "v": STAGE_VERSIONS["reward_check"],
+                       "set": fingerprint, "langs": sorted(langs),
+                       "reward": [s.model_dump(exclude={"batch_size"}) for s in reward.scorers]})
+    out = storage.join(data_root, "reward_check", key)
+    if storage.is_complete(out):
+        return out
+    prefs = load_preference_set(path).filter(pl.col("lang").is_in(langs))
+    table = ranking_accuracy(prefs, reward.scorers, device=reward.device)
+    storage.write_parquet(table, storage.join(out, "accuracy.parquet"))
+    storage.mark_complete(out, {"rows": table.height})
     return out

@@ -16,6 +16,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import sys  # noqa: E402
 from typing import Annotated, Optional  # noqa: E402
 
+import polars as pl  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -137,6 +138,17 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
             + f"; adapter [green]{storage.join(uri, 'adapter')}[/]", highlight=False)
     if "heldout" in stage_uris:
         console.print(heldout_table(storage.read_parquet(stage_uris["heldout"]["all"])))
+    if "reward_check" in stage_uris:
+        acc = storage.read_parquet(storage.join(stage_uris["reward_check"]["all"],
+                                                "accuracy.parquet"))
+        console.print("reward check, ranking accuracy per language: " + ", ".join(
+            f"{r['lang']} {r['accuracy']:.0%}" for r in acc.to_dicts()), highlight=False)
+    if "structured" in stage_uris:
+        frames = []
+        for name, uri in stage_uris["structured"].items():
+            r = storage.read_parquet(storage.join(uri, "results.parquet"))
+            frames.append(r.with_columns(pl.lit(name).alias("model")))
+        console.print(structured_table(pl.concat(frames)))
     if "judgments" in stage_uris:
         for name, uri in stage_uris["judgments"].items():
             rates = storage.read_parquet(storage.join(uri, "win_rates.parquet"))
@@ -144,6 +156,19 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
     console.print(f"manifest:  [green]{result['manifest']}[/]")
     if result.get("report"):
         console.print(f"report:    [green]{result['report']}[/]")
+
+
+def structured_table(results) -> Table:
+    wide = (results.group_by("lang", "model").agg(pl.col("value").mean())
+            .pivot(on="model", index="lang", values="value").sort("lang"))
+    models = ["base"] + sorted(c for c in wide.columns if c not in ("lang", "base"))
+    table = Table(title="structured tasks: accuracy per language", title_justify="left")
+    table.add_column("lang")
+    for m in models:
+        table.add_column(m, justify="right")
+    for r in wide.to_dicts():
+        table.add_row(r["lang"], *[_fmt(r.get(m)) for m in models])
+    return table
 
 
 def winrate_table(rates, variant: str) -> Table:

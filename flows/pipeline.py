@@ -31,9 +31,11 @@ from tasks import (
     judge_task,
     manifest_task,
     report_task,
+    reward_check_task,
     pairs_task,
     prompts_task,
     score_task,
+    structured_task,
     train_task,
 )
 
@@ -107,6 +109,10 @@ def _train_variant(config: CrocoConfig, variant: VariantConfig, root: str, promp
                       policy=policy, training=training, data_root=root,
                       code_version=STAGE_VERSIONS["training"],
                       generation_policy=variant.generation_policy)
+        if variant.method == "online_dpo":
+            common.update(reward=config.reward, prompts_uris=prompts_by_lang,
+                          prompts_cfg=config.prompts,
+                          max_new_tokens=config.generation.max_new_tokens)
         if variant.per_language:
             uris = _resolve(train_task, [dict(common, lang=lang) for lang in config.languages])
             for lang, u in zip(config.languages, uris):
@@ -163,8 +169,9 @@ def croco_pipeline(config: CrocoConfig, stages: list[str] | None = None,
     if last >= STAGES.index("evaluate") and config.evaluation.enabled:
         ev = config.evaluation
         eval_prompts = config.prompts.model_copy(update={"split": ev.split, "limit": ev.limit})
+        # One shard per language: held-out sets are small, and one batch decodes fastest.
         eval_gen = config.generation.model_copy(update={
-            "k": ev.k, "temperature": ev.temperature,
+            "k": ev.k, "temperature": ev.temperature, "shard_size": 256,
             "max_new_tokens": ev.max_new_tokens or config.generation.max_new_tokens})
         eval_scores = {}
         models = {"base": config.policy}
@@ -177,6 +184,18 @@ def croco_pipeline(config: CrocoConfig, stages: list[str] | None = None,
             out[f"eval-scores:{name}"] = scores
         out["heldout"] = {"all": heldout_task(eval_scores, root, run_id,
                                               STAGE_VERSIONS["scores"])}
+        if ev.reward_check:
+            (out.setdefault("reward_check", {})["all"],) = _resolve(reward_check_task, [
+                dict(path=ev.reward_check, reward=config.reward, langs=langs, data_root=root,
+                     code_version=STAGE_VERSIONS["reward_check"])])
+        st = ev.structured
+        if st.enabled and (st.local_mc or st.tasks or st.backend == "euroeval"):
+            done = _resolve(structured_task, [
+                dict(policy=policy, structured=st, langs=langs, data_root=root, model_name=name,
+                     code_version=STAGE_VERSIONS["structured"])
+                for name, policy in models.items()
+            ])
+            out["structured"] = dict(zip(models, done))
         if ev.judge.enabled and finals:
             judged = _resolve(judge_task, [
                 dict(candidate_scores=eval_scores[name], baseline_scores=eval_scores["base"],

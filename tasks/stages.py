@@ -28,6 +28,7 @@ from croco.config import (
     PolicyConfig,
     PromptsConfig,
     RewardConfig,
+    StructuredEvalConfig,
     TrainingConfig,
 )
 from croco.manifest import write_manifest
@@ -165,18 +166,22 @@ logging.getLogger("croco").setLevel(logging.INFO)
 @task(name="train", task_run_name="train-{variant_name}", **_common)
 def train_task(pairs_uri: str, variant_name: str, method: str, policy: PolicyConfig,
                training: TrainingConfig, data_root: str, code_version: int,
-               lang: str | None = None, generation_policy: str | None = None) -> str:
+               lang: str | None = None, generation_policy: str | None = None,
+               reward: RewardConfig | None = None, prompts_uris: dict | None = None,
+               prompts_cfg: PromptsConfig | None = None, max_new_tokens: int = 64) -> str:
     from prefect.artifacts import create_table_artifact
 
     log = get_run_logger()
     with gpu_slot():
         uri = stages.run_train(pairs_uri, variant_name=variant_name, method=method,
                                policy=policy, training=training, data_root=data_root, lang=lang,
-                               generation_policy=generation_policy)
+                               generation_policy=generation_policy, reward=reward,
+                               prompts_uris=prompts_uris, prompts_cfg=prompts_cfg,
+                               max_new_tokens=max_new_tokens)
     metrics = storage.read_json(storage.join(uri, "metrics.json"))
     keys = ["method", "pairs_train", "rows_train", "steps", "first_loss", "final_loss",
             "rewards/accuracies", "rewards/margins", "eval_loss", "tokens_per_second",
-            "ref_logps", "ref_forward_batches", "off_policy", "train_runtime"]
+            "ref_logps", "ref_forward_batches", "off_policy", "train_runtime", "pairs_generated"]
     create_table_artifact([{"metric": k, "value": str(metrics.get(k))} for k in keys
                            if k in metrics],
                           key=f"train-metrics-{variant_name}{'-' + lang if lang else ''}",
@@ -223,4 +228,29 @@ def report_task(data_root: str, run_id: str) -> str:
     uri = render(load_run(data_root, run_id), data_root)
     create_markdown_artifact(storage.read_bytes(uri).decode(), key="croco-report",
                              description=f"croco report, run {run_id}")
+    return uri
+
+
+@task(name="structured", task_run_name="structured-{model_name}", **_common)
+def structured_task(policy: PolicyConfig, structured: StructuredEvalConfig, langs: list[str],
+                    data_root: str, model_name: str, code_version: int) -> str:
+    from prefect.artifacts import create_table_artifact
+
+    with gpu_slot():
+        uri = stages.run_structured(policy, structured, langs, data_root)
+    results = storage.read_parquet(storage.join(uri, "results.parquet"))
+    create_table_artifact(results.to_dicts(), key=f"structured-{model_name}",
+                          description=f"multiple-choice accuracy per language, {model_name}")
+    return uri
+
+
+@task(name="reward-check", **_common)
+def reward_check_task(path: str, reward: RewardConfig, langs: list[str], data_root: str,
+                      code_version: int) -> str:
+    from prefect.artifacts import create_table_artifact
+
+    with gpu_slot():
+        uri = stages.run_reward_check(path, reward, langs, data_root)
+    create_table_artifact(storage.read_parquet(storage.join(uri, "accuracy.parquet")).to_dicts(),
+                          key="reward-check", description="reward ranking accuracy per language")
     return uri

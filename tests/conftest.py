@@ -43,19 +43,23 @@ def _tiny_config(tok, **extra):
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory, tokenizer_dir) -> str:
-    """A random 2-layer Llama (hidden size 32) with SmolLM2's tokenizer and chat template."""
+def _save_tiny_lm(tmp_path_factory, tokenizer_dir, name: str, seed: int) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(_tiny_config(tok))
-    out = tmp_path_factory.mktemp("tiny-lm")
+    out = tmp_path_factory.mktemp(name)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, tokenizer_dir) -> str:
+    """A random 2-layer Llama (hidden size 32) with SmolLM2's tokenizer and chat template."""
+    return _save_tiny_lm(tmp_path_factory, tokenizer_dir, "tiny-lm", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -99,16 +103,7 @@ def prompt_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm_other(tmp_path_factory, tokenizer_dir) -> str:
     """A second random tiny Llama: "another model" for off-policy pairs."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(7)
-    model = LlamaForCausalLM(_tiny_config(tok))
-    out = tmp_path_factory.mktemp("tiny-lm-other")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return _save_tiny_lm(tmp_path_factory, tokenizer_dir, "tiny-lm-other", seed=7)
 
 
 @pytest.fixture

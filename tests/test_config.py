@@ -70,3 +70,11 @@ def test_bad_reject_target_is_rejected():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper-eurollm.yaml", "paper-tiny-aya.yaml"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / name)
+    assert cfg.languages[0] == "en"

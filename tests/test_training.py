@@ -169,3 +169,26 @@ def test_reward_model_training_raises_pairwise_accuracy(tiny_lm, tmp_path):
     assert m["final_loss"] < m["first_loss"]
     assert after == 1.0
     assert after > before or before == 1.0
+
+
+def test_online_dpo_persists_the_pairs_it_generated(tiny_lm, tiny_rm, prompt_file, tmp_path):
+    from croco.config import ClassifierScorer, LangIdScorer, PromptsConfig, RewardConfig
+    from croco.pairing import DPO_SCHEMA
+    from croco.stages import run_prompts
+
+    pcfg = PromptsConfig(path=str(prompt_file), limit=2)
+    prompts_uris = {lang: run_prompts(pcfg, lang, str(tmp_path)) for lang in ["en", "de"]}
+    reward = RewardConfig(scorers=[ClassifierScorer(name="rm", model=tiny_rm),
+                                   LangIdScorer(weight=0.5)])
+    uri = run_train("unused", variant_name="online", method="online_dpo",
+                    policy=PolicyConfig(model=tiny_lm),
+                    training=TrainingConfig(max_steps=2, **FAST), data_root=str(tmp_path),
+                    reward=reward, prompts_uris=prompts_uris, prompts_cfg=pcfg, max_new_tokens=4)
+    m = json.loads((Path(uri) / "metrics.json").read_text())
+    assert m["method"] == "online_dpo" and m["steps"] == 2
+    pairs = storage.read_parquet(storage.join(uri, "online_pairs"))
+    assert pairs.schema == pl.Schema(DPO_SCHEMA)
+    assert pairs.height == 2 * 4  # 2 steps x batch of 4 prompts
+    assert (pairs["chosen_score"] >= pairs["rejected_score"]).all()
+    assert set(pairs["prompt_id"]) <= {"q0", "q1"} and set(pairs["scope"]) == {"online"}
+    assert (Path(uri) / "adapter" / "adapter_config.json").exists()

@@ -64,10 +64,22 @@ def collect(manifest: dict) -> dict:
     out["heldout_rewards"] = {
         name.split(":", 1)[1]: pl.concat([storage.read_parquet(e["uri"]) for e in parts.values()])
         for name, parts in st.items() if name.startswith("eval-scores:")}
+    if "reward_check" in st:
+        out["reward_check"] = storage.read_parquet(
+            storage.join(st["reward_check"]["all"]["uri"], "accuracy.parquet"))
+    structured = []
+    for name, e in st.get("structured", {}).items():
+        r = storage.read_parquet(storage.join(e["uri"], "results.parquet"))
+        structured.append(r.with_columns(pl.lit(name).alias("model")))
+    if structured:
+        out["structured"] = pl.concat(structured, how="diagonal_relaxed")
     rates = []
+    out["judge_bias"] = {}
     for name, e in st.get("judgments", {}).items():
         r = storage.read_parquet(storage.join(e["uri"], "win_rates.parquet"))
         rates.append(r.with_columns(pl.lit(name).alias("variant")))
+        info = storage.read_json(storage.join(e["uri"], storage.SUCCESS))
+        out["judge_bias"][name] = (info.get("first_position_share"), info.get("invalid"))
     if rates:
         out["win_rates"] = pl.concat(rates)
     return out
@@ -79,8 +91,18 @@ def verdict_lines(data: dict) -> list[str]:
     held = data.get("heldout")
     variants = sorted(set(rates["variant"]) if rates is not None else
                       (set(held["model"]) - {"base"} if held is not None else set()))
+    structured = data.get("structured")
+    if structured is not None:
+        variants = sorted(set(variants) | (set(structured["model"]) - {"base"}))
     for v in variants:
         parts = []
+        if structured is not None and v in set(structured["model"]):
+            per_lang = structured.group_by("model", "lang").agg(pl.col("value").mean())
+            base = per_lang.filter(pl.col("model") == "base").select(
+                "lang", pl.col("value").alias("base"))
+            mine = per_lang.filter(pl.col("model") == v).join(base, on="lang")
+            parts.append(f"structured tasks match or exceed base in "
+                         f"{int((mine['value'] >= mine['base']).sum())} of {mine.height} languages")
         if rates is not None and v in set(rates["variant"]):
             r = rates.filter(pl.col("variant") == v)
             parts.append(f"open-ended win rate vs base >= 50 in "
@@ -172,12 +194,23 @@ def render(manifest: dict, data_root: str) -> str:
     lines = verdict_lines(data)
     if lines:
         md += ["## Against the base", "", *lines, ""]
+    if "structured" in data:
+        wide = (data["structured"].group_by("lang", "model").agg(pl.col("value").mean())
+                .pivot(on="model", index="lang", values="value").sort("lang"))
+        cols = ["lang", "base"] + sorted(c for c in wide.columns if c not in ("lang", "base"))
+        md += ["## Structured tasks (lm-evaluation-harness, accuracy)", "",
+               _md_table(wide.select([c for c in cols if c in wide.columns])), ""]
     if "win_rates" in data:
         md += ["## Open-ended win rate against the base",
                "Judge: both orders, ties 0.5; 95% bootstrap interval over prompts; "
                "lc = length-controlled.", "",
                _md_table(data["win_rates"].select("variant", "lang", "win_rate", "ci_low",
                                                   "ci_high", "lc_win_rate", "n_prompts"), 1), ""]
+        for name, (first, invalid) in sorted(data["judge_bias"].items()):
+            if first is not None:
+                md += [f"Judge on {name}: {first:.0%} of valid verdicts chose the answer shown "
+                       f"first ({invalid} unparseable). Far from 50% means a position bias, "
+                       "which the two orders cancel into ties.", ""]
         if "win_rates.png" in images:
             md += ["![win rates](win_rates.png)", ""]
     if "heldout" in data:
@@ -186,6 +219,9 @@ def render(manifest: dict, data_root: str) -> str:
         for name in ("heldout_rewards.png", "language_fidelity.png"):
             if name in images:
                 md += [f"![{name[:-4]}]({name})", ""]
+    if "reward_check" in data:
+        md += ["## Reward check: ranking accuracy on the preference set", "",
+               _md_table(data["reward_check"]), ""]
     if data["training"]:
         keys = ["method", "pairs_train", "rows_train", "steps", "first_loss", "final_loss",
                 "rewards/accuracies", "rewards/margins", "tokens_per_second", "ref_logps",
