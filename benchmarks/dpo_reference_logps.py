@@ -6,6 +6,9 @@ the same pairs does). Prints both step times, the ratio, tokens/s and the machin
 
     python benchmarks/dpo_reference_logps.py [--model embedded:smollm2-135m-instruct]
         [--pairs 32] [--steps 6] [--batch 4] [--max-length 256]
+
+On a GPU host (bf16 chosen automatically) it also prints model FLOP utilisation, e.g.
+for a ~0.5B model: --model Qwen/Qwen2.5-0.5B-Instruct --batch 16 --max-length 512.
 """
 
 from __future__ import annotations
@@ -32,6 +35,21 @@ def make_pairs(n: int) -> pl.DataFrame:
         "prompt": [f"How do I keep fresh herbs from wilting? Variant {i}." for i in range(n)],
         "chosen": [chosen] * n, "rejected": [rejected] * n,
     })
+
+
+#: Dense bf16 peak FLOP/s by card (vendor datasheets, without sparsity).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def mfu(params: int, tokens_per_second: float) -> tuple[float, str] | None:
+    """Model FLOP utilisation by the 6 x params x tokens convention, on a known GPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    if peak is None:
+        return None
+    return 6 * params * tokens_per_second / peak, name
 
 
 def main() -> None:
@@ -70,6 +88,18 @@ def main() -> None:
     print(f"one-time reference pass      : {first_wall:.1f} s wall for the first variant "
           f"({first['ref_forward_batches']} reference batches)")
     print(f"ratio per-step / stored      : {s_per / s_sto:.2f}x")
+    if torch.cuda.is_available():
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from croco.models import resolve_model
+
+        with torch.device("meta"):
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(resolve_model(a.model))).parameters())
+        m = mfu(n, stored["tokens_per_second"])
+        if m:
+            print(f"MFU (6 x {n / 1e9:.2f}B params x tokens/s / bf16 peak of {m[1]}): "
+                  f"{m[0]:.1%}")
 
 
 if __name__ == "__main__":

@@ -293,14 +293,15 @@ class CrocoConfig(_Strict):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     pairing: PairingConfig = Field(default_factory=PairingConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    variants: list[VariantConfig] = Field(
+    experiments: list[VariantConfig] = Field(
         default_factory=lambda: [VariantConfig(name="dpo")],
-        description="training runs; the default is one DPO run on the run's pairs",
+        description="the variants of the experiment grid, each a training run compared "
+        "with the base; the default is one DPO run on the run's pairs",
     )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
-    @field_validator("variants")
+    @field_validator("experiments")
     @classmethod
     def _unique_variants(cls, variants: list) -> list:
         names = [v.name for v in variants]
@@ -313,7 +314,7 @@ class CrocoConfig(_Strict):
         data = self.training.model_dump()
         unknown = set(variant.training) - set(data)
         if unknown:
-            raise ValueError(f"variants[{variant.name}].training: unknown key(s) {sorted(unknown)}")
+            raise ValueError(f"experiments[{variant.name}].training: unknown key(s) {sorted(unknown)}")
         data.update(variant.training)
         return TrainingConfig.model_validate(data)
 
@@ -321,7 +322,7 @@ class CrocoConfig(_Strict):
         data = self.pairing.model_dump()
         unknown = set(variant.pairing) - set(data)
         if unknown:
-            raise ValueError(f"variants[{variant.name}].pairing: unknown key(s) {sorted(unknown)}")
+            raise ValueError(f"experiments[{variant.name}].pairing: unknown key(s) {sorted(unknown)}")
         data.update(variant.pairing)
         return PairingConfig.model_validate(data)
 

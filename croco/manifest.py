@@ -31,8 +31,10 @@ def package_versions() -> dict[str, str | None]:
 
 
 def stage_entry(uri: str) -> dict:
+    """Key, URI and what the stage's `_SUCCESS` marker recorded (rows, seconds, and for
+    training: method, off_policy, generation_policy)."""
     info = completion_info(uri)
-    return {"key": key_of(uri), "uri": uri, "rows": info.get("rows"),
+    return {"key": key_of(uri), "uri": uri, **info, "rows": info.get("rows"),
             "seconds": info.get("seconds")}
 
 

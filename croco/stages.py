@@ -125,9 +125,8 @@ def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Generat
                  prompts_cfg: PromptsConfig, data_root: str, *, progress: Progress | None = None,
                  on_shard: Callable[[int], None] | None = None) -> str:
     """k samples for each selected prompt of one language, written shard by shard."""
-    from tqdm.auto import tqdm
-
     from croco.generation import generate_frame, make_generator, policy_label
+    from croco.progress import progress_bar
     from croco.prompts import select_for_generation
 
     t0 = time.perf_counter()
@@ -146,8 +145,7 @@ def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Generat
     label = policy_label(policy.model, policy.adapter)
     generator = None
     rows = 0
-    bar = tqdm(total=n_shards, initial=n_shards - len(todo), desc=f"generate {lang}",
-               unit="shard", leave=False)
+    bar = progress_bar(n_shards, f"generate {lang}", unit="shard", initial=n_shards - len(todo))
     for i in todo:
         if generator is None:
             generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
@@ -189,6 +187,7 @@ def score_key(generations_uri: str, reward: RewardConfig) -> str:
 def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
               data_root: str, *, progress: Progress | None = None) -> str:
     """Score every generation shard of one language with the configured scorers."""
+    from croco.progress import progress_bar
     from croco.reward import score_frame
 
     t0 = time.perf_counter()
@@ -200,14 +199,18 @@ def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardC
     prompts = storage.read_parquet(storage.join(prompts_uri, "data.parquet"))
     parts = [p for p in storage.list_dir(generations_uri) if p.endswith(".parquet")]
     existing = set(storage.list_dir(out))
+    bar = progress_bar(len(parts), f"score {lang}", unit="shard",
+                       initial=sum(p in existing for p in parts))
     for n, part in enumerate(parts, 1):
         if part in existing:
             continue
         gens = storage.read_parquet(storage.join(generations_uri, part))
         scored = score_frame(gens, prompts, reward.scorers, device=reward.device)
         storage.write_parquet(scored, storage.join(out, part))
+        bar.update(1)
         if progress:
             progress(n, len(parts))
+    bar.close()
     total = storage.read_parquet(out).height
     storage.mark_complete(out, {"rows": total, "seconds": round(time.perf_counter() - t0, 3)})
     return out
@@ -356,7 +359,9 @@ def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyC
                         "policy": policy.model_dump(), "training": training.model_dump(),
                         "pairs_uri": pairs_uri, "off_policy": off_policy})
     storage.mark_complete(out, {"rows": metrics.get("pairs_train", metrics.get(
-        "rows_train", metrics.get("pairs_generated"))),
+        "rows_train", metrics.get("pairs_generated"))), "method": method,
+                                "off_policy": off_policy,
+                                "generation_policy": generation_policy or policy.model,
                                 "seconds": round(time.perf_counter() - t0, 3)})
     return out
 

@@ -207,6 +207,28 @@ def report(run_id: Annotated[str, typer.Argument(help="a run id (see <data_root>
     console.print(f"report: [green]{uri}[/]")
 
 
+@app.command("train-rm")
+def train_rm(preferences: Annotated[str, typer.Argument(help="JSONL/Parquet: prompt, chosen, "
+                                                           "rejected")],
+             base: Annotated[str, typer.Option(help="base model id or path")],
+             out: Annotated[str, typer.Option(help="output URI (a folder)")],
+             config: Annotated[Optional[str], typer.Option(help="YAML for training.*")] = None,
+             set_: SetOpt = None) -> None:
+    """Train a reward model (TRL RewardTrainer, one label) on English preference pairs; use
+    the result as a `classifier` scorer: reward.scorers: [{type: classifier, model: OUT/model}]."""
+    from croco.training.reward_model import load_preferences, train_reward_model
+
+    cfg = _load(config, set_)
+    try:
+        prefs = load_preferences(preferences)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), code=1)
+    metrics = train_reward_model(prefs, base=base, cfg=cfg.training, out_uri=out)
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    console.print(f"reward model: [green]{storage.join(out, 'model')}[/] "
+                  f"(loss {_fmt(metrics.get('first_loss'))} -> {_fmt(metrics.get('final_loss'))})")
+
+
 @config_app.command("show")
 def config_show(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults filled in, overrides applied)."""

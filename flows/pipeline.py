@@ -6,7 +6,7 @@
                                                                        v
         heldout answers of base and each variant: generate-{lang} -> score-{lang} -> summary
 
-Variants (config `variants:`): DPO or SFT on the run's pairs, other pairing options
+Variants (config `experiments:`): DPO or SFT on the run's pairs, other pairing options
 (re-paired from the same scores), off-policy (pairs from `generation_policy`'s samples),
 iterative on-policy rounds (round r samples from adapter r-1) and per-language models.
 Every stage is a cached task; see tasks/stages.py.
@@ -81,6 +81,17 @@ def _pair(score_uris: dict, prompt_uris: dict, pairing: PairingConfig, root: str
                                         pairing=pairing, data_root=root,
                                         code_version=STAGE_VERSIONS["pairs"])])
     return uri
+
+
+@flow(name="croco-train", flow_run_name="train-{variant.name}")
+def croco_train(config: CrocoConfig, variant: VariantConfig, root: str, prompt_uris: list,
+                scores: dict) -> dict:
+    """One variant of the experiment grid, as its own flow run: its pairs (re-paired,
+    off-policy or per round), its training run(s). Returns the URIs it produced, and under
+    `final` the training URI whose adapter is evaluated (none for per-language models)."""
+    out: dict = {}
+    out["final"] = _train_variant(config, variant, root, prompt_uris, scores, out)
+    return out
 
 
 def _train_variant(config: CrocoConfig, variant: VariantConfig, root: str, prompt_uris: list,
@@ -162,8 +173,14 @@ def croco_pipeline(config: CrocoConfig, stages: list[str] | None = None,
                               description=f"per-language pair statistics, run {run_id}")
     finals: dict[str, str] = {}
     if last >= STAGES.index("train"):
-        for variant in config.variants:
-            final = _train_variant(config, variant, root, prompt_uris, out["scores"], out)
+        for variant in config.experiments:
+            produced = croco_train(config, variant, root, prompt_uris, out["scores"])
+            final = produced.pop("final")
+            for stage, entries in produced.items():
+                if isinstance(entries, dict) and stage in ("pairs", "training"):
+                    out.setdefault(stage, {}).update(entries)
+                else:
+                    out[stage] = entries
             if final:
                 finals[variant.name] = final
     if last >= STAGES.index("evaluate") and config.evaluation.enabled:

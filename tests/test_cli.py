@@ -79,6 +79,33 @@ def test_croco_run_trains_and_prints_the_heldout_comparison(prefect_harness, tin
     assert (tmp_path / "data" / "runs" / "cli-run" / "manifest.json").exists()
     assert (tmp_path / "data" / "runs" / "cli-run" / "heldout.parquet").exists()
 
+    report = runner.invoke(app, ["report", "cli-run", "--data-root", str(tmp_path / "data")])
+    assert report.exit_code == 0, report.output
+    assert "croco report: run cli-run" in report.output
+    assert "Held-out answers" in report.output
+    missing = runner.invoke(app, ["report", "nope", "--data-root", str(tmp_path / "data")])
+    assert missing.exit_code == 2 and "no run 'nope'" in missing.output
+
+
+def test_train_rm_command(tiny_lm, tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(
+        f'{{"prompt": "Q{i}?", "chosen": "A good answer.", "rejected": "zz qq"}}\n'
+        for i in range(8)))
+    result = runner.invoke(app, ["train-rm", str(prefs), "--base", tiny_lm, "--out",
+                                 str(tmp_path / "rm"), "--set", "training.max_steps=2",
+                                 "--set", "training.effective_batch_size=4",
+                                 "--set", "training.per_device_batch_size=4"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rm" / "model" / "config.json").exists()
+    from croco.reward.classifier import ClassifierRewardModel
+
+    rm = ClassifierRewardModel(str(tmp_path / "rm" / "model"))
+    assert len(rm.score(["Q?"], ["A good answer."])) == 1
+    bad = runner.invoke(app, ["train-rm", str(tmp_path / "none.jsonl"), "--base", tiny_lm,
+                              "--out", str(tmp_path / "rm2")])
+    assert bad.exit_code == 1 and "preference file not found" in bad.output
+
 
 def test_training_launcher_runs_one_variant(tiny_config, tmp_path, monkeypatch):
     from croco.training import launch
@@ -90,7 +117,7 @@ def test_training_launcher_runs_one_variant(tiny_config, tmp_path, monkeypatch):
         return "uri"
 
     monkeypatch.setattr(launch, "run_train", fake_run_train)
-    cfg = tiny_config(variants=[{"name": "b2", "method": "dpo", "training": {"beta": 0.2}}])
+    cfg = tiny_config(experiments=[{"name": "b2", "method": "dpo", "training": {"beta": 0.2}}])
     path = _write_config(tmp_path / "c.yaml", cfg)
     assert launch.main(["--config", path, "--variant", "b2", "--pairs-uri", "/p/k"]) == "uri"
     assert seen["training"].beta == 0.2 and seen["pairs_uri"] == "/p/k"

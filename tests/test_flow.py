@@ -163,7 +163,7 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
 
     cfg = tiny_config(**{
         "training.enabled": True,
-        "variants": [
+        "experiments": [
             {"name": "dpo", "method": "dpo"},
             {"name": "dpo-all", "method": "dpo", "pairing": {"scope": "all_lang"},
              "training": {"beta": 0.2}},
@@ -191,6 +191,11 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
     gens = storage.read_parquet(result["stages"]["generations"]["en"])
     off_scores = storage.read_parquet(result["stages"]["scores:offp"]["en"])
     assert set(off_scores["policy"]) == {tiny_lm_other} and set(gens["policy"]) != {tiny_lm_other}
+
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    assert manifest["stages"]["training"]["offp"]["off_policy"] is True
+    assert manifest["stages"]["training"]["offp"]["generation_policy"] == tiny_lm_other
+    assert manifest["stages"]["training"]["dpo"]["off_policy"] is False
 
     summary = storage.read_parquet(result["stages"]["heldout"]["all"])
     assert set(summary["model"]) == {"base", "dpo", "dpo-all", "sft", "offp", "iter"}
@@ -222,7 +227,7 @@ def test_second_dpo_variant_reuses_stored_reference_logps(prefect_harness, tiny_
     from flows.pipeline import croco_pipeline
 
     cfg = tiny_config(**{"training.enabled": True, "evaluation.enabled": False,
-                         "variants": [{"name": "beta1", "method": "dpo"},
+                         "experiments": [{"name": "beta1", "method": "dpo"},
                                       {"name": "beta2", "method": "dpo",
                                        "training": {"beta": 0.5, "learning_rate": 1e-3}}]})
     result = croco_pipeline(config=cfg)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--adapter", default=None, help="continue this adapter (iterative rounds)")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    variants = {v.name: v for v in cfg.variants}
+    variants = {v.name: v for v in cfg.experiments}
     if a.variant not in variants:
         raise SystemExit(f"--variant {a.variant!r}: the config has {sorted(variants)}")
     v = variants[a.variant]
