@@ -234,6 +234,8 @@ class JudgeEvalConfig(_Strict):
     enabled: bool = True
     model: str = EMBEDDED_POLICY
     mode: Literal["generate", "logprob"] = "generate"
+    calibrate: bool = Field(True, description="logprob mode: remove each label's mean "
+                            "log-probability over the games (position/label prior)")
     template: str | None = Field(None, description="None: croco's default judge template")
     temperature: float = Field(0.7, ge=0.0)
     max_new_tokens: int = Field(512, ge=1)

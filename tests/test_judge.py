@@ -25,3 +25,17 @@ def test_generating_judge_parses_only_its_own_last_line(tiny_lm):
     from croco.evaluation.winrate import parse_verdict
 
     assert out["verdict"].to_list() == [parse_verdict(t) for t in out["judge_output"]]
+
+
+def test_calibration_removes_a_constant_position_preference():
+    import torch
+
+    from croco.evaluation import judge
+
+    # games x labels (1, 2, T): the judge always prefers "1" by a constant margin, but
+    # relative to that preference games 0 and 3 favour "2".
+    logp = torch.tensor([[-0.1, -2.0, -5.0], [-0.1, -3.0, -5.0],
+                         [-0.1, -3.0, -5.0], [-0.1, -2.0, -5.0]])
+    assert judge.choose_verdicts(logp, calibrate=False) == ["1", "1", "1", "1"]
+    assert judge.choose_verdicts(logp, calibrate=True) == ["2", "1", "1", "2"]
+    assert judge.choose_verdicts(logp[:1], calibrate=True) == ["1"]  # one game: nothing to remove

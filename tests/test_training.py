@@ -192,3 +192,40 @@ def test_online_dpo_persists_the_pairs_it_generated(tiny_lm, tiny_rm, prompt_fil
     assert (pairs["chosen_score"] >= pairs["rejected_score"]).all()
     assert set(pairs["prompt_id"]) <= {"q0", "q1"} and set(pairs["scope"]) == {"online"}
     assert (Path(uri) / "adapter" / "adapter_config.json").exists()
+
+
+def test_checkpoints_on_object_storage_survive_a_lost_local_disk(tiny_lm, tmp_path, s3_bucket,
+                                                                 monkeypatch):
+    """With the data root on S3, checkpoints are mirrored to the bucket; a resume on a machine
+    that lost its local work folder fetches the last checkpoint from there."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    monkeypatch.setenv("CROCO_CACHE", str(tmp_path / "cache"))
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    root = f"s3://{s3_bucket}/croco"
+    pairs_uri = storage.join(root, "pairs", "k1")
+    storage.write_parquet(separable_pairs(), storage.join(pairs_uri, "dpo", "lang=en",
+                                                          "data.parquet"))
+    cfg = TrainingConfig(max_steps=3, save_steps=1, **FAST)
+    policy = PolicyConfig(model=tiny_lm)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(pairs_uri, variant_name="dpo", method="dpo", policy=policy, training=cfg,
+                  data_root=root, callbacks=[Interrupt()])
+    (key,) = storage.list_dir(storage.join(root, "training"))
+    out = storage.join(root, "training", key)
+    assert "checkpoint-2" in storage.list_dir(storage.join(out, "checkpoints"))
+    shutil.rmtree(tmp_path / "cache" / "training")  # the local work folder is gone
+
+    uri = run_train(pairs_uri, variant_name="dpo", method="dpo", policy=policy, training=cfg,
+                    data_root=root)
+    metrics = storage.read_json(storage.join(uri, "metrics.json"))
+    assert metrics["resumed_from"] == "checkpoint-2"
+    assert "adapter_config.json" in storage.list_dir(storage.join(uri, "adapter"))
+    assert storage.is_complete(uri)

@@ -5,7 +5,10 @@ the same held-out prompt, in both orders.
 configured temperature (0.7) and parses the verdict from its final line.
 `mode="logprob"` is for small judges that rarely follow the output format: the judge's
 turn is started with "[[" and the verdict is the most likely of "1", "2" and "T"; the
-recorded output is then just that final line.
+recorded output is then just that final line. Small judges tend to prefer one position
+whatever the answers say; with `calibrate=True` (the default in this mode) each label's
+log-probability is taken relative to its mean over all games of the call (contextual
+calibration, Zhao et al., 2021), which removes a constant position or label preference.
 """
 
 from __future__ import annotations
@@ -30,25 +33,38 @@ def _conversations(rows: list[dict], template: str) -> list[list[dict]]:
     return convs
 
 
+VERDICTS = ("1", "2", "T")
+
+
 @torch.inference_mode()
-def _logprob_verdicts(model, tok, convs: list[list[dict]], batch_size: int) -> list[str]:
+def _logprob_verdicts(model, tok, convs: list[list[dict]], batch_size: int,
+                      calibrate: bool) -> list[str]:
     from croco.reward.batching import forward_last
 
     texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + "[["
              for c in convs]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
-    options = {v: tok(v, add_special_tokens=False)["input_ids"][0] for v in ("1", "2", "T")}
-    choice_ids = torch.tensor(list(options.values()))
-    picks = forward_last(model, ids, pad_id=tok.pad_token_id, batch_size=batch_size,
-                         select=lambda logits: logits[:, -1, choice_ids].argmax(-1).float(),
-                         logits_to_keep=1)
-    names = list(options)
-    return [names[int(p)] for p in picks]
+    choice_ids = [tok(v, add_special_tokens=False)["input_ids"][0] for v in VERDICTS]
+    per_label = []
+    for cid in choice_ids:
+        per_label.append(forward_last(
+            model, ids, pad_id=tok.pad_token_id, batch_size=batch_size, logits_to_keep=1,
+            select=lambda logits, c=cid: logits[:, -1, :].float().log_softmax(-1)[:, c]))
+    return choose_verdicts(torch.tensor(per_label).T, calibrate=calibrate)
+
+
+def choose_verdicts(logp: torch.Tensor, *, calibrate: bool) -> list[str]:
+    """Verdicts from a (games x [1, 2, T]) log-probability matrix; with `calibrate`, each
+    label is scored relative to its mean over the games."""
+    if calibrate and logp.shape[0] > 1:
+        logp = logp - logp.mean(dim=0, keepdim=True)
+    return [VERDICTS[int(i)] for i in logp.argmax(-1)]
 
 
 def judge_pairs(pairs: pl.DataFrame, *, judge_model: str, template: str = JUDGE_TEMPLATE,
                 mode: str = "generate", temperature: float = 0.7, max_new_tokens: int = 512,
-                batch_size: int = 8, seed: int = 0, device: str = "auto") -> pl.DataFrame:
+                batch_size: int = 8, seed: int = 0, device: str = "auto",
+                calibrate: bool = True) -> pl.DataFrame:
     """`pairs`: lang, prompt_id, prompt, candidate, baseline (one row per prompt). Returns one
     judgment per prompt and order (JUDGMENT_SCHEMA); lengths are in characters."""
     from croco.generation.transformers import TransformersGenerator
@@ -60,7 +76,7 @@ def judge_pairs(pairs: pl.DataFrame, *, judge_model: str, template: str = JUDGE_
     convs = _conversations(rows, template)
     gen = TransformersGenerator(judge_model, device=device)
     if mode == "logprob":
-        verdicts = _logprob_verdicts(gen.model, gen.tokenizer, convs, batch_size)
+        verdicts = _logprob_verdicts(gen.model, gen.tokenizer, convs, batch_size, calibrate)
         outputs = [f"[[{v}]]" for v in verdicts]
     elif mode == "generate":
         outs = gen.generate(convs, k=1, temperature=temperature, max_new_tokens=max_new_tokens,

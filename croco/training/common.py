@@ -166,3 +166,20 @@ def summarize_log(log_history: list[dict]) -> dict:
 def write_json_local(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def load_policy_for_training(policy: str, adapter: str | None, cfg: TrainingConfig, prec: dict,
+                             *, padding_side: str = "right"):
+    """(model, tokenizer, peft_config): the policy in the training precision; a given adapter
+    is continued (trainable), otherwise a new LoRA is described by `peft_config`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from croco.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(policy, padding_side=padding_side)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(policy), dtype=torch.bfloat16 if prec["bf16"] else torch.float32)
+    if adapter:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True), tok, None
+    return model, tok, lora_config(cfg)

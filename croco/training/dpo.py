@@ -23,8 +23,8 @@ from croco.training.common import (
     batch_args,
     checkpoint_mirror,
     last_checkpoint,
+    load_policy_for_training,
     local_workdir,
-    lora_config,
     precision_args,
     publish,
     schedule_args,
@@ -93,12 +93,9 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
     `reference="precomputed"` (default) runs the reference model once over the pairs (or
     reads the stored result from `ref_uri`); `"per_step"` is TRL's plain mode, a reference
     forward in every step (kept for the benchmark)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
-    from croco.models import load_tokenizer, pick_device, resolve_model
+    from croco.models import pick_device
 
     if pairs.is_empty():
         raise ValueError("no pairs to train on: every pool was skipped (see the pair stats)")
@@ -128,14 +125,7 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
         precompute_ref_log_probs=precompute, eval_strategy="no",
         **batch_args(cfg), **schedule_args(cfg, cfg.learning_rate), **prec,
     )
-    tok = load_tokenizer(policy, padding_side="right")
-    dtype = torch.bfloat16 if prec["bf16"] else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(policy), dtype=dtype)
-    peft_config = None
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    else:
-        peft_config = lora_config(cfg)
+    model, tok, peft_config = load_policy_for_training(policy, adapter, cfg, prec)
     trainer_cls = _trainer_class()
     trainer_cls.ref_forward_batches = 0
     trainer = trainer_cls(

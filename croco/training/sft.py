@@ -12,8 +12,8 @@ from croco.training.common import (
     batch_args,
     checkpoint_mirror,
     last_checkpoint,
+    load_policy_for_training,
     local_workdir,
-    lora_config,
     precision_args,
     publish,
     schedule_args,
@@ -34,12 +34,9 @@ def to_prompt_completion(rows: pl.DataFrame):
 def train_sft(rows: pl.DataFrame, *, policy: str, adapter: str | None, cfg: TrainingConfig,
               out_uri: str, callbacks: list | None = None) -> dict:
     """Train a LoRA adapter on the chosen samples; write `adapter/` under `out_uri`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from croco.models import load_tokenizer, pick_device, resolve_model
+    from croco.models import pick_device
 
     if rows.is_empty():
         raise ValueError("no SFT rows to train on")
@@ -55,14 +52,7 @@ def train_sft(rows: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Trai
     args = SFTConfig(output_dir=str(workdir), max_length=cfg.max_length,
                      completion_only_loss=True, eval_strategy="no",
                      **batch_args(cfg), **schedule_args(cfg, cfg.sft_learning_rate), **prec)
-    tok = load_tokenizer(policy, padding_side="right")
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(policy), dtype=torch.bfloat16 if prec["bf16"] else torch.float32)
-    peft_config = None
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    else:
-        peft_config = lora_config(cfg)
+    model, tok, peft_config = load_policy_for_training(policy, adapter, cfg, prec)
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_prompt_completion(train_df),
                          eval_dataset=to_prompt_completion(eval_df) if eval_df.height else None,
                          processing_class=tok, peft_config=peft_config,
