@@ -44,13 +44,12 @@ def _logprob_verdicts(model, tok, convs: list[list[dict]], batch_size: int,
     texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + "[["
              for c in convs]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
-    choice_ids = [tok(v, add_special_tokens=False)["input_ids"][0] for v in VERDICTS]
-    per_label = []
-    for cid in choice_ids:
-        per_label.append(forward_last(
-            model, ids, pad_id=tok.pad_token_id, batch_size=batch_size, logits_to_keep=1,
-            select=lambda logits, c=cid: logits[:, -1, :].float().log_softmax(-1)[:, c]))
-    return choose_verdicts(torch.tensor(per_label).T, calibrate=calibrate)
+    choice_ids = torch.tensor([tok(v, add_special_tokens=False)["input_ids"][0]
+                               for v in VERDICTS])
+    rows = forward_last(
+        model, ids, pad_id=tok.pad_token_id, batch_size=batch_size, logits_to_keep=1,
+        select=lambda logits: logits[:, -1, :].float().log_softmax(-1)[:, choice_ids])
+    return choose_verdicts(torch.tensor(rows), calibrate=calibrate)
 
 
 def choose_verdicts(logp: torch.Tensor, *, calibrate: bool) -> list[str]:

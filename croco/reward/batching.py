@@ -22,12 +22,13 @@ def tokenize_left_truncated(tokenizer, texts: list[str], max_length: int) -> lis
 @torch.inference_mode()
 def forward_last(model, token_ids: list[list[int]], *, pad_id: int, batch_size: int,
                  select: Callable[[torch.Tensor], torch.Tensor], progress=None,
-                 **model_kwargs) -> list[float]:
+                 **model_kwargs) -> list:
     """Run `model` over sequences in length-sorted batches; `select(logits)` maps the
-    model's output logits to one float per sequence. Returns values in input order."""
+    model's output logits to one value (a float, or a list for a 2-D result) per sequence.
+    Returns the values in input order."""
     device = next(model.parameters()).device
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    values: list[float] = [0.0] * len(token_ids)
+    values: list = [0.0] * len(token_ids)
     done = 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -43,7 +44,7 @@ def forward_last(model, token_ids: list[list[int]], *, pad_id: int, batch_size: 
                     position_ids=positions.to(device), **model_kwargs)
         result = select(out.logits).float().cpu().tolist()
         for row, i in enumerate(idx):
-            values[i] = float(result[row])
+            values[i] = result[row]
         done += len(idx)
         if progress is not None:
             progress(done, len(order))
