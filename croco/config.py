@@ -233,6 +233,8 @@ class JudgeEvalConfig(_Strict):
 
     enabled: bool = True
     model: str = EMBEDDED_POLICY
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="generate mode only; logprob mode uses transformers")
     mode: Literal["generate", "logprob"] = "generate"
     calibrate: bool = Field(True, description="logprob mode: remove each label's mean "
                             "log-probability over the games (position/label prior)")

@@ -479,7 +479,8 @@ def run_judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
     judgments = judge_pairs(pairs, judge_model=judge.model, template=judge.template or
                             JUDGE_TEMPLATE, mode=judge.mode, temperature=judge.temperature,
                             max_new_tokens=judge.max_new_tokens, batch_size=judge.batch_size,
-                            seed=judge.seed, device=device, calibrate=judge.calibrate)
+                            seed=judge.seed, device=device, calibrate=judge.calibrate,
+                            backend=judge.backend)
     rates = win_rates(judgments, n_bootstrap=judge.n_bootstrap, seed=judge.seed)
     storage.write_parquet(judgments, storage.join(out, "judgments.parquet"))
     storage.write_parquet(rates, storage.join(out, "win_rates.parquet"))

@@ -163,6 +163,12 @@ class _null:
 logging.getLogger("croco").setLevel(logging.INFO)
 
 
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 @task(name="train", task_run_name="train-{variant_name}", **_common)
 def train_task(pairs_uri: str, variant_name: str, method: str, policy: PolicyConfig,
                training: TrainingConfig, data_root: str, code_version: int,
@@ -172,12 +178,23 @@ def train_task(pairs_uri: str, variant_name: str, method: str, policy: PolicyCon
     from prefect.artifacts import create_table_artifact
 
     log = get_run_logger()
+    n_gpus = _gpu_count()
     with gpu_slot():
-        uri = stages.run_train(pairs_uri, variant_name=variant_name, method=method,
-                               policy=policy, training=training, data_root=data_root, lang=lang,
-                               generation_policy=generation_policy, reward=reward,
-                               prompts_uris=prompts_uris, prompts_cfg=prompts_cfg,
-                               max_new_tokens=max_new_tokens)
+        if n_gpus > 1 and method in ("dpo", "sft"):
+            # Every GPU of this machine, data parallel, through accelerate.
+            from croco.training.launch import run_train_distributed
+
+            log.info("training %s on %d GPUs with accelerate", variant_name, n_gpus)
+            uri = run_train_distributed(
+                n_gpus, pairs_uri=pairs_uri, variant_name=variant_name, method=method,
+                policy=policy, training=training, data_root=data_root, lang=lang,
+                generation_policy=generation_policy)
+        else:
+            uri = stages.run_train(pairs_uri, variant_name=variant_name, method=method,
+                                   policy=policy, training=training, data_root=data_root,
+                                   lang=lang, generation_policy=generation_policy, reward=reward,
+                                   prompts_uris=prompts_uris, prompts_cfg=prompts_cfg,
+                                   max_new_tokens=max_new_tokens)
     metrics = storage.read_json(storage.join(uri, "metrics.json"))
     keys = ["method", "pairs_train", "rows_train", "steps", "first_loss", "final_loss",
             "rewards/accuracies", "rewards/margins", "eval_loss", "tokens_per_second",

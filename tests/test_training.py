@@ -229,3 +229,25 @@ def test_checkpoints_on_object_storage_survive_a_lost_local_disk(tiny_lm, tmp_pa
     assert metrics["resumed_from"] == "checkpoint-2"
     assert "adapter_config.json" in storage.list_dir(storage.join(uri, "adapter"))
     assert storage.is_complete(uri)
+
+
+def test_distributed_launch_spec_round_trips_and_builds_the_accelerate_command(tmp_path,
+                                                                              monkeypatch):
+    from croco.training import launch
+
+    spec = launch.write_spec(tmp_path / "spec.json", pairs_uri="/d/pairs/k", variant_name="dpo",
+                             method="dpo", policy=PolicyConfig(model="m", adapter="/a"),
+                             training=TrainingConfig(beta=0.3), data_root="/d", lang="de")
+    seen = {}
+    monkeypatch.setattr(launch, "run_train",
+                        lambda pairs_uri, **kw: seen.update(kw, pairs_uri=pairs_uri) or "/d/t/x")
+    assert launch.main(["--spec", str(spec)]) == "/d/t/x"
+    assert seen["pairs_uri"] == "/d/pairs/k" and seen["lang"] == "de"
+    assert seen["policy"].adapter == "/a" and seen["training"].beta == 0.3
+    cmd = launch.accelerate_command(spec, 4)
+    assert cmd[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "4"]
+    assert "--multi_gpu" in cmd
+    assert cmd[-4:] == ["-m", "croco.training.launch", "--spec", str(spec)]
+    with_file = launch.accelerate_command(spec, 8, "infra/accelerate/multi-gpu.yaml")
+    assert "--multi_gpu" not in with_file
+    assert with_file[5:7] == ["--config_file", "infra/accelerate/multi-gpu.yaml"]

@@ -48,3 +48,19 @@ def test_missing_vllm_names_the_install_command():
             make_generator("vllm", "some/model")
     else:
         pytest.skip("vllm is installed: the missing-package error cannot be shown")
+
+
+def test_vllm_judge_without_vllm_names_the_install_command():
+    import polars as pl
+
+    from croco.evaluation.judge import judge_pairs
+
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pairs = pl.DataFrame({"lang": ["en"], "prompt_id": ["a"], "prompt": ["p"],
+                              "candidate": ["c"], "baseline": ["b"]})
+        with pytest.raises(ImportError, match=r"pip install 'croco\[vllm\]'"):
+            judge_pairs(pairs, judge_model="some/judge", mode="generate", backend="vllm")
+    else:
+        pytest.skip("vllm is installed: the missing-package error cannot be shown")

@@ -63,21 +63,23 @@ def choose_verdicts(logp: torch.Tensor, *, calibrate: bool) -> list[str]:
 def judge_pairs(pairs: pl.DataFrame, *, judge_model: str, template: str = JUDGE_TEMPLATE,
                 mode: str = "generate", temperature: float = 0.7, max_new_tokens: int = 512,
                 batch_size: int = 8, seed: int = 0, device: str = "auto",
-                calibrate: bool = True) -> pl.DataFrame:
+                calibrate: bool = True, backend: str = "transformers") -> pl.DataFrame:
     """`pairs`: lang, prompt_id, prompt, candidate, baseline (one row per prompt). Returns one
-    judgment per prompt and order (JUDGMENT_SCHEMA); lengths are in characters."""
-    from croco.generation.transformers import TransformersGenerator
+    judgment per prompt and order (JUDGMENT_SCHEMA); lengths are in characters.
+    `backend="vllm"` serves a generating judge with vLLM."""
+    from croco.generation import make_generator
 
     rows = []
     for r in pairs.iter_rows(named=True):
         for first in (True, False):
             rows.append({**r, "candidate_first": first})
     convs = _conversations(rows, template)
-    gen = TransformersGenerator(judge_model, device=device)
     if mode == "logprob":
+        gen = make_generator("transformers", judge_model, device=device)
         verdicts = _logprob_verdicts(gen.model, gen.tokenizer, convs, batch_size, calibrate)
         outputs = [f"[[{v}]]" for v in verdicts]
     elif mode == "generate":
+        gen = make_generator(backend, judge_model, device=device, seed=seed)
         outs = gen.generate(convs, k=1, temperature=temperature, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, seed=seed)
         outputs = [o[0].text for o in outs]
