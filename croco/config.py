@@ -153,9 +153,6 @@ class RewardConfig(_Strict):
         return scorers
 
 
-RejectTarget = str  # validated in PairingConfig
-
-
 class PairingConfig(_Strict):
     scope: Literal["in_lang", "all_lang"] = "in_lang"
     reject_target: str = "mean_minus_2sigma"
@@ -315,20 +312,13 @@ class CrocoConfig(_Strict):
 
     def variant_training(self, variant: "VariantConfig") -> TrainingConfig:
         """The training config of a variant: the run's, with the variant's overrides."""
-        data = self.training.model_dump()
-        unknown = set(variant.training) - set(data)
-        if unknown:
-            raise ValueError(f"experiments[{variant.name}].training: unknown key(s) {sorted(unknown)}")
-        data.update(variant.training)
-        return TrainingConfig.model_validate(data)
+        return _with_overrides(self.training, variant.training,
+                               f"experiments[{variant.name}].training")
 
     def variant_pairing(self, variant: "VariantConfig") -> PairingConfig:
-        data = self.pairing.model_dump()
-        unknown = set(variant.pairing) - set(data)
-        if unknown:
-            raise ValueError(f"experiments[{variant.name}].pairing: unknown key(s) {sorted(unknown)}")
-        data.update(variant.pairing)
-        return PairingConfig.model_validate(data)
+        """The pairing config of a variant: the run's, with the variant's overrides."""
+        return _with_overrides(self.pairing, variant.pairing,
+                               f"experiments[{variant.name}].pairing")
 
     @field_validator("languages")
     @classmethod
@@ -340,6 +330,16 @@ class CrocoConfig(_Strict):
         if len(set(langs)) != len(langs):
             raise ValueError(f"languages repeat a code: {langs}")
         return langs
+
+
+def _with_overrides(base: BaseModel, overrides: dict[str, Any], where: str):
+    """A copy of `base` with `overrides` applied and validated; unknown keys name `where`."""
+    data = base.model_dump()
+    unknown = set(overrides) - set(data)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+    data.update(overrides)
+    return type(base).model_validate(data)
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:

@@ -144,7 +144,6 @@ def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Generat
     todo = [i for i in range(n_shards) if f"part-{i:05d}.parquet" not in existing]
     label = policy_label(policy.model, policy.adapter)
     generator = None
-    rows = 0
     bar = progress_bar(n_shards, f"generate {lang}", unit="shard", initial=n_shards - len(todo))
     for i in todo:
         if generator is None:
@@ -161,7 +160,6 @@ def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Generat
             instruction_template=gen.instruction_template,
         )
         storage.write_parquet(df, storage.join(out, f"part-{i:05d}.parquet"))
-        rows += df.height
         bar.update(1)
         if progress:
             progress(n_shards - len(todo) + todo.index(i) + 1, n_shards)
@@ -538,13 +536,13 @@ STAGE_VERSIONS["reward_check"] = 1
 
 def run_reward_check(path: str, reward: RewardConfig, langs: list[str], data_root: str) -> str:
     """Ranking accuracy of the run's reward per language; writes `accuracy.parquet`."""
-    from croco.evaluation.reward_check import load_preference_set, ranking_accuracy
-    from croco.evaluation.reward_check import DEMO_PREFERENCES
+    from croco.evaluation.reward_check import (
+        load_preference_set,
+        preference_set_path,
+        ranking_accuracy,
+    )
 
-    src = DEMO_PREFERENCES if path == "builtin:demo_preferences" else path
-    from pathlib import Path
-
-    fingerprint = stable_hash(Path(src).read_bytes().decode("utf-8", "replace"))
+    fingerprint = stable_hash(preference_set_path(path).read_bytes().decode("utf-8", "replace"))
     key = stable_hash({"stage": "reward_check", "v": STAGE_VERSIONS["reward_check"],
                        "set": fingerprint, "langs": sorted(langs),
                        "reward": [s.model_dump(exclude={"batch_size"}) for s in reward.scorers]})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -105,7 +105,7 @@ class _ProgressArtifact:
 
 @task(name="prompts", task_run_name="prompts-{lang}", **_common)
 def prompts_task(cfg: PromptsConfig, lang: str, data_root: str, code_version: int) -> str:
-    with gpu_slot() if cfg.translate else _null():
+    with gpu_slot() if cfg.translate else nullcontext():
         return stages.run_prompts(cfg, lang, data_root)
 
 
@@ -150,14 +150,6 @@ def pairs_task(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing
 def manifest_task(data_root: str, run_id: str, config: dict, stage_uris: dict,
                   wall_seconds: float | None = None) -> str:
     return write_manifest(data_root, run_id, config, stage_uris, wall_seconds=wall_seconds)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 logging.getLogger("croco").setLevel(logging.INFO)

@@ -15,8 +15,13 @@ import polars as pl
 DEMO_PREFERENCES = Path(__file__).resolve().parent.parent / "data" / "demo_preferences.jsonl"
 
 
+def preference_set_path(path: str) -> Path:
+    """The file behind a preference-set name (`builtin:demo_preferences` or a path)."""
+    return DEMO_PREFERENCES if path == "builtin:demo_preferences" else Path(path)
+
+
 def load_preference_set(path: str) -> pl.DataFrame:
-    p = DEMO_PREFERENCES if path == "builtin:demo_preferences" else Path(path)
+    p = preference_set_path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: preference set not found")
     df = pl.read_parquet(p) if p.suffix == ".parquet" else pl.read_ndjson(p)

@@ -183,3 +183,12 @@ def load_policy_for_training(policy: str, adapter: str | None, cfg: TrainingConf
     if adapter:
         return PeftModel.from_pretrained(model, adapter, is_trainable=True), tok, None
     return model, tok, lora_config(cfg)
+
+
+def save_adapter(trainer, tokenizer, workdir: Path, out_uri: str) -> None:
+    """Save the trained adapter (and tokenizer) next to the work folder and publish it to
+    `<out_uri>/adapter`."""
+    adapter_dir = workdir.parent / "adapter"
+    trainer.save_model(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    publish(adapter_dir, out_uri, "adapter")

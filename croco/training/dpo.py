@@ -26,7 +26,7 @@ from croco.training.common import (
     load_policy_for_training,
     local_workdir,
     precision_args,
-    publish,
+    save_adapter,
     schedule_args,
     split_heldout,
     summarize_log,
@@ -143,9 +143,7 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
     result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if eval_df.height else {}
 
-    adapter_dir = workdir.parent / "adapter" if "work" == workdir.name else workdir / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tok.save_pretrained(str(adapter_dir))
+    save_adapter(trainer, tok, workdir, out_uri)
     tokens_per_pair = _count_tokens(trainer.train_dataset) / max(len(trainer.train_dataset), 1)
     steps_run = trainer.state.global_step - (int(Path(resume).name.split("-")[1]) if resume else 0)
     n_tokens = tokens_per_pair * steps_run * args.per_device_train_batch_size * \
@@ -163,7 +161,6 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
         **summarize_log(trainer.state.log_history),
         **eval_metrics,
     }
-    publish(adapter_dir, out_uri, "adapter")
     return metrics
 
 

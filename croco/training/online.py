@@ -22,7 +22,7 @@ from croco.training.common import (
     local_workdir,
     lora_config,
     precision_args,
-    publish,
+    save_adapter,
     schedule_args,
     summarize_log,
 )
@@ -107,10 +107,7 @@ def train_online_dpo(prompts: pl.DataFrame, *, policy: str, scorer_cfgs: list,
     trainer = OnlineDPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
                                processing_class=tok, peft_config=lora_config(cfg))
     trainer.train()
-    adapter_dir = workdir.parent / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tok.save_pretrained(str(adapter_dir))
-    publish(adapter_dir, out_uri, "adapter")
+    save_adapter(trainer, tok, workdir, out_uri)
     pairs = pl.DataFrame(reward.pairs, schema=DPO_SCHEMA)
     storage.write_parquet(pairs, storage.join(out_uri, "online_pairs", "data.parquet"))
     return {"method": "online_dpo", "pairs_generated": pairs.height,

@@ -15,7 +15,7 @@ from croco.training.common import (
     load_policy_for_training,
     local_workdir,
     precision_args,
-    publish,
+    save_adapter,
     schedule_args,
     split_heldout,
     summarize_log,
@@ -60,9 +60,7 @@ def train_sft(rows: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Trai
     resume = last_checkpoint(workdir, out_uri)
     result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if eval_df.height else {}
-    adapter_dir = workdir.parent / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tok.save_pretrained(str(adapter_dir))
+    save_adapter(trainer, tok, workdir, out_uri)
     runtime = result.metrics.get("train_runtime")
     n_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * cfg.num_train_epochs
     metrics = {"method": "sft", "rows_train": train_df.height, "rows_heldout": eval_df.height,
@@ -71,5 +69,4 @@ def train_sft(rows: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Trai
                "tokens_per_second": n_tokens / runtime if runtime else None,
                "wall_seconds": round(time.perf_counter() - t0, 2),
                **summarize_log(trainer.state.log_history), **eval_metrics}
-    publish(adapter_dir, out_uri, "adapter")
     return metrics
