@@ -106,6 +106,11 @@ class ClassifierScorer(_Strict):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(4096, ge=8)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    backend: Literal["transformers", "vllm"] = "transformers"
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm only")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="vllm only: the share of GPU memory this scorer's "
+        "engine may take (lower it when two vllm scorers share a GPU)")
 
 
 class JudgeScorer(_Strict):
@@ -121,6 +126,11 @@ class JudgeScorer(_Strict):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(2048, ge=8)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    backend: Literal["transformers", "vllm"] = "transformers"
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm only")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="vllm only: the share of GPU memory this scorer's "
+        "engine may take (lower it when two vllm scorers share a GPU)")
 
 
 class LangIdScorer(_Strict):
@@ -277,9 +287,20 @@ class EvaluationConfig(_Strict):
 
 
 class OrchestrationConfig(_Strict):
-    gpu_slots: int = Field(1, ge=1, description="global 'gpu' concurrency limit")
+    """How the stages run. Without `deployments` every stage runs in the pipeline's own
+    process (tasks and subflows). With them, the named GPU stages run as flow runs of those
+    Prefect deployments (`run_deployment`), one per language for generate and score, one per
+    variant for train, one for evaluate; the pipeline waits for each and fails if one did."""
+
+    gpu_slots: int = Field(1, ge=1, description="global 'gpu' concurrency limit: the number of "
+                           "GPU stage tasks that may run at once across every worker")
     retries: int = Field(2, ge=0)
     retry_delay_seconds: int = Field(5, ge=0)
+    deployments: dict[Literal["generate", "score", "train", "evaluate"], str] = Field(
+        default_factory=dict,
+        description="stage -> deployment name, e.g. {generate: croco-generate/gpu}")
+    deployment_timeout: float | None = Field(
+        None, gt=0, description="seconds to wait for one stage flow run; None: no limit")
 
 
 class CrocoConfig(_Strict):
@@ -287,6 +308,9 @@ class CrocoConfig(_Strict):
 
     run_name: str = "croco"
     data_root: str = "./croco-data"
+    storage_block: str | None = Field(
+        None, description="a saved Prefect block whose credentials reach data_root: "
+        "'aws-credentials/<name>' or 's3-bucket/<name>'; None: the environment's")
     languages: list[str] = Field(default_factory=lambda: list(PAPER_LANGUAGES))
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
@@ -405,6 +429,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is None:
         source = "builtin:demo"
         text = (Path(__file__).parent / "configs" / "demo.yaml").read_text()
+    elif "://" in str(path):
+        from croco import storage
+
+        source = str(path)
+        try:
+            text = storage.read_bytes(source).decode()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {source}") from None
     else:
         source = str(path)
         p = Path(path)

@@ -178,8 +178,20 @@ def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Generat
 def score_key(generations_uri: str, reward: RewardConfig) -> str:
     return stable_hash({
         "stage": "scores", "v": STAGE_VERSIONS["scores"], "generations": key_of(generations_uri),
-        "reward": [s.model_dump(exclude={"batch_size"}) for s in reward.scorers],
+        "reward": [_scorer_identity(s) for s in reward.scorers],
     })
+
+
+_EXECUTION_ONLY = {"batch_size", "tensor_parallel_size", "gpu_memory_utilization"}
+
+
+def _scorer_identity(scorer) -> dict:
+    """What decides a scorer's numbers: not how it is batched or sharded. The default
+    (transformers) backend is left out so keys written before backends existed still hold."""
+    data = scorer.model_dump(exclude=_EXECUTION_ONLY)
+    if data.get("backend") == "transformers":
+        del data["backend"]
+    return data
 
 
 def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,

@@ -26,12 +26,36 @@ import pyarrow.parquet as pq
 SUCCESS = "_SUCCESS"
 
 
+_s3_credentials: dict[str, Any] = {}
+
+
+def set_s3_credentials(*, key: str | None = None, secret: str | None = None,
+                       token: str | None = None, endpoint_url: str | None = None,
+                       region: str | None = None) -> None:
+    """Use these credentials (e.g. from a saved Prefect block) for `s3://` in this process
+    instead of the environment's. Kept in memory only; `redact` hides them."""
+    creds: dict[str, Any] = {}
+    if key:
+        creds["key"] = key
+    if secret:
+        creds["secret"] = secret
+    if token:
+        creds["token"] = token
+    if endpoint_url:
+        creds["endpoint_url"] = endpoint_url
+    if region:
+        creds["client_kwargs"] = {"region_name": region}
+    _s3_credentials.clear()
+    _s3_credentials.update(creds)
+
+
 def _storage_options(protocol: str) -> dict[str, Any]:
     if protocol in ("s3", "s3a"):
         endpoint = os.environ.get("CROCO_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
         opts: dict[str, Any] = {}
         if endpoint:
             opts["endpoint_url"] = endpoint
+        opts.update(_s3_credentials)
         return opts
     return {}
 
@@ -154,8 +178,10 @@ def remove(uri: str) -> None:
 
 def redact(text: str) -> str:
     """Remove any credential present in the environment from `text` before it is shown."""
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN"):
-        secret = os.environ.get(var)
+    secrets = [os.environ.get(var) for var in
+               ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN")]
+    secrets += [_s3_credentials.get(k) for k in ("key", "secret", "token")]
+    for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text

@@ -1,6 +1,8 @@
 """The `croco` command.
 
     croco run [CONFIG] [--set key=value ...] [--stages prompts,generate,score,pair]
+    croco run [CONFIG] [--set ...] --deployment croco-pipeline/scale-out
+    croco deploy [--name croco-pipeline/default ...]
     croco config show [CONFIG] [--set key=value ...]
     croco pairs show URI [--n 3]
 """
@@ -99,15 +101,30 @@ def heldout_table(summary) -> Table:
 def run(config: ConfigArg = None, set_: SetOpt = None,
         stages: Annotated[Optional[str], typer.Option(
             "--stages", help="stop after: prompts, generate, score, pair, train or evaluate")] = None,
-        run_id: Annotated[Optional[str], typer.Option(help="name this run")] = None) -> None:
+        run_id: Annotated[Optional[str], typer.Option(help="name this run")] = None,
+        deployment: Annotated[Optional[str], typer.Option(
+            help="run on this pipeline deployment (e.g. croco-pipeline/scale-out) through the "
+                 "Prefect API instead of in this process")] = None,
+        wait: Annotated[bool, typer.Option(help="with --deployment: wait for the flow run "
+                                                "to finish")] = True) -> None:
     """Run the pipeline (default: the demo on the embedded SmolLM2-135M-Instruct)."""
     cfg = _load(config, set_)
     wanted = [s.strip() for s in stages.split(",")] if stages else None
-    from flows.pipeline import STAGES, croco_pipeline
     from croco.prompts import PromptError
+    from flows.pipeline import STAGES, croco_pipeline
 
     if wanted and set(wanted) - set(STAGES):
         _fail(f"--stages: unknown {sorted(set(wanted) - set(STAGES))}; choose from {list(STAGES)}")
+    if deployment:
+        params: dict = {"stages": wanted, "run_id": run_id}
+        if config or set_:
+            # The resolved config travels as the parameter (the worker need not see the file),
+            # in place of the deployment's config_file; the deployment's own overrides (e.g.
+            # scale-out's stage deployments) still apply on top.
+            params.update(config=cfg.model_dump(mode="json"), config_file=None)
+        _run_on_deployment(deployment, {k: v for k, v in params.items()
+                                        if v is not None or k == "config_file"}, wait)
+        return
     console.print(f"[bold]croco[/] run [cyan]{cfg.run_name}[/]: {len(cfg.languages)} languages "
                   f"({', '.join(cfg.languages)}), policy {cfg.policy.model}, data in "
                   f"{storage.normalize_root(cfg.data_root)}")
@@ -183,6 +200,57 @@ def winrate_table(rates, variant: str) -> Table:
     n = sum(1 for r in rates.to_dicts() if r["win_rate"] >= 50)
     table.caption = f"win rate >= 50 in {n} of {rates.height} languages"
     return table
+
+
+def _run_on_deployment(name: str, params: dict, wait: bool) -> None:
+    """Start a flow run of a pipeline deployment; with `wait`, follow it to its end."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_UI_URL
+
+    if "/" not in name:
+        name = f"croco-pipeline/{name}"
+    try:
+        flow_run = run_deployment(name, parameters=params, timeout=0, as_subflow=False)
+    except Exception as e:  # noqa: BLE001 (the API's errors are many; all end the command)
+        _fail(f"--deployment {name}: {type(e).__name__}: {e}", code=1)
+    ui = PREFECT_UI_URL.value()
+    console.print(f"flow run [bold]{flow_run.name}[/] ({flow_run.id}) of {name}"
+                  + (f": {ui}/runs/flow-run/{flow_run.id}" if ui else ""), highlight=False)
+    if not wait:
+        return
+    last = None
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run.id).state
+            if state and state.name != last:
+                console.print(f"  {state.name}", highlight=False)
+                last = state.name
+            if state and state.is_final():
+                break
+            time.sleep(3)
+    if not state.is_completed():
+        _fail(f"flow run {flow_run.name} ended {state.type.value}: "
+              f"{state.message or 'see its logs in the UI'}", code=1)
+
+
+@app.command()
+def deploy(name: Annotated[Optional[list[str]], typer.Option(
+               "--name", help="only these deployments, e.g. croco-pipeline/default")] = None,
+           prefect_file: Annotated[str, typer.Option(help="deployment declarations")]
+           = "infra/prefect.yaml") -> None:
+    """Create or update croco's Prefect deployments (infra/prefect.yaml) on the current
+    Prefect API (PREFECT_API_URL); the same as `prefect --no-prompt deploy --all
+    --prefect-file infra/prefect.yaml` run from the project directory."""
+    from flows.deploy import PROJECT_DIR, deploy as run_deploy
+
+    if not (PROJECT_DIR / prefect_file).is_file():
+        _fail(f"{PROJECT_DIR / prefect_file} not found: deploy from a croco checkout")
+    rc = run_deploy(prefect_file, name)
+    if rc:
+        _fail(f"prefect deploy exited {rc}", code=rc)
 
 
 @app.command()

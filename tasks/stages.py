@@ -76,7 +76,8 @@ def ensure_gpu_limit(slots: int) -> None:
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
-    _local_slots = threading.BoundedSemaphore(slots)
+    if getattr(_local_slots, "_initial_value", None) != slots:
+        _local_slots = threading.BoundedSemaphore(slots)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 
 Scorers: a sequence-classification reward model (`classifier`, raw logit), a generative
 judge scored by token log-probabilities (`judge`) and language identification (`langid`).
+The first two run on transformers or, with `backend: vllm`, on vLLM (`croco.reward.vllm`).
 `detected_lang` and `lang_prob` are always filled (langid runs even when it has no weight).
 """
 
@@ -15,6 +16,12 @@ from croco.config import ClassifierScorer, JudgeScorer, LangIdScorer
 
 
 def make_scorer(cfg, *, device: str = "auto"):
+    """The scorer of one scorer config. `backend: vllm` scorers run where vLLM puts them
+    (`device` does not apply) and are built once per process."""
+    if isinstance(cfg, (ClassifierScorer, JudgeScorer)) and cfg.backend == "vllm":
+        from croco.reward.vllm import vllm_scorer
+
+        return vllm_scorer(cfg)
     if isinstance(cfg, ClassifierScorer):
         from croco.reward.classifier import ClassifierRewardModel
 

@@ -10,6 +10,21 @@ from croco.models import load_model
 from croco.reward.batching import forward_last, tokenize_left_truncated
 
 
+def render_pair(tokenizer, prompt: str, response: str) -> str:
+    """The text a reward model scores: (prompt, response) as a two-turn chat."""
+    conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(conv, tokenize=False)
+    return f"User: {prompt}\n\nAssistant: {response}"
+
+
+def pair_token_ids(tokenizer, prompts: list[str], responses: list[str],
+                   max_length: int) -> list[list[int]]:
+    """The token ids every backend scores (left-truncated to `max_length`)."""
+    texts = [render_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    return tokenize_left_truncated(tokenizer, texts, max_length)
+
+
 class ClassifierRewardModel:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto",
                  batch_size: int = 16, max_length: int = 4096):
@@ -22,14 +37,10 @@ class ClassifierRewardModel:
         self.max_length = max_length
 
     def render(self, prompt: str, response: str) -> str:
-        conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(conv, tokenize=False)
-        return f"User: {prompt}\n\nAssistant: {response}"
+        return render_pair(self.tokenizer, prompt, response)
 
     def score(self, prompts: list[str], responses: list[str], progress=None) -> list[float]:
-        texts = [self.render(p, r) for p, r in zip(prompts, responses)]
-        ids = tokenize_left_truncated(self.tokenizer, texts, self.max_length)
+        ids = pair_token_ids(self.tokenizer, prompts, responses, self.max_length)
         return forward_last(self.model, ids, pad_id=self.model.config.pad_token_id,
                             batch_size=self.batch_size, select=lambda logits: logits[:, 0],
                             progress=progress)

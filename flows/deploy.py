@@ -1,0 +1,50 @@
+"""Deployments: the pull step that every croco deployment runs, and `croco deploy`.
+
+`infra/prefect.yaml` declares the deployments (the pipeline on a CPU pool, the GPU stages
+on a GPU pool); `croco deploy` runs `prefect --no-prompt deploy --all` on it from the
+project directory. A worker running a croco flow first runs `use_project_dir`, which
+moves into the croco project (the directory holding `flows/pipeline.py`) so the
+deployments' entrypoints resolve on any machine: a checkout on a GPU host, or the image's
+`/opt/croco`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+PREFECT_FILE = "infra/prefect.yaml"
+MARKER = Path("flows") / "pipeline.py"
+
+
+def use_project_dir(directory: str | None = None) -> dict[str, str]:
+    """Pull step: `chdir` into the croco project. Tried in order: `directory`, the worker's
+    `CROCO_WORKDIR`, the project this package was installed from, the current directory."""
+    candidates = [directory, os.environ.get("CROCO_WORKDIR"), str(PROJECT_DIR), os.getcwd()]
+    for cand in candidates:
+        if cand and (Path(cand) / MARKER).is_file():
+            os.chdir(cand)
+            return {"directory": str(Path(cand).resolve())}
+    tried = ", ".join(c for c in candidates if c)
+    raise FileNotFoundError(f"no croco project ({MARKER}) in any of: {tried}; set "
+                            "CROCO_WORKDIR in the worker's environment to the croco checkout")
+
+
+def deploy_command(prefect_file: str = PREFECT_FILE, names: list[str] | None = None) -> list[str]:
+    """The `prefect deploy` command line for the deployments of `prefect_file`."""
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy",
+           "--prefect-file", prefect_file]
+    if names:
+        for n in names:
+            cmd += ["--name", n]
+    else:
+        cmd.append("--all")
+    return cmd
+
+
+def deploy(prefect_file: str = PREFECT_FILE, names: list[str] | None = None) -> int:
+    """Create or update the deployments against the current Prefect API."""
+    return subprocess.call(deploy_command(prefect_file, names), cwd=PROJECT_DIR)

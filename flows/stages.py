@@ -1,0 +1,299 @@
+"""The GPU stages as flows of their own, so each can be deployed on a GPU work pool:
+
+    croco-generate   one language's samples                 (one flow run per language)
+    croco-score      one language's rewards                 (one flow run per language)
+    croco-train      one variant of the experiment grid     (one flow run per variant)
+    croco-evaluate   held-out answers, judge, checks        (one flow run per pipeline run)
+
+The pipeline calls them through `Stages`: as cached tasks and subflows in its own process,
+or, for the stages named in `orchestration.deployments`, as flow runs of those deployments
+(`tasks.remote.trigger_task`). The code that runs is the same either way; inside a stage's
+flow run every stage runs in that process, so a GPU worker never waits on another one.
+Stage flows persist their (small, JSON) return values so the pipeline can read them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel
+
+from croco import storage
+from croco.config import (
+    CrocoConfig,
+    GenerationConfig,
+    PairingConfig,
+    PolicyConfig,
+    PromptsConfig,
+    RewardConfig,
+    VariantConfig,
+)
+from croco.stages import STAGE_VERSIONS, adapter_path
+from tasks import (
+    generate_task,
+    heldout_task,
+    judge_task,
+    pairs_task,
+    reward_check_task,
+    score_task,
+    structured_task,
+    train_task,
+)
+from tasks.remote import prepare_run, trigger_task, trigger_uncached_task
+
+_persist = dict(persist_result=True, result_serializer="json")
+
+
+class Runtime(BaseModel):
+    """What a stage's flow run needs besides its inputs."""
+
+    data_root: str
+    storage_block: str | None = None
+    gpu_slots: int = 1
+
+    @classmethod
+    def of(cls, config: CrocoConfig) -> "Runtime":
+        return cls(data_root=storage.normalize_root(config.data_root),
+                   storage_block=config.storage_block,
+                   gpu_slots=config.orchestration.gpu_slots)
+
+
+def _complete(result: Any) -> bool:
+    """Every stage output a result names still exists (a `_SUCCESS`-marked directory)."""
+    if isinstance(result, str):
+        return storage.is_complete(result)
+    if isinstance(result, dict):
+        return all(_complete(v) for v in result.values() if v is not None)
+    if isinstance(result, list):
+        return all(_complete(v) for v in result)
+    return True
+
+
+def resolve(task, calls: list[dict]) -> list:
+    """Submit one task run per kwargs, wait, and rerun (bypassing Prefect's cache) any whose
+    cached output has since disappeared from storage."""
+    futures = [task.submit(**kw) for kw in calls]
+    results = [f.result() for f in futures]
+    stale = [i for i, r in enumerate(results) if not _complete(r)]
+    if stale:
+        fresh = task.with_options(refresh_cache=True)
+        redo = [fresh.submit(**calls[i]) for i in stale]
+        for i, f in zip(stale, redo):
+            results[i] = f.result()
+    return results
+
+
+def _jsonable(params: dict) -> dict:
+    return {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+            for k, v in params.items()}
+
+
+class Stages:
+    """Runs stages for one pipeline run: locally, or on the configured deployments."""
+
+    def __init__(self, config: CrocoConfig, *, local: bool = False):
+        self.config = config
+        self.runtime = Runtime.of(config)
+        orch = config.orchestration
+        self.deployments = {} if local else dict(orch.deployments)
+        self.timeout = orch.deployment_timeout
+
+    @property
+    def root(self) -> str:
+        return self.runtime.data_root
+
+    def _remote(self, stage: str, calls: list[dict], labels: list[str],
+                cached: bool = True) -> list:
+        triggers = [dict(deployment=self.deployments[stage], label=label, timeout=self.timeout,
+                         parameters=_jsonable(dict(call, runtime=self.runtime)))
+                    for call, label in zip(calls, labels)]
+        if cached:
+            return resolve(trigger_task, triggers)
+        return [f.result() for f in [trigger_uncached_task.submit(**t) for t in triggers]]
+
+    def generate_and_score(self, prompt_uris: list[str], policy: PolicyConfig,
+                           gen: GenerationConfig | None = None,
+                           prompts_cfg: PromptsConfig | None = None,
+                           score: bool = True) -> tuple[dict, dict]:
+        config, root = self.config, self.root
+        langs = config.languages
+        calls = [dict(prompts_uri=p, lang=lang, policy=policy, gen=gen or config.generation,
+                      prompts_cfg=prompts_cfg or config.prompts, data_root=root,
+                      code_version=STAGE_VERSIONS["generations"])
+                 for lang, p in zip(langs, prompt_uris)]
+        if "generate" in self.deployments:
+            gen_uris = self._remote("generate", [dict(c) for c in calls],
+                                    [f"generate-{lang}" for lang in langs])
+        else:
+            gen_uris = resolve(generate_task, calls)
+        if not score:
+            return dict(zip(langs, gen_uris)), {}
+        calls = [dict(generations_uri=g, prompts_uri=p, lang=lang, reward=config.reward,
+                      data_root=root, code_version=STAGE_VERSIONS["scores"])
+                 for lang, g, p in zip(langs, gen_uris, prompt_uris)]
+        if "score" in self.deployments:
+            score_uris = self._remote("score", calls, [f"score-{lang}" for lang in langs])
+        else:
+            score_uris = resolve(score_task, calls)
+        return dict(zip(langs, gen_uris)), dict(zip(langs, score_uris))
+
+    def pair(self, score_uris: dict, prompt_uris: dict, pairing: PairingConfig) -> str:
+        (uri,) = resolve(pairs_task, [dict(score_uris=score_uris, prompts_uris=prompt_uris,
+                                           pairing=pairing, data_root=self.root,
+                                           code_version=STAGE_VERSIONS["pairs"])])
+        return uri
+
+    def train(self, variant: VariantConfig, prompt_uris: list, scores: dict) -> dict:
+        """One variant: a `croco-train` subflow, or a flow run of the train deployment."""
+        if "train" in self.deployments:
+            (out,) = self._remote("train", [dict(config=self.config, variant=variant,
+                                                 prompt_uris=prompt_uris, scores=scores)],
+                                  [f"train-{variant.name}"])
+            return out
+        return croco_train(config=self.config, variant=variant, prompt_uris=prompt_uris,
+                           scores=scores, runtime=self.runtime)
+
+    def evaluate(self, prompt_uris: list, finals: dict, run_id: str) -> dict:
+        if "evaluate" in self.deployments:
+            (out,) = self._remote("evaluate", [dict(config=self.config, prompt_uris=prompt_uris,
+                                                    finals=finals, run_id=run_id)],
+                                  ["evaluate"], cached=False)
+            return out
+        return croco_evaluate(config=self.config, prompt_uris=prompt_uris, finals=finals,
+                              run_id=run_id, runtime=self.runtime)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage flows. `runtime` is filled by the pipeline; a run started by hand may leave it out
+# and gets local storage credentials from the environment and one GPU slot.
+
+
+def _runtime(runtime: Runtime | None, data_root: str) -> Runtime:
+    runtime = runtime or Runtime(data_root=data_root)
+    prepare_run(runtime.storage_block, runtime.gpu_slots)
+    return runtime
+
+
+@flow(name="croco-generate", flow_run_name="generate-{lang}", **_persist)
+def croco_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                   prompts_cfg: PromptsConfig, data_root: str, code_version: int,
+                   runtime: Runtime | None = None) -> str:
+    """Sample `gen.k` answers per prompt of one language (the generations table)."""
+    _runtime(runtime, data_root)
+    (uri,) = resolve(generate_task, [dict(
+        prompts_uri=prompts_uri, lang=lang, policy=policy, gen=gen, prompts_cfg=prompts_cfg,
+        data_root=data_root, code_version=code_version)])
+    return uri
+
+
+@flow(name="croco-score", flow_run_name="score-{lang}", **_persist)
+def croco_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
+                data_root: str, code_version: int, runtime: Runtime | None = None) -> str:
+    """Score one language's generations with the configured reward scorers."""
+    _runtime(runtime, data_root)
+    (uri,) = resolve(score_task, [dict(
+        generations_uri=generations_uri, prompts_uri=prompts_uri, lang=lang, reward=reward,
+        data_root=data_root, code_version=code_version)])
+    return uri
+
+
+@flow(name="croco-train", flow_run_name="train-{variant.name}", **_persist)
+def croco_train(config: CrocoConfig, variant: VariantConfig, prompt_uris: list, scores: dict,
+                runtime: Runtime | None = None) -> dict:
+    """One variant of the experiment grid: its pairs (re-paired, off-policy or per round) and
+    its training run(s). Returns the URIs it produced, and under `final` the training URI
+    whose adapter is evaluated (none for per-language models)."""
+    runtime = _runtime(runtime, config.data_root)
+    stages = Stages(config, local=True)
+    out: dict = {}
+    out["final"] = _train_variant(stages, variant, prompt_uris, scores, out)
+    return out
+
+
+def _train_variant(stages: Stages, variant: VariantConfig, prompt_uris: list, scores: dict,
+                   out: dict) -> str | None:
+    config, root = stages.config, stages.root
+    pairing = config.variant_pairing(variant)
+    training = config.variant_training(variant)
+    prompts_by_lang = dict(zip(config.languages, prompt_uris))
+    if variant.generation_policy:
+        gen_policy = PolicyConfig(model=variant.generation_policy, device=config.policy.device)
+        _, scores = stages.generate_and_score(prompt_uris, gen_policy)
+        out[f"scores:{variant.name}"] = scores
+    policy = config.policy
+    last = None
+    for rnd in range(1, variant.rounds + 1):
+        if rnd > 1:
+            # Round r samples from the policy with adapter r-1: new on-policy data.
+            policy = config.policy.model_copy(update={"adapter": adapter_path(last)})
+            _, scores = stages.generate_and_score(prompt_uris, policy)
+            out[f"scores:{variant.name}:round{rnd}"] = scores
+        pairs_uri = stages.pair(scores, prompts_by_lang, pairing)
+        out.setdefault("pairs", {})[f"{variant.name}:round{rnd}" if variant.rounds > 1
+                                    else variant.name] = pairs_uri
+        common = dict(pairs_uri=pairs_uri, variant_name=variant.name, method=variant.method,
+                      policy=policy, training=training, data_root=root,
+                      code_version=STAGE_VERSIONS["training"],
+                      generation_policy=variant.generation_policy)
+        if variant.method == "online_dpo":
+            common.update(reward=config.reward, prompts_uris=prompts_by_lang,
+                          prompts_cfg=config.prompts,
+                          max_new_tokens=config.generation.max_new_tokens)
+        if variant.per_language:
+            uris = resolve(train_task, [dict(common, lang=lang) for lang in config.languages])
+            for lang, u in zip(config.languages, uris):
+                out.setdefault("training", {})[f"{variant.name}:{lang}"] = u
+            return None
+        (last,) = resolve(train_task, [common])
+        name = f"{variant.name}:round{rnd}" if variant.rounds > 1 else variant.name
+        out.setdefault("training", {})[name] = last
+    return last
+
+
+@flow(name="croco-evaluate", flow_run_name="evaluate-{run_id}", **_persist)
+def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id: str,
+                   runtime: Runtime | None = None) -> dict:
+    """Held-out answers of the base and each variant (generated and scored), their summary,
+    the reward check, structured tasks and the pairwise judge. Returns the stage URIs."""
+    _runtime(runtime, config.data_root)
+    stages = Stages(config, local=True)
+    root, langs, ev = stages.root, config.languages, config.evaluation
+    out: dict = {}
+    eval_prompts = config.prompts.model_copy(update={"split": ev.split, "limit": ev.limit})
+    # One shard per language: held-out sets are small, and one batch decodes fastest.
+    eval_gen = config.generation.model_copy(update={
+        "k": ev.k, "temperature": ev.temperature, "shard_size": 256,
+        "max_new_tokens": ev.max_new_tokens or config.generation.max_new_tokens})
+    eval_scores = {}
+    models = {"base": config.policy}
+    models.update({name: config.policy.model_copy(update={"adapter": adapter_path(uri)})
+                   for name, uri in finals.items()})
+    for name, policy in models.items():
+        _, scores = stages.generate_and_score(prompt_uris, policy, gen=eval_gen,
+                                              prompts_cfg=eval_prompts)
+        eval_scores[name] = scores
+        out[f"eval-scores:{name}"] = scores
+    out["heldout"] = {"all": heldout_task(eval_scores, root, run_id, STAGE_VERSIONS["scores"])}
+    if ev.reward_check:
+        (out.setdefault("reward_check", {})["all"],) = resolve(reward_check_task, [
+            dict(path=ev.reward_check, reward=config.reward, langs=langs, data_root=root,
+                 code_version=STAGE_VERSIONS["reward_check"])])
+    st = ev.structured
+    if st.enabled and (st.local_mc or st.tasks or st.backend == "euroeval"):
+        done = resolve(structured_task, [
+            dict(policy=policy, structured=st, langs=langs, data_root=root, model_name=name,
+                 code_version=STAGE_VERSIONS["structured"])
+            for name, policy in models.items()
+        ])
+        out["structured"] = dict(zip(models, done))
+    if ev.judge.enabled and finals:
+        prompts_by_lang = dict(zip(langs, prompt_uris))
+        judged = resolve(judge_task, [
+            dict(candidate_scores=eval_scores[name], baseline_scores=eval_scores["base"],
+                 prompts_uris=prompts_by_lang, judge=ev.judge, data_root=root,
+                 variant_name=name, code_version=STAGE_VERSIONS["judgments"])
+            for name in finals
+        ])
+        out["judgments"] = dict(zip(finals, judged))
+    return out

@@ -1,0 +1,221 @@
+"""A real Prefect server on loopback (SQLite), real process work pools and workers, the
+deployments of infra/prefect.yaml, and runs triggered from the command line.
+
+Everything this module starts (server, workers) runs in its own process group and is
+stopped at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from croco import storage
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+class Stack:
+    """A Prefect server and workers, as subprocesses sharing one PREFECT_HOME."""
+
+    def __init__(self, home: Path, port: int):
+        self.home = home
+        self.api = f"http://127.0.0.1:{port}/api"
+        self.port = port
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_API_DATABASE_CONNECTION_URL":
+                f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "CROCO_WORKDIR": str(REPO),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.home / f"{name}.log"
+        self.logs.append(log)
+        proc = subprocess.Popen(args, env=self.env, cwd=REPO, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str, timeout: float = 300, check: bool = True,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        res = subprocess.run(list(args), env=self.env, cwd=cwd or REPO, capture_output=True,
+                             text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {res.returncode}:\n"
+                                 f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return res
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        raise AssertionError(f"prefect server not healthy after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        out = []
+        for log in self.logs:
+            if log.exists():
+                lines = log.read_text(errors="replace").splitlines()[-n:]
+                out.append(f"--- {log.name}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from tests.conftest import _free_port
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    s = Stack(home, _free_port())
+    try:
+        s.start("server", [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                           "--port", str(s.port)])
+        s.wait_healthy()
+        for pool in ("croco-cpu", "croco-gpu"):
+            s.cli(PY, "-m", "prefect", "work-pool", "create", pool, "--type", "process",
+                  "--overwrite")
+        res = s.cli(PY, "-m", "flows.cli", "deploy", timeout=600)
+        assert "croco-pipeline/scale-out" in res.stdout + res.stderr
+        # A CPU worker for the pipeline; one GPU-pool worker running one flow run at a time.
+        s.start("worker-cpu", [PY, "-m", "prefect", "worker", "start", "--pool", "croco-cpu",
+                               "--type", "process", "--limit", "2"])
+        s.start("worker-gpu", [PY, "-m", "prefect", "worker", "start", "--pool", "croco-gpu",
+                               "--type", "process", "--limit", "1"])
+        yield s
+    finally:
+        s.stop()
+
+
+def _flow_runs(stack: Stack) -> list[dict]:
+    req = urllib.request.Request(f"{stack.api}/flow_runs/filter", data=b"{}",
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _flow_names(stack: Stack) -> dict[str, str]:
+    req = urllib.request.Request(f"{stack.api}/flows/filter", data=b"{}",
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return {f["id"]: f["name"] for f in json.loads(r.read())}
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path, tiny_config):
+    """The tiny pipeline as a YAML file: two languages, training and evaluation on."""
+    cfg = tiny_config(**{"languages": ["en", "de"], "training.enabled": True,
+                         "evaluation.judge.enabled": False})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path, cfg
+
+
+def test_deployments_in_the_yaml_exist_on_the_server(stack):
+    res = stack.cli(PY, "-m", "prefect", "deployment", "ls")
+    listed = res.stdout
+    for name in ("croco-pipeline/default", "croco-pipeline/scale-out", "croco-generate/gpu",
+                 "croco-score/gpu", "croco-train/gpu", "croco-evaluate/gpu"):
+        flow, dep = name.split("/")
+        assert flow in listed and dep in listed, listed
+
+
+def test_scale_out_run_from_the_cli_fans_out_on_the_gpu_pool(stack, tiny_yaml):
+    path, cfg = tiny_yaml
+    params = {"config_file": str(path), "run_id": "served"}
+    res = stack.cli(PY, "-m", "prefect", "deployment", "run", "croco-pipeline/scale-out",
+                    "--params", json.dumps(params), "--watch", "--watch-timeout", "900",
+                    timeout=960, check=False)
+    runs = _flow_runs(stack)
+    names = _flow_names(stack)
+    by_flow: dict[str, list[dict]] = {}
+    for r in runs:
+        by_flow.setdefault(names[r["flow_id"]], []).append(r)
+    states = {f: sorted(r["state_type"] for r in rs) for f, rs in by_flow.items()}
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-2000:]}\n{states}\n" \
+                                f"{stack.tail()}"
+    # One generate and one score flow run per language; one train run per variant; one
+    # evaluate run (which answers the held-out prompts in its own process).
+    assert states["croco-pipeline"] == ["COMPLETED"]
+    assert states["croco-generate"] == ["COMPLETED"] * 2
+    assert states["croco-score"] == ["COMPLETED"] * 2
+    assert states["croco-train"] == ["COMPLETED"]
+    assert states["croco-evaluate"] == ["COMPLETED"]
+    # The stage runs are children of the pipeline run (linked by run_deployment).
+    pipeline_id = by_flow["croco-pipeline"][0]["id"]
+    assert all(r["parent_task_run_id"] for f in ("croco-generate", "croco-score", "croco-train",
+                                                "croco-evaluate") for r in by_flow[f])
+    # Outputs are in storage.
+    manifest = storage.read_json(storage.join(cfg.data_root, "runs", "served", "manifest.json"))
+    stages_written = manifest["stages"]
+    assert set(stages_written["generations"]) == {"en", "de"}
+    training = stages_written["training"]["dpo"]
+    assert Path(training["uri"], "adapter", "adapter_config.json").is_file()
+    assert Path(cfg.data_root, "runs", "served", "report.md").is_file()
+    assert pipeline_id
+
+
+def test_a_failed_stage_run_fails_the_pipeline_and_says_which(stack, tiny_yaml, tmp_path):
+    path, cfg = tiny_yaml
+    params = {"config_file": str(path), "stages": ["prompts", "generate"],
+              "overrides": [f"policy.model={tmp_path / 'no-such-model'}", "languages=[en]"]}
+    res = stack.cli(PY, "-m", "flows.cli", "run", "--deployment", "croco-pipeline/scale-out",
+                    *[f"--set={o}" for o in params["overrides"]], str(path),
+                    "--stages", "prompts,generate", timeout=600, check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "ended FAILED" in out, out
+    runs = _flow_runs(stack)
+    names = _flow_names(stack)
+    failed = [r for r in runs if r["state_type"] == "FAILED"]
+    assert {names[r["flow_id"]] for r in failed} == {"croco-pipeline", "croco-generate"}
+    pipeline = next(r for r in failed if names[r["flow_id"]] == "croco-pipeline")
+    message = pipeline["state"]["message"]
+    assert "generate-en" in message and "croco-generate/gpu" in message and "FAILED" in message

@@ -1,0 +1,172 @@
+"""Stage runs on deployments, without a server: the final-state checks, the parameters a
+child gets, the pull step, the deploy command line, the config."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+from uuid import uuid4
+
+import pytest
+from prefect.states import Cancelled, Completed, Crashed, Failed, Running
+
+from croco.config import ConfigError, config_from_dict
+from tasks import remote
+
+
+def _flow_run(state):
+    return SimpleNamespace(id=uuid4(), name="brave-otter", state=state)
+
+
+@pytest.fixture
+def fake_run_deployment(monkeypatch):
+    calls = []
+
+    def install(state):
+        def run_deployment(name, *, parameters, timeout, idempotency_key, poll_interval):
+            calls.append(dict(name=name, parameters=parameters, timeout=timeout,
+                              idempotency_key=idempotency_key))
+            return _flow_run(state)
+
+        import prefect.deployments
+
+        monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
+        return calls
+
+    return install
+
+
+@pytest.mark.parametrize("state,word", [(Failed(message="CUDA out of memory"), "FAILED"),
+                                        (Crashed(message="worker lost"), "CRASHED"),
+                                        (Cancelled(), "CANCELLED")])
+def test_a_child_that_did_not_complete_fails_with_its_name_and_state(fake_run_deployment,
+                                                                     state, word):
+    calls = fake_run_deployment(state)
+    with pytest.raises(remote.StageRunFailed) as e:
+        remote.run_stage_deployment("croco-generate/gpu", {"lang": "de"}, "generate-de")
+    msg = str(e.value)
+    assert msg.startswith("generate-de: flow run 'brave-otter'")
+    assert "croco-generate/gpu" in msg and word in msg
+    if state.message:
+        assert state.message in msg
+    assert calls[0]["parameters"] == {"lang": "de"}
+
+
+def test_a_child_still_running_after_the_timeout_fails(fake_run_deployment):
+    fake_run_deployment(Running())
+    with pytest.raises(remote.StageRunFailed, match=r"still RUNNING after 30.0s .*worker"):
+        remote.run_stage_deployment("croco-score/gpu", {}, "score-en", timeout=30.0)
+
+
+def test_a_completed_child_returns_its_result(fake_run_deployment):
+    fake_run_deployment(Completed(data="s3://b/scores/k/lang=en"))
+    assert remote.run_stage_deployment("croco-score/gpu", {}, "score-en") \
+        == "s3://b/scores/k/lang=en"
+
+
+def test_a_failure_message_never_shows_a_secret(fake_run_deployment, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    fake_run_deployment(Failed(message="denied for s3cr3t-value"))
+    with pytest.raises(remote.StageRunFailed) as e:
+        remote.run_stage_deployment("croco-train/gpu", {}, "train-dpo")
+    assert "s3cr3t-value" not in str(e.value) and "***" in str(e.value)
+
+
+def test_deployments_config_names_stages_and_rejects_unknown_ones():
+    cfg = config_from_dict({"orchestration": {"deployments": {"generate": "croco-generate/gpu"},
+                                              "deployment_timeout": 600}})
+    assert cfg.orchestration.deployments == {"generate": "croco-generate/gpu"}
+    with pytest.raises(ConfigError, match="orchestration.deployments"):
+        config_from_dict({"orchestration": {"deployments": {"pair": "x/y"}}})
+
+
+def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_path):
+    """The parameters each generate child gets: its language's inputs, JSON-ready, with the
+    runtime (data root, storage block, GPU slots)."""
+    from flows import stages as flow_stages
+
+    sent = []
+
+    class FakeFuture:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    class FakeTrigger:
+        def submit(self, **kw):
+            sent.append(kw)
+            return FakeFuture(f"{tmp_path}/generations/k/lang={kw['parameters']['lang']}")
+
+        def with_options(self, **_):
+            return self
+
+    monkeypatch.setattr(flow_stages, "trigger_task", FakeTrigger())
+    monkeypatch.setattr(flow_stages.storage, "is_complete", lambda uri: True)
+    cfg = config_from_dict({"data_root": str(tmp_path), "languages": ["en", "da"],
+                            "storage_block": "aws-credentials/team",
+                            "orchestration": {"gpu_slots": 4, "deployments": {
+                                "generate": "croco-generate/gpu"}}})
+    run = flow_stages.Stages(cfg)
+    gens, scores = run.generate_and_score(["p-en", "p-da"], cfg.policy, score=False)
+    assert gens == {"en": f"{tmp_path}/generations/k/lang=en",
+                    "da": f"{tmp_path}/generations/k/lang=da"}
+    assert [s["label"] for s in sent] == ["generate-en", "generate-da"]
+    p = sent[1]["parameters"]
+    assert p["prompts_uri"] == "p-da" and p["lang"] == "da"
+    assert p["policy"]["model"] == cfg.policy.model  # a plain dict: JSON for the API
+    assert p["runtime"] == {"data_root": str(tmp_path), "storage_block": "aws-credentials/team",
+                            "gpu_slots": 4}
+    # Inside a stage's own flow run everything runs locally: no deployment is named.
+    assert flow_stages.Stages(cfg, local=True).deployments == {}
+
+
+def test_pull_step_moves_into_the_project(tmp_path, monkeypatch):
+    from flows.deploy import PROJECT_DIR, use_project_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CROCO_WORKDIR", raising=False)
+    assert use_project_dir() == {"directory": str(PROJECT_DIR)}
+    assert os.getcwd() == str(PROJECT_DIR)
+    with pytest.raises(FileNotFoundError, match="CROCO_WORKDIR"):
+        monkeypatch.setattr("flows.deploy.PROJECT_DIR", tmp_path)
+        monkeypatch.chdir(tmp_path)
+        use_project_dir(str(tmp_path / "nowhere"))
+
+
+def test_deploy_command_deploys_all_or_the_named():
+    from flows.deploy import deploy_command
+
+    assert deploy_command()[1:] == ["-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
+                                    "infra/prefect.yaml", "--all"]
+    assert deploy_command(names=["croco-pipeline/default"])[-2:] == \
+        ["--name", "croco-pipeline/default"]
+    assert deploy_command()[0] == sys.executable
+
+
+def test_prefect_yaml_declares_every_stage_deployment():
+    import yaml
+
+    from flows.deploy import PROJECT_DIR
+
+    spec = yaml.safe_load((PROJECT_DIR / "infra" / "prefect.yaml").read_text())
+    entry = {(d["entrypoint"], d["name"]): d for d in spec["deployments"]}
+    for fn in ("croco_generate", "croco_score", "croco_train", "croco_evaluate"):
+        d = entry[(f"flows/stages.py:{fn}", "gpu")]
+        assert d["work_pool"]["name"] == "croco-gpu"
+    for name in ("default", "scale-out"):
+        d = entry[("flows/pipeline.py:croco_pipeline", name)]
+        assert d["work_pool"]["name"] == "croco-cpu"
+        assert (PROJECT_DIR / d["parameters"]["config_file"]).is_file()
+    scale = entry[("flows/pipeline.py:croco_pipeline", "scale-out")]["parameters"]
+    cfg = config_from_dict({})
+    from croco.config import apply_overrides
+
+    resolved = config_from_dict(apply_overrides(cfg.model_dump(mode="json"),
+                                                scale["overrides"]))
+    assert resolved.orchestration.deployments == {
+        "generate": "croco-generate/gpu", "score": "croco-score/gpu",
+        "train": "croco-train/gpu", "evaluate": "croco-evaluate/gpu"}
+    assert spec["pull"] == [{"flows.deploy.use_project_dir": {}}]
