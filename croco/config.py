@@ -254,11 +254,13 @@ class JudgeEvalConfig(_Strict):
 
 
 class StructuredEvalConfig(_Strict):
-    """Multiple-choice benchmarks per language through lm-evaluation-harness.
+    """Structured benchmarks per language: lm-evaluation-harness (`hf`, `vllm`) or EuroEval.
 
     `tasks` maps a language to lm-eval task names (e.g. de: [belebele_deu_Latn,
     global_mmlu_de]); `local_mc` is a JSONL multiple-choice file turned into one task per
     language (`builtin:demo_mc` is the set shipped with croco). Nothing configured: skipped.
+    `backend: euroeval` runs EuroEval (the paper's harness) on the configured languages,
+    narrowed by the `euroeval_*` fields.
     """
 
     enabled: bool = True
@@ -267,6 +269,20 @@ class StructuredEvalConfig(_Strict):
     local_mc: str | None = None
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
+    euroeval_datasets: list[str] | None = Field(
+        None, description="euroeval backend: EuroEval dataset names (e.g. scala-de); None: "
+        "every official EuroEval dataset in the run's languages")
+    euroeval_tasks: list[str] | None = Field(
+        None, description="euroeval backend: EuroEval task names (e.g. "
+        "sentiment-classification) instead of datasets")
+    euroeval_few_shot: bool = Field(True, description="euroeval backend: few-shot prompts "
+                                    "(false: zero-shot)")
+    euroeval_iterations: int | None = Field(
+        None, ge=1, description="euroeval backend: bootstrap iterations per dataset; None: "
+        "EuroEval's 10 (its leaderboard's)")
+    euroeval_test_split: bool = Field(
+        False, description="euroeval backend: score the test split instead of EuroEval's "
+        "default validation split")
 
 
 class EvaluationConfig(_Strict):

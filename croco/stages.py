@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 import time
 import zlib
 from collections.abc import Callable
@@ -390,6 +391,18 @@ def adapter_path(training_uri: str) -> str:
     return str(local)
 
 
+def adapter_identity(adapter: str) -> str:
+    """The training key behind an adapter path: `<root>/training/<key>/adapter` locally,
+    `<cache>/adapters/<key>` when fetched from remote storage; any other path as given."""
+    path = adapter.rstrip("/")
+    head, name = posixpath.split(path)
+    if name == "adapter":
+        return posixpath.basename(head)
+    if posixpath.basename(head) == "adapters":
+        return name
+    return path
+
+
 def export_merged(training_uri: str, policy: str) -> str:
     """Merge the adapter into the base weights and store them under `merged/`."""
     import tempfile
@@ -517,7 +530,7 @@ def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root
     from croco.models import pick_device, resolve_model
 
     t0 = time.perf_counter()
-    adapter_key = key_of(policy.adapter.rsplit("/adapter", 1)[0]) if policy.adapter else None
+    adapter_key = adapter_identity(policy.adapter) if policy.adapter else None
     key = stable_hash({"stage": "structured", "v": STAGE_VERSIONS["structured"],
                        "model": policy.model, "adapter": adapter_key, "langs": sorted(langs),
                        "cfg": structured.model_dump(exclude={"batch_size"})})
@@ -526,9 +539,12 @@ def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root
         return out
     device = pick_device(policy.device)
     if structured.backend == "euroeval":
-        raw = evaluate_euroeval(resolve_model(policy.model), langs=langs, device=str(device))
-        df = pl.DataFrame([{"lang": ",".join(langs), "task": "euroeval", "metric": "raw",
-                            "value": None, "n": None, "raw": str(raw)}])
+        df = evaluate_euroeval(
+            resolve_model(policy.model), adapter=policy.adapter, langs=langs,
+            datasets=structured.euroeval_datasets, tasks=structured.euroeval_tasks,
+            few_shot=structured.euroeval_few_shot, iterations=structured.euroeval_iterations,
+            test_split=structured.euroeval_test_split, device=str(device),
+            dtype="bfloat16" if device.type == "cuda" else "float32")
     else:
         df = evaluate_structured(
             resolve_model(policy.model), adapter=policy.adapter,

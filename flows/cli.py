@@ -179,7 +179,7 @@ def structured_table(results) -> Table:
     wide = (results.group_by("lang", "model").agg(pl.col("value").mean())
             .pivot(on="model", index="lang", values="value").sort("lang"))
     models = ["base"] + sorted(c for c in wide.columns if c not in ("lang", "base"))
-    table = Table(title="structured tasks: accuracy per language", title_justify="left")
+    table = Table(title="structured tasks: mean task score per language", title_justify="left")
     table.add_column("lang")
     for m in models:
         table.add_column(m, justify="right")
@@ -251,6 +251,31 @@ def deploy(name: Annotated[Optional[list[str]], typer.Option(
     rc = run_deploy(prefect_file, name)
     if rc:
         _fail(f"prefect deploy exited {rc}", code=rc)
+
+
+@app.command()
+def blocks(bucket: Annotated[str, typer.Option(help="the bucket croco's data lives in")],
+           name: Annotated[str, typer.Option(help="block name")] = "croco",
+           endpoint_url: Annotated[Optional[str], typer.Option(
+               help="S3 endpoint (default: AWS_ENDPOINT_URL; none: AWS)")] = None,
+           region: Annotated[Optional[str], typer.Option(help="AWS region")] = None,
+           results_folder: Annotated[str, typer.Option(
+               help="folder of the bucket for Prefect's results")] = "prefect-results") -> None:
+    """Save Prefect blocks for a cluster from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY:
+    aws-credentials/NAME (set the config's storage_block to it) and s3-bucket/NAME (set
+    PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK to it on every worker)."""
+    from flows.deploy import create_storage_blocks
+
+    try:
+        slugs = create_storage_blocks(name, bucket, endpoint_url=endpoint_url, region=region,
+                                      results_folder=results_folder)
+    except (ImportError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"saved [bold]{slugs['storage_block']}[/]: config "
+                  f"[cyan]storage_block: {slugs['storage_block']}[/]", highlight=False)
+    console.print(f"saved [bold]{slugs['result_storage']}[/] (s3://{bucket}/{results_folder}): "
+                  f"workers [cyan]PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK="
+                  f"{slugs['result_storage']}[/]", highlight=False)
 
 
 @app.command()

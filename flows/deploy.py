@@ -48,3 +48,32 @@ def deploy_command(prefect_file: str = PREFECT_FILE, names: list[str] | None = N
 def deploy(prefect_file: str = PREFECT_FILE, names: list[str] | None = None) -> int:
     """Create or update the deployments against the current Prefect API."""
     return subprocess.call(deploy_command(prefect_file, names), cwd=PROJECT_DIR)
+
+
+def create_storage_blocks(name: str, bucket: str, *, endpoint_url: str | None = None,
+                          region: str | None = None, results_folder: str = "prefect-results",
+                          key: str | None = None, secret: str | None = None) -> dict[str, str]:
+    """Save the blocks a cluster needs on the current Prefect API: `aws-credentials/<name>`
+    (croco's `storage_block`) and `s3-bucket/<name>` on `bucket`/`results_folder` (for
+    `PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`). Key and secret default to the environment's
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; they go to the server only. Returns the slugs."""
+    try:
+        from prefect_aws import AwsCredentials, S3Bucket
+        from prefect_aws.client_parameters import AwsClientParameters
+    except ImportError:
+        raise ImportError("storage blocks need prefect-aws: pip install 'croco[aws]'") from None
+
+    key = key or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = secret or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        raise ValueError("no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") \
+        or os.environ.get("CROCO_S3_ENDPOINT_URL")
+    creds = AwsCredentials(
+        aws_access_key_id=key, aws_secret_access_key=secret,
+        region_name=region or os.environ.get("AWS_DEFAULT_REGION"),
+        aws_client_parameters=AwsClientParameters(endpoint_url=endpoint_url))
+    creds.save(name, overwrite=True)
+    S3Bucket(bucket_name=bucket, bucket_folder=results_folder,
+             credentials=creds).save(name, overwrite=True)
+    return {"storage_block": f"aws-credentials/{name}", "result_storage": f"s3-bucket/{name}"}

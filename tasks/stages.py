@@ -250,7 +250,7 @@ def structured_task(policy: PolicyConfig, structured: StructuredEvalConfig, lang
         uri = stages.run_structured(policy, structured, langs, data_root)
     results = storage.read_parquet(storage.join(uri, "results.parquet"))
     create_table_artifact(results.to_dicts(), key=f"structured-{model_name}",
-                          description=f"multiple-choice accuracy per language, {model_name}")
+                          description=f"structured task scores per language, {model_name}")
     return uri
 
 

@@ -5,6 +5,7 @@ same bucket."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import pytest
@@ -24,7 +25,9 @@ def blocks(prefect_harness, s3_server, monkeypatch):
     import boto3
     import fsspec
     from prefect_aws import AwsCredentials, S3Bucket
-    from prefect_aws.client_parameters import AwsClientParameters
+    from typer.testing import CliRunner
+
+    from flows.cli import app
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "AWS_ENDPOINT_URL", "CROCO_S3_ENDPOINT_URL"):
@@ -37,13 +40,17 @@ def blocks(prefect_harness, s3_server, monkeypatch):
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
                  aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET
                  ).create_bucket(Bucket=bucket)
-    creds = AwsCredentials(aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
-                           region_name="us-east-1",
-                           aws_client_parameters=AwsClientParameters(endpoint_url=s3_server))
     name = f"croco-{uuid.uuid4().hex[:6]}"
-    creds.save(name, overwrite=True)
-    S3Bucket(bucket_name=bucket, bucket_folder="prefect-results",
-             credentials=creds).save(name, overwrite=True)
+    # `croco blocks` saves both blocks from credentials in its environment (only there).
+    res = CliRunner().invoke(app, ["blocks", "--bucket", bucket, "--name", name,
+                                   "--endpoint-url", s3_server, "--region", "us-east-1"],
+                             env={"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET})
+    assert res.exit_code == 0, res.output
+    assert f"aws-credentials/{name}" in res.output and SECRET not in res.output
+    assert "AWS_SECRET_ACCESS_KEY" not in os.environ
+    creds = AwsCredentials.load(name)
+    assert creds.aws_client_parameters.endpoint_url == s3_server
+    assert S3Bucket.load(name).bucket_name == bucket
     fsspec.filesystem("s3").clear_instance_cache()
     yield {"bucket": bucket, "name": name, "endpoint": s3_server}
     storage.set_s3_credentials()

@@ -57,3 +57,12 @@ def test_normalize_root(uri, expected, tmp_path):
         assert out == expected
     else:
         assert out.endswith("rel/dir") and out.startswith("/")
+
+
+def test_adapter_identity_is_the_training_key_wherever_the_adapter_lives():
+    from croco.stages import adapter_identity
+
+    assert adapter_identity("/data/training/abc123/adapter") == "abc123"
+    assert adapter_identity("/root/.cache/croco/adapters/abc123") == "abc123"
+    assert adapter_identity("/root/.cache/croco/adapters/def456/") == "def456"
+    assert adapter_identity("/somewhere/my-lora") == "/somewhere/my-lora"

@@ -198,7 +198,10 @@ def render(manifest: dict, data_root: str) -> str:
         wide = (data["structured"].group_by("lang", "model").agg(pl.col("value").mean())
                 .pivot(on="model", index="lang", values="value").sort("lang"))
         cols = ["lang", "base"] + sorted(c for c in wide.columns if c not in ("lang", "base"))
-        md += ["## Structured tasks (lm-evaluation-harness, accuracy)", "",
+        md += ["## Structured tasks",
+               "Per language, the mean over its tasks of each task's score: accuracy (0-1) "
+               "for lm-evaluation-harness tasks, the primary metric (percent) for EuroEval "
+               "datasets.", "",
                _md_table(wide.select([c for c in cols if c in wide.columns])), ""]
     if "win_rates" in data:
         md += ["## Open-ended win rate against the base",

@@ -4,7 +4,8 @@
 `vllm`, on any lm-eval task names (e.g. `belebele_deu_Latn`, `global_mmlu_de`,
 `xnli_de`, `include_base_44_german`) or on local JSONL files turned into task YAMLs.
 `builtin:demo_mc` is the 20-item x 7-language set shipped with croco. EuroEval, the
-paper's harness, is the optional `euroeval` backend.
+paper's harness, is the optional `euroeval` backend (pip install euroeval): its scores
+are mapped onto the same table, one row per EuroEval dataset.
 
 Needs the eval extra: pip install 'croco[eval]'.
 """
@@ -12,10 +13,13 @@ Needs the eval extra: pip install 'croco[eval]'.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
 import polars as pl
+
+log = logging.getLogger(__name__)
 
 DEMO_MC = Path(__file__).resolve().parent.parent / "data" / "demo_mc.jsonl"
 INSTALL_HINT = "structured evaluation needs lm-evaluation-harness: pip install 'croco[eval]'"
@@ -115,11 +119,149 @@ def evaluate_structured(model_path: str, *, adapter: str | None, tasks: dict[str
                                       "value": pl.Float64, "n": pl.Int64}).sort("lang", "task")
 
 
-def evaluate_euroeval(model_path: str, *, langs: list[str], device: str = "cpu"):
-    """EuroEval (the paper's harness), when installed: pip install euroeval."""
+# ---------------------------------------------------------------------------- EuroEval
+#
+# Written against EuroEval 18.3.0 (the newest release, Python >= 3.12) and checked
+# against 16.11.0 (the newest for Python 3.11): `euroeval/benchmarker.py`
+# (`Benchmarker.__init__`, `.benchmark`), `euroeval/data_models.py` (`BenchmarkResult`),
+# `euroeval/scores.py` (`log_scores`), `euroeval/benchmark_config_factory.py`
+# (`prepare_device`, `prepare_dataset_configs`), `euroeval/result_cache.py`.
+
+EUROEVAL_HINT = (
+    "the euroeval backend needs EuroEval: pip install euroeval (a generative policy "
+    "also needs EuroEval's vLLM extra and a CUDA GPU: pip install 'euroeval[generative]')"
+)
+#: EuroEval entries that are no score of the model on a dataset: the contamination
+#: canary that EuroEval >= 18 adds to runs without a dataset filter, and throughput.
+EUROEVAL_NON_SCORES = frozenset({"contamination-detection", "speed"})
+STRUCTURED_SCHEMA = {"lang": pl.String, "task": pl.String, "metric": pl.String,
+                     "value": pl.Float64, "n": pl.Int64}
+
+
+def require_euroeval():
     try:
-        from euroeval import Benchmarker
+        import euroeval
     except ImportError:
-        raise ImportError("the euroeval backend needs: pip install euroeval") from None
-    bench = Benchmarker(language=langs, device=device)
-    return bench.benchmark(model=model_path)
+        raise ImportError(EUROEVAL_HINT) from None
+    return euroeval
+
+
+def euroeval_rows(results, langs: list[str]) -> pl.DataFrame:
+    """EuroEval's benchmark results as the structured results table (lang, task, metric,
+    value, n): one row per dataset.
+
+    task is the EuroEval dataset name; metric is the dataset's primary metric, the first
+    metric of its task, whose total EuroEval stores first as `test_<metric>` (then
+    `test_<metric>_se`, the 95% interval radius); value is that total, the mean over the
+    bootstrap iterations on EuroEval's scale (most metrics in percent, MCC from -100 to
+    100); n is the number of iterations. EuroEval scores a dataset as a whole, not per
+    language, so lang is the one run language among the dataset's languages, or else the
+    dataset's language codes joined by commas. The contamination canary and the speed
+    benchmark carry no such score and are left out.
+    """
+    rows = []
+    for result in results:
+        task = result.task
+        dataset = result.dataset
+        if task in EUROEVAL_NON_SCORES:
+            continue
+        scores = result.results
+        total, raw = scores.get("total", {}), scores.get("raw")  # raw: one dict per iteration
+        metrics = [k for k in total if k.startswith("test_") and not k.endswith("_se")]
+        if not metrics:
+            raise ValueError(f"EuroEval result for dataset {dataset!r} has no test score "
+                             f"in its totals ({sorted(total)})")
+        codes = list(result.languages)
+        matched = [lang for lang in langs if lang in codes]
+        rows.append({"lang": matched[0] if len(matched) == 1 else ",".join(codes),
+                     "task": dataset, "metric": metrics[0].removeprefix("test_"),
+                     "value": float(total[metrics[0]]),
+                     "n": len(raw) if isinstance(raw, list) and raw else None})
+    df = pl.DataFrame(rows, schema=STRUCTURED_SCHEMA)
+    dupes = df.filter(pl.struct("lang", "task").is_duplicated())
+    if dupes.height:
+        raise ValueError("EuroEval returned several results for dataset(s) "
+                         f"{sorted(set(dupes['task']))} (several shot modes?); croco keeps "
+                         "one score per dataset and language")
+    return df.sort("lang", "task")
+
+
+def merge_adapter(model: str, adapter: str, folder: Path, *, device: str = "cpu",
+                  dtype: str = "float32") -> str:
+    """Save the policy with its adapter merged in (and its tokenizer) to `folder`: the
+    weights croco's own generation runs, from `croco.models.load_model`."""
+    from croco.models import clear_model_cache, load_model
+
+    merged, tok = load_model(model, adapter=adapter, device=device, dtype=dtype)
+    merged.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del merged
+    clear_model_cache()  # frees the weights before EuroEval loads its own copy
+    return str(folder)
+
+
+def evaluate_euroeval(model_path: str, *, adapter: str | None, langs: list[str],
+                      datasets: list[str] | None = None, tasks: list[str] | None = None,
+                      few_shot: bool = True, iterations: int | None = None,
+                      test_split: bool = False, device: str = "cpu",
+                      dtype: str = "float32") -> pl.DataFrame:
+    """EuroEval (the paper's harness) on one model: columns lang, task, metric, value, n
+    (see `euroeval_rows`).
+
+    EuroEval loads a model folder (or hub id), so a policy with a PEFT adapter is first
+    merged into full weights in a temporary folder under the croco cache. The run
+    evaluates the official EuroEval datasets in `langs` (narrowed to `datasets` or
+    `tasks`, EuroEval's names), `iterations` bootstrap iterations each (None: EuroEval's
+    10), few-shot or zero-shot, on the validation split unless `test_split`. It always
+    evaluates afresh (`force`) and writes no results file of its own: croco caches the
+    table. Errors raise instead of skipping a dataset. Follows EuroEval's API as of
+    release 18.3.0; 16.11.0 (the newest for Python 3.11) takes the same arguments.
+    """
+    euroeval = require_euroeval()
+    from euroeval.enums import Device
+    from euroeval.languages import get_all_languages
+
+    from croco.models import cache_dir
+
+    if datasets and tasks:
+        raise ValueError("set euroeval_datasets or euroeval_tasks, not both: EuroEval "
+                         "selects by dataset or by task")
+    known = get_all_languages()
+    supported = [lang for lang in langs if lang in known]
+    if not supported:
+        raise ValueError(f"EuroEval has no language among {langs}; its languages: "
+                         f"{sorted(known)}")
+    if len(supported) < len(langs):
+        log.warning("EuroEval has no language %s; evaluating %s",
+                    sorted(set(langs) - set(supported)), supported)
+    kwargs = {"language": supported, "device": Device(device.split(":", 1)[0]),
+              "few_shot": few_shot, "evaluate_test_split": test_split,
+              "save_results": False, "force": True, "raise_errors": True,
+              "cache_dir": str(cache_dir() / "euroeval")}
+    if datasets:
+        kwargs["dataset"] = list(datasets)
+    if tasks:
+        kwargs["task"] = list(tasks)
+    if iterations is not None:
+        kwargs["num_iterations"] = iterations
+    try:
+        bench = euroeval.Benchmarker(**kwargs)
+    except SystemExit:  # EuroEval exits on a dataset or task name it does not know
+        raise ValueError(
+            f"EuroEval knows no dataset in {datasets} or task in {tasks} (its log above "
+            "names the closest match); use the names listed on https://euroeval.com"
+        ) from None
+    folder = Path(kwargs["cache_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("EuroEval %s on %s%s", getattr(euroeval, "__version__", "?"), model_path,
+             f" + adapter {adapter}" if adapter else "")
+    with tempfile.TemporaryDirectory(prefix="run-", dir=folder) as tmp:
+        bench.results_path = Path(tmp) / "euroeval_benchmark_results.jsonl"  # not the cwd's
+        model = (merge_adapter(model_path, adapter, Path(tmp) / "model", device=device,
+                               dtype=dtype) if adapter else model_path)
+        results = bench.benchmark(model=model)
+    df = euroeval_rows(results, supported)
+    if df.is_empty():
+        raise ValueError(f"EuroEval returned no scores for {model_path} in {supported}"
+                         + (f" on {datasets or tasks}" if datasets or tasks else ""))
+    return df
