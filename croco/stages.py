@@ -360,6 +360,10 @@ def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyC
                     "policy": policy.model, "init_adapter": policy.adapter,
                     "generation_policy": generation_policy or policy.model,
                     "off_policy": off_policy})
+    from croco.training.common import is_main_process
+
+    if not is_main_process():
+        return out  # a distributed run's other processes: the main one writes the outputs
     if training.merge:
         metrics["merged"] = export_merged(out, policy.model)
     if training.push_to_hub:
@@ -423,11 +427,15 @@ def export_merged(training_uri: str, policy: str) -> str:
 
 
 def push_adapter(training_uri: str, repo_id: str) -> str:
-    """Push the adapter to the Hugging Face hub (needs network and HF_TOKEN)."""
+    """Push the adapter to the Hugging Face hub (needs network and HF_TOKEN; HF_ENDPOINT
+    for another hub). A repository that does not exist yet is created private."""
     from huggingface_hub import HfApi
 
-    HfApi().upload_folder(folder_path=adapter_path(training_uri), repo_id=repo_id,
-                          repo_type="model")
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=True, exist_ok=True)
+    api.upload_folder(folder_path=adapter_path(training_uri), repo_id=repo_id,
+                      repo_type="model",
+                      commit_message=f"croco adapter, training run {key_of(training_uri)}")
     return repo_id
 
 

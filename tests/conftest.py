@@ -185,3 +185,67 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A loopback stand-in for the Hugging Face Hub's HTTP API: repository creation,
+    pre-upload (every file 'regular') and NDJSON commits, whose files it keeps."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state: dict = {"repos": {}, "files": {}, "commits": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, obj) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802
+            self._reply({})
+
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            if self.path == "/api/repos/create":
+                req = json.loads(body)
+                repo = f"{req.get('organization')}/{req['name']}"
+                state["repos"][repo] = req
+                return self._reply({"url": f"{base}/{repo}", "name": req["name"]})
+            if "/preupload/" in self.path:
+                files = json.loads(body)["files"]
+                return self._reply({"files": [{"path": f["path"], "uploadMode": "regular",
+                                               "shouldIgnore": False} for f in files]})
+            if "/commit/" in self.path:
+                repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+                lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
+                state["commits"].append((repo, lines[0]["value"]["summary"]))
+                for line in lines[1:]:
+                    if line["key"] == "file":
+                        state["files"][(repo, line["value"]["path"])] = base64.b64decode(
+                            line["value"]["content"])
+                return self._reply({"commitOid": "1" * 40,
+                                    "commitUrl": f"{base}/{repo}/commit/{'1' * 40}"})
+            return self._reply({})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_1234")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    # The suite runs offline; this one server on loopback is the exception.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    yield state
+    server.shutdown()

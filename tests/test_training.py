@@ -251,3 +251,53 @@ def test_distributed_launch_spec_round_trips_and_builds_the_accelerate_command(t
     with_file = launch.accelerate_command(spec, 8, "infra/accelerate/multi-gpu.yaml")
     assert "--multi_gpu" not in with_file
     assert with_file[5:7] == ["--config_file", "infra/accelerate/multi-gpu.yaml"]
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_dpo_matches_one_process_reference(tiny_lm, tmp_path):
+    """DPO in two data-parallel processes (torchrun, gloo on CPU: the code path of a
+    multi-GPU run): the main process alone writes the outputs, and the reference log-probs
+    gathered from both processes equal those of a one-process run, pair for pair."""
+    from croco.training import launch
+
+    pairs = separable_pairs(12)
+    cfg = TrainingConfig(max_steps=2, save_steps=1, **{**FAST, "per_device_batch_size": 2})
+    uri = launch.run_train_distributed(
+        2, launcher="torchrun", pairs_uri=write_pairs(tmp_path, pairs), variant_name="dpo",
+        method="dpo", policy=PolicyConfig(model=tiny_lm), training=cfg,
+        data_root=str(tmp_path))
+    assert storage.is_complete(uri)
+    metrics = storage.read_json(storage.join(uri, "metrics.json"))
+    assert metrics["world_size"] == 2 and metrics["ref_logps"] == "computed"
+    assert "adapter_config.json" in storage.list_dir(storage.join(uri, "adapter"))
+    ref_dir = tmp_path / "pairs" / "abc123" / "ref_logps"
+    (key,) = [p.name for p in ref_dir.iterdir()]
+    two = storage.read_parquet(str(ref_dir / key / "data.parquet")).sort("pair_id")
+    assert two.height == 12
+
+    single = ref_logps_uri(str(tmp_path / "single" / "pairs" / "k"), tiny_lm, None, 64)
+    train_dpo(pairs, policy=tiny_lm, adapter=None, cfg=TrainingConfig(max_steps=1, **FAST),
+              out_uri=str(tmp_path / "one"), ref_uri=single)
+    one = storage.read_parquet(storage.join(single, "data.parquet")).sort("pair_id")
+    assert one["pair_id"].to_list() == two["pair_id"].to_list()
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert (one[col] - two[col]).abs().max() < 1e-4, col
+
+
+def test_push_to_hub_creates_a_private_repo_and_uploads_the_adapter(tiny_lm, tmp_path,
+                                                                     fake_hub):
+    """`training.push_to_hub` against a loopback stand-in for the Hub's HTTP API."""
+    root = str(tmp_path / "data")
+    pairs_uri = write_pairs(tmp_path / "data", separable_pairs(4))
+    cfg = TrainingConfig(max_steps=1, push_to_hub="team/croco-dpo", **FAST)
+    uri = run_train(pairs_uri, variant_name="dpo", method="dpo",
+                    policy=PolicyConfig(model=tiny_lm), training=cfg, data_root=root)
+    metrics = storage.read_json(storage.join(uri, "metrics.json"))
+    assert metrics["pushed_to"] == "team/croco-dpo"
+    assert fake_hub["repos"]["team/croco-dpo"]["visibility"] == "private"
+    adapter = Path(uri) / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert fake_hub["files"][("team/croco-dpo", name)] == (adapter / name).read_bytes()
+    assert fake_hub["commits"] == [("team/croco-dpo",
+                                    f"croco adapter, training run {Path(uri).name}")]
+    assert "hf_fake_token_1234" not in json.dumps(metrics)

@@ -39,8 +39,19 @@ def lora_config(cfg: TrainingConfig, task_type: str = "CAUSAL_LM"):
                       target_modules=cfg.target_modules, task_type=task_type, bias="none")
 
 
+def world_size() -> int:
+    """Processes training together (set by `accelerate launch` / torchrun; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Only the main process of a distributed run writes outputs (adapter, metrics,
+    reference log-probs, markers); the others train and return."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def batch_args(cfg: TrainingConfig) -> dict:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     per_device = min(cfg.per_device_batch_size, cfg.effective_batch_size)
     accum = max(1, cfg.effective_batch_size // (per_device * world))
     return {"per_device_train_batch_size": per_device, "per_device_eval_batch_size": per_device,
@@ -117,6 +128,8 @@ def checkpoint_mirror(out_uri: str):
 
     class MirrorCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
+            if not is_main_process():
+                return
             fs, rpath = storage.filesystem(storage.join(out_uri, "checkpoints"))
             if "file" in fs.protocol:
                 return
@@ -189,6 +202,8 @@ def save_adapter(trainer, tokenizer, workdir: Path, out_uri: str) -> None:
     """Save the trained adapter (and tokenizer) next to the work folder and publish it to
     `<out_uri>/adapter`."""
     adapter_dir = workdir.parent / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    publish(adapter_dir, out_uri, "adapter")
+    trainer.save_model(str(adapter_dir))  # the main process saves; every process waits
+    if is_main_process():
+        tokenizer.save_pretrained(str(adapter_dir))
+        publish(adapter_dir, out_uri, "adapter")
+    trainer.accelerator.wait_for_everyone()

@@ -22,6 +22,7 @@ from croco.config import TrainingConfig, stable_hash
 from croco.training.common import (
     batch_args,
     checkpoint_mirror,
+    is_main_process,
     last_checkpoint,
     load_policy_for_training,
     local_workdir,
@@ -30,6 +31,7 @@ from croco.training.common import (
     schedule_args,
     split_heldout,
     summarize_log,
+    world_size,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,41 @@ def _trainer_class():
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
                 return dataset
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            if self.accelerator.num_processes == 1:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            return self._precompute_ref_logps_distributed(dataset, name, batch_size)
+
+        def _precompute_ref_logps_distributed(self, dataset, name, batch_size):
+            """Every process computes its share, gathers all of it and adds the columns in
+            memory. TRL's own version has the main process write a cache file next to the
+            dataset for the others to read; an in-memory dataset has no such shared place
+            (each process caches in its own temporary folder)."""
+            import torch
+            from torch.utils.data import DataLoader
+
+            loader = self.accelerator.prepare(DataLoader(
+                dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+                num_workers=self.args.dataloader_num_workers))
+            if self.ref_model is None and self.is_deepspeed_enabled:
+                from trl.models import prepare_deepspeed
+
+                if self._precompute_engine is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                model = self._precompute_engine
+            else:
+                model = self.ref_model or self.model
+            chosen, rejected = [], []
+            for batch in loader:
+                c, r = self.compute_ref_log_probs(model, batch)
+                c, r = self.accelerator.gather_for_metrics((c, r))
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+            chosen_t, rejected_t = torch.cat(chosen), torch.cat(rejected)
+            if len(chosen_t) != len(dataset):
+                raise RuntimeError(f"reference log-probs for the {name} set: gathered "
+                                   f"{len(chosen_t)} rows for {len(dataset)} pairs")
+            dataset = dataset.add_column("ref_chosen_logps", chosen_t.tolist())
+            return dataset.add_column("ref_rejected_logps", rejected_t.tolist())
 
     return CrocoDPOTrainer
 
@@ -135,7 +171,7 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
         callbacks=[checkpoint_mirror(out_uri), *(callbacks or [])],
     )
     ref_batches_precompute = trainer_cls.ref_forward_batches
-    if ref_uri and stored is None:
+    if ref_uri and stored is None and is_main_process():
         _store_ref_logps(trainer, ref_uri)
     resume = last_checkpoint(workdir, out_uri)
     if resume:
@@ -147,7 +183,7 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
     tokens_per_pair = _count_tokens(trainer.train_dataset) / max(len(trainer.train_dataset), 1)
     steps_run = trainer.state.global_step - (int(Path(resume).name.split("-")[1]) if resume else 0)
     n_tokens = tokens_per_pair * steps_run * args.per_device_train_batch_size * \
-        args.gradient_accumulation_steps
+        args.gradient_accumulation_steps * world_size()
     metrics = {
         "method": "dpo", "pairs_train": train_df.height, "pairs_heldout": eval_df.height,
         "ref_logps": "stored" if stored is not None else "computed",
@@ -158,6 +194,7 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
         "tokens_per_second": (n_tokens / result.metrics["train_runtime"]
                               if result.metrics.get("train_runtime") else None),
         "wall_seconds": round(time.perf_counter() - t0, 2),
+        "world_size": world_size(),
         **summarize_log(trainer.state.log_history),
         **eval_metrics,
     }

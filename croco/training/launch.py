@@ -60,15 +60,25 @@ def accelerate_command(spec: Path, num_processes: int, config_file: str | None =
     return cmd + ["-m", "croco.training.launch", "--spec", str(spec)]
 
 
-def run_train_distributed(num_processes: int, **train_kwargs) -> str:
-    """Run `run_train` under `accelerate launch` on `num_processes` GPUs; return its URI.
+def torchrun_command(spec: Path, num_processes: int) -> list[str]:
+    """The same run under plain torchrun (one node): what runs data parallel on CPUs too
+    (the gloo backend), where `accelerate launch` starts a single process."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(num_processes), "-m", "croco.training.launch", "--spec", str(spec)]
+
+
+def run_train_distributed(num_processes: int, *, launcher: str = "accelerate",
+                          **train_kwargs) -> str:
+    """Run `run_train` in `num_processes` data-parallel processes (GPUs with `accelerate`,
+    any device with `torchrun`); return its URI. The main process writes the outputs.
     DPO and SFT only (online DPO and the reward model train in one process)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = write_spec(Path(tmp) / "spec.json", **train_kwargs)
-        done = subprocess.run(accelerate_command(spec, num_processes), check=False,
-                              capture_output=True, text=True)
+        cmd = (torchrun_command(spec, num_processes) if launcher == "torchrun"
+               else accelerate_command(spec, num_processes))
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"accelerate launch failed (exit {done.returncode}):\n"
+        raise RuntimeError(f"{launcher} failed (exit {done.returncode}):\n"
                            f"{done.stderr[-4000:]}")
     return done.stdout.strip().splitlines()[-1]
 
