@@ -179,7 +179,7 @@ def structured_table(results) -> Table:
     wide = (results.group_by("lang", "model").agg(pl.col("value").mean())
             .pivot(on="model", index="lang", values="value").sort("lang"))
     models = ["base"] + sorted(c for c in wide.columns if c not in ("lang", "base"))
-    table = Table(title="structured tasks: mean task score per language", title_justify="left")
+    table = Table(title="structured tasks (score)", title_justify="left")
     table.add_column("lang")
     for m in models:
         table.add_column(m, justify="right")
