@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from croco import storage
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,12 +107,31 @@ class Stack:
                 proc.wait(timeout=10)
 
 
+KEY_ID = "cluster-key-id-2718"
+SECRET = "cluster-secret-value-3141"
+BLOCK = "croco-cluster"
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, s3_server):
+    """Server, pools, deployments, blocks for the bucket, workers. The workers' environment
+    holds no S3 credentials: flow runs get them from the `aws-credentials` block, and
+    Prefect's results go to the bucket through the `s3-bucket` block, as on a cluster."""
+    import boto3
+
     from tests.conftest import _free_port
 
     home = tmp_path_factory.mktemp("prefect-home")
     s = Stack(home, _free_port())
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_ENDPOINT_URL", "CROCO_S3_ENDPOINT_URL"):
+        s.env.pop(var, None)
+    s.env.update(AWS_DEFAULT_REGION="us-east-1", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+                 AWS_CONFIG_FILE="/nonexistent")
+    s.bucket = f"cluster-{os.getpid()}"
+    s.s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                        aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET)
+    s.s3.create_bucket(Bucket=s.bucket)
     try:
         s.start("server", [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                            "--port", str(s.port)])
@@ -124,6 +141,11 @@ def stack(tmp_path_factory):
                   "--overwrite")
         res = s.cli(PY, "-m", "flows.cli", "deploy", timeout=600)
         assert "croco-pipeline/scale-out" in res.stdout + res.stderr
+        s.env.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
+        s.cli(PY, "-m", "flows.cli", "blocks", "--bucket", s.bucket, "--name", BLOCK,
+              "--endpoint-url", s3_server)
+        del s.env["AWS_ACCESS_KEY_ID"], s.env["AWS_SECRET_ACCESS_KEY"]
+        s.env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = f"s3-bucket/{BLOCK}"
         # A CPU worker for the pipeline; one GPU-pool worker running one flow run at a time.
         s.start("worker-cpu", [PY, "-m", "prefect", "worker", "start", "--pool", "croco-cpu",
                                "--type", "process", "--limit", "2"])
@@ -149,10 +171,13 @@ def _flow_names(stack: Stack) -> dict[str, str]:
 
 
 @pytest.fixture
-def tiny_yaml(tmp_path, tiny_config):
-    """The tiny pipeline as a YAML file: two languages, training and evaluation on."""
+def tiny_yaml(tmp_path, tiny_config, stack):
+    """The tiny pipeline as a YAML file: two languages, training and evaluation on, its data
+    in the bucket, its credentials in the block."""
     cfg = tiny_config(**{"languages": ["en", "de"], "training.enabled": True,
-                         "evaluation.judge.enabled": False})
+                         "evaluation.judge.enabled": False,
+                         "data_root": f"s3://{stack.bucket}/{tmp_path.name}",
+                         "storage_block": f"aws-credentials/{BLOCK}"})
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     return path, cfg
@@ -192,13 +217,19 @@ def test_scale_out_run_from_the_cli_fans_out_on_the_gpu_pool(stack, tiny_yaml):
     pipeline_id = by_flow["croco-pipeline"][0]["id"]
     assert all(r["parent_task_run_id"] for f in ("croco-generate", "croco-score", "croco-train",
                                                 "croco-evaluate") for r in by_flow[f])
-    # Outputs are in storage.
-    manifest = storage.read_json(storage.join(cfg.data_root, "runs", "served", "manifest.json"))
-    stages_written = manifest["stages"]
-    assert set(stages_written["generations"]) == {"en", "de"}
-    training = stages_written["training"]["dpo"]
-    assert Path(training["uri"], "adapter", "adapter_config.json").is_file()
-    assert Path(cfg.data_root, "runs", "served", "report.md").is_file()
+    # Outputs are in the bucket; so are Prefect's results, which carried each child's
+    # return value back to the pipeline.
+    prefix = cfg.data_root.split(f"s3://{stack.bucket}/", 1)[1]
+    keys = [o["Key"] for page in stack.s3.get_paginator("list_objects_v2").paginate(
+        Bucket=stack.bucket) for o in page.get("Contents", [])]
+    manifest = json.loads(stack.s3.get_object(
+        Bucket=stack.bucket, Key=f"{prefix}/runs/served/manifest.json")["Body"].read())
+    assert set(manifest["stages"]["generations"]) == {"en", "de"}
+    training = manifest["stages"]["training"]["dpo"]["uri"]
+    assert f"{training.split(stack.bucket + '/', 1)[1]}/adapter/adapter_config.json" in keys
+    assert f"{prefix}/runs/served/report.md" in keys
+    assert any(k.startswith("prefect-results/") for k in keys)
+    assert SECRET not in json.dumps(manifest)
     assert pipeline_id
 
 
