@@ -72,6 +72,9 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
     if run.deployments:
         log.info("stages on deployments: %s", ", ".join(
             f"{stage} -> {name}" for stage, name in run.deployments.items()))
+        if "://" not in root:
+            log.warning("data_root %s is a local path: every worker running a stage must "
+                        "see it (a shared filesystem); on a cluster use s3://...", root)
     out: dict[str, dict[str, str]] = {}
 
     prompt_uris = resolve(prompts_task, [
