@@ -24,14 +24,7 @@ from prefect.artifacts import create_table_artifact
 from croco import storage
 from croco.config import CrocoConfig, apply_overrides, config_from_dict, load_config
 from croco.stages import STAGE_VERSIONS
-from flows.stages import (  # noqa: F401  (the stage flows are importable from here)
-    Stages,
-    croco_evaluate,
-    croco_generate,
-    croco_score,
-    croco_train,
-    resolve,
-)
+from flows.stages import Stages, resolve
 from tasks import manifest_task, prompts_task, report_task
 from tasks.remote import prepare_run
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from croco import storage
@@ -40,7 +41,7 @@ from tasks import (
     structured_task,
     train_task,
 )
-from tasks.remote import prepare_run, trigger_task, trigger_uncached_task
+from tasks.remote import prepare_run, trigger_task
 
 _persist = dict(persist_result=True, result_serializer="json")
 
@@ -110,7 +111,8 @@ class Stages:
                     for call, label in zip(calls, labels)]
         if cached:
             return resolve(trigger_task, triggers)
-        return [f.result() for f in [trigger_uncached_task.submit(**t) for t in triggers]]
+        uncached = trigger_task.with_options(cache_policy=NO_CACHE)
+        return [f.result() for f in [uncached.submit(**t) for t in triggers]]
 
     def generate_and_score(self, prompt_uris: list[str], policy: PolicyConfig,
                            gen: GenerationConfig | None = None,
@@ -204,7 +206,7 @@ def croco_train(config: CrocoConfig, variant: VariantConfig, prompt_uris: list, 
     """One variant of the experiment grid: its pairs (re-paired, off-policy or per round) and
     its training run(s). Returns the URIs it produced, and under `final` the training URI
     whose adapter is evaluated (none for per-language models)."""
-    runtime = _runtime(runtime, config.data_root)
+    _runtime(runtime, config.data_root)
     stages = Stages(config, local=True)
     out: dict = {}
     out["final"] = _train_variant(stages, variant, prompt_uris, scores, out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.cache_policies import INPUTS
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
@@ -92,23 +92,13 @@ def run_stage_deployment(deployment: str, parameters: dict[str, Any], label: str
             "pipeline the same result storage (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK)") from None
 
 
-_trigger = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-                retry_condition_fn=retry_transient)
-
-
 @task(name="run-deployment", task_run_name="{label}", cache_policy=INPUTS - "label" - "timeout",
-      **_trigger)
+      retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_condition_fn=retry_transient)
 def trigger_task(deployment: str, parameters: dict[str, Any], label: str,
                  timeout: float | None = None) -> Any:
     """A stage's flow run on a deployment; cached on the deployment and its parameters, so an
-    unchanged rerun starts nothing (the caller checks the outputs still exist)."""
-    get_run_logger().info("%s -> deployment %s", label, deployment)
-    return run_stage_deployment(deployment, parameters, label, timeout)
-
-
-@task(name="run-deployment", task_run_name="{label}", cache_policy=NO_CACHE, **_trigger)
-def trigger_uncached_task(deployment: str, parameters: dict[str, Any], label: str,
-                          timeout: float | None = None) -> Any:
-    """Like `trigger_task`, for stages whose outputs belong to one run (evaluation)."""
+    unchanged rerun starts nothing (the caller checks the outputs still exist). Stages whose
+    outputs belong to one run (evaluation) use it with `cache_policy=NO_CACHE`."""
     get_run_logger().info("%s -> deployment %s", label, deployment)
     return run_stage_deployment(deployment, parameters, label, timeout)

@@ -85,26 +85,26 @@ class Stack:
                 out.append(f"--- {log.name}\n" + "\n".join(lines))
         return "\n".join(out)
 
-    def stop(self) -> None:
+    def _signal_running(self, sig: int) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 try:
-                    os.killpg(proc.pid, signal.SIGINT)
+                    os.killpg(proc.pid, sig)
                 except ProcessLookupError:
                     pass
+
+    def stop(self) -> None:
+        """SIGINT to every process group, 15 s to finish, then SIGKILL."""
+        self._signal_running(signal.SIGINT)
         deadline = time.time() + 15
         for proc in self.procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
+        self._signal_running(signal.SIGKILL)
         for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
+            proc.wait(timeout=10)
 
 
 KEY_ID = "cluster-key-id-2718"
