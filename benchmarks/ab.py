@@ -1,0 +1,120 @@
+"""The A/B harness every benchmark uses: a baseline and croco's way of doing one thing, run
+in the same process, interleaved A, B, A, B ... `reps` times, timed (or measured by the
+callables themselves), reported as min and median of each and the ratio baseline / croco.
+
+Shared, noisy machines make a benchmark that runs each phase once report nonsense (a
+slow minute during phase B inverts the ratio); interleaving spreads the noise over both.
+
+A figure is a `Case`: a name, the unit, and two zero-argument callables. A callable
+returns None to be timed by the harness (seconds), or a number it measured itself in the
+case's unit (e.g. peak RSS in MB, tokens/s). `higher_is_better` says which way the ratio
+reads: the ratio is always "how many times better croco is" (> 1 means croco wins).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Case:
+    name: str
+    baseline: Callable[[], float | None]
+    croco: Callable[[], float | None]
+    unit: str = "s"
+    higher_is_better: bool = False
+    baseline_label: str = "baseline"
+    croco_label: str = "croco"
+    setup: Callable[[], None] | None = None  # once, before the first rep (e.g. warm-up)
+
+
+@dataclass
+class Result:
+    case: Case
+    baseline: list[float] = field(default_factory=list)
+    croco: list[float] = field(default_factory=list)
+
+    def _ratio(self, b: float, c: float) -> float:
+        if self.case.higher_is_better:
+            return c / b if b else float("inf")
+        return b / c if c else float("inf")
+
+    @property
+    def ratio_min(self) -> float:
+        """Best against best."""
+        pick = max if self.case.higher_is_better else min
+        return self._ratio(pick(self.baseline), pick(self.croco))
+
+    @property
+    def ratio_median(self) -> float:
+        return self._ratio(statistics.median(self.baseline), statistics.median(self.croco))
+
+    def row(self) -> dict:
+        pick = max if self.case.higher_is_better else min
+        return {
+            "figure": self.case.name, "unit": self.case.unit, "reps": len(self.croco),
+            "baseline": self.case.baseline_label, "croco": self.case.croco_label,
+            "baseline_best": pick(self.baseline), "baseline_median": statistics.median(self.baseline),
+            "croco_best": pick(self.croco), "croco_median": statistics.median(self.croco),
+            "ratio_best": self.ratio_min, "ratio_median": self.ratio_median,
+        }
+
+
+def _measure(fn: Callable[[], float | None]) -> float:
+    t = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t if value is None else float(value)
+
+
+def run_case(case: Case, reps: int = 3, log: Callable[[str], None] = print) -> Result:
+    """A, B, A, B ... `reps` times each; `reps` >= 3 for a figure worth recording."""
+    if case.setup:
+        case.setup()
+    res = Result(case)
+    for i in range(reps):
+        res.baseline.append(_measure(case.baseline))
+        res.croco.append(_measure(case.croco))
+        log(f"  {case.name} rep {i + 1}/{reps}: baseline {res.baseline[-1]:.4g} {case.unit}, "
+            f"croco {res.croco[-1]:.4g} {case.unit}")
+    return res
+
+
+def machine() -> str:
+    """One line: CPU or GPU, cores, memory, and the library versions that matter."""
+    import torch
+
+    if torch.cuda.is_available():
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        where += f", {mem:.0f} GiB"
+    except (ValueError, OSError):
+        pass
+    versions = []
+    for mod in ("torch", "transformers", "trl", "polars", "prefect"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    return f"{where}; {', '.join(versions)}; python {platform.python_version()}"
+
+
+def table(results: list[Result]) -> str:
+    """A Markdown table: figure, baseline and croco (best / median), ratio (best / median)."""
+    lines = ["| figure | baseline | croco | baseline best / median | croco best / median "
+             "| ratio best / median | reps |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        d = r.row()
+        lines.append(
+            f"| {d['figure']} | {d['baseline']} | {d['croco']} "
+            f"| {d['baseline_best']:.4g} / {d['baseline_median']:.4g} {d['unit']} "
+            f"| {d['croco_best']:.4g} / {d['croco_median']:.4g} {d['unit']} "
+            f"| **{d['ratio_best']:.2f}x** / {d['ratio_median']:.2f}x | {d['reps']} |")
+    return "\n".join(lines)
