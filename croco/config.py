@@ -308,8 +308,14 @@ class OrchestrationConfig(_Strict):
     Prefect deployments (`run_deployment`), one per language for generate and score, one per
     variant for train, one for evaluate; the pipeline waits for each and fails if one did."""
 
-    gpu_slots: int = Field(1, ge=1, description="global 'gpu' concurrency limit: the number of "
-                           "GPU stage tasks that may run at once across every worker")
+    gpu_slots: int = Field(1, ge=1, description="GPU stage tasks that may run at once: in this "
+                           "process for a local run; across every worker for the global 'gpu' "
+                           "limit, which a run creates with this size only when it is missing")
+    gpu_limit: Literal["auto", "local", "global"] = Field(
+        "auto", description="how GPU work is bounded: 'local' (a gate in the run's process; "
+        "a killed run frees its slots with it), 'global' (the Prefect server's 'gpu' limit, "
+        "held through expiring leases), 'auto' (global inside a deployment's flow run, i.e. "
+        "on a worker; local otherwise)")
     retries: int = Field(2, ge=0)
     retry_delay_seconds: int = Field(5, ge=0)
     deployments: dict[Literal["generate", "score", "train", "evaluate"], str] = Field(

@@ -111,27 +111,46 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
     cfg = _load(config, set_)
     wanted = [s.strip() for s in stages.split(",")] if stages else None
     from croco.prompts import PromptError
-    from flows.pipeline import STAGES, croco_pipeline
+    from flows.local import TemporaryAPI, configured_api_url, run_until_stopped
 
-    if wanted and set(wanted) - set(STAGES):
-        _fail(f"--stages: unknown {sorted(set(wanted) - set(STAGES))}; choose from {list(STAGES)}")
-    if deployment:
-        params: dict = {"stages": wanted, "run_id": run_id}
-        if config or set_:
-            # The resolved config travels as the parameter (the worker need not see the file),
-            # in place of the deployment's config_file; the deployment's own overrides (e.g.
-            # scale-out's stage deployments) still apply on top.
-            params.update(config=cfg.model_dump(mode="json"), config_file=None)
-        _run_on_deployment(deployment, {k: v for k, v in params.items()
-                                        if v is not None or k == "config_file"}, wait)
-        return
-    console.print(f"[bold]croco[/] run [cyan]{cfg.run_name}[/]: {len(cfg.languages)} languages "
-                  f"({', '.join(cfg.languages)}), policy {cfg.policy.model}, data in "
-                  f"{storage.normalize_root(cfg.data_root)}")
+    api = None
+    if not deployment and not configured_api_url():
+        api = TemporaryAPI().start()  # boots while the pipeline's modules import
     try:
-        result = croco_pipeline(config=cfg, stages=wanted, run_id=run_id)
+        from flows.pipeline import STAGES, croco_pipeline, new_run_id
+
+        if wanted and set(wanted) - set(STAGES):
+            _fail(f"--stages: unknown {sorted(set(wanted) - set(STAGES))}; "
+                  f"choose from {list(STAGES)}")
+        if deployment:
+            params: dict = {"stages": wanted, "run_id": run_id}
+            if config or set_:
+                # The resolved config travels as the parameter (the worker need not see the
+                # file), in place of the deployment's config_file; the deployment's own
+                # overrides (e.g. scale-out's stage deployments) still apply on top.
+                params.update(config=cfg.model_dump(mode="json"), config_file=None)
+            _run_on_deployment(deployment, {k: v for k, v in params.items()
+                                            if v is not None or k == "config_file"}, wait)
+            return
+        console.print(f"[bold]croco[/] run [cyan]{cfg.run_name}[/]: {len(cfg.languages)} "
+                      f"languages ({', '.join(cfg.languages)}), policy {cfg.policy.model}, "
+                      f"data in {storage.normalize_root(cfg.data_root)}")
+        run_id = run_id or new_run_id()
+
+        def stopping(signame: str) -> None:
+            err.print(f"\n{signame}: stopping run {run_id}; finished shards and stages are "
+                      "kept, the same command continues where it stopped", highlight=False)
+
+        if api:
+            api.wait_ready()
+        result = run_until_stopped(
+            lambda: croco_pipeline(config=cfg, stages=wanted, run_id=run_id),
+            on_stop=stopping, api_url=api.url if api else "", flow_run_name=f"croco-{run_id}")
     except (PromptError, ValueError, FileNotFoundError) as e:
         _fail(str(e), code=1)
+    finally:
+        if api:
+            api.stop()
     stage_uris = result["stages"]
     if "pairs" in stage_uris:
         pairs_uri = stage_uris["pairs"]["all"]
@@ -240,7 +259,11 @@ def _run_on_deployment(name: str, params: dict, wait: bool) -> None:
 def deploy(name: Annotated[Optional[list[str]], typer.Option(
                "--name", help="only these deployments, e.g. croco-pipeline/default")] = None,
            prefect_file: Annotated[str, typer.Option(help="deployment declarations")]
-           = "infra/prefect.yaml") -> None:
+           = "infra/prefect.yaml",
+           gpu_slots: Annotated[Optional[int], typer.Option(
+               min=1, help="create or resize the global 'gpu' limit to this many slots (the "
+                           "GPUs of every worker together); runs never resize it")] = None
+           ) -> None:
     """Create or update croco's Prefect deployments (infra/prefect.yaml) on the current
     Prefect API (PREFECT_API_URL); the same as `prefect --no-prompt deploy --all
     --prefect-file infra/prefect.yaml` run from the project directory."""
@@ -251,6 +274,11 @@ def deploy(name: Annotated[Optional[list[str]], typer.Option(
     rc = run_deploy(prefect_file, name)
     if rc:
         _fail(f"prefect deploy exited {rc}", code=rc)
+    if gpu_slots is not None:
+        from tasks.stages import resize_gpu_limit
+
+        resize_gpu_limit(gpu_slots)
+        console.print(f"global 'gpu' concurrency limit: [bold]{gpu_slots}[/] slots")
 
 
 @app.command()

@@ -31,7 +31,19 @@ from tasks.remote import prepare_run
 STAGES = ("prompts", "generate", "score", "pair", "train", "evaluate")
 
 
-@flow(name="croco-pipeline")
+def new_run_id() -> str:
+    """A run id: UTC time and a random suffix, e.g. 20261130-141500-3fa2c1."""
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _flow_run_name() -> str:
+    """`croco-<run_id>`, so the UI lists runs by the id their outputs are filed under."""
+    from prefect.runtime import flow_run
+
+    return f"croco-{flow_run.parameters.get('run_id') or new_run_id()}"
+
+
+@flow(name="croco-pipeline", flow_run_name=_flow_run_name)
 def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = None,
                    overrides: list[str] | None = None, stages: list[str] | None = None,
                    run_id: str | None = None) -> dict:
@@ -57,11 +69,15 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
     last = max(STAGES.index(s) for s in wanted)
     if not config.training.enabled:
         last = min(last, STAGES.index("pair"))
-    run_id = run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    if not run_id:  # a scheduled or UI run: the id its flow run is named after
+        from prefect.runtime import flow_run
+
+        run_id = flow_run.name.removeprefix("croco-")
     run = Stages(config)
     root = run.root
     langs = config.languages
-    prepare_run(config.storage_block, config.orchestration.gpu_slots)
+    prepare_run(config.storage_block, config.orchestration.gpu_slots,
+                config.orchestration.gpu_limit)
     if run.deployments:
         log.info("stages on deployments: %s", ", ".join(
             f"{stage} -> {name}" for stage, name in run.deployments.items()))

@@ -52,12 +52,14 @@ class Runtime(BaseModel):
     data_root: str
     storage_block: str | None = None
     gpu_slots: int = 1
+    gpu_limit: str = "auto"
 
     @classmethod
     def of(cls, config: CrocoConfig) -> "Runtime":
         return cls(data_root=storage.normalize_root(config.data_root),
                    storage_block=config.storage_block,
-                   gpu_slots=config.orchestration.gpu_slots)
+                   gpu_slots=config.orchestration.gpu_slots,
+                   gpu_limit=config.orchestration.gpu_limit)
 
 
 def _complete(result: Any) -> bool:
@@ -173,7 +175,7 @@ class Stages:
 
 def _runtime(runtime: Runtime | None, data_root: str) -> Runtime:
     runtime = runtime or Runtime(data_root=data_root)
-    prepare_run(runtime.storage_block, runtime.gpu_slots)
+    prepare_run(runtime.storage_block, runtime.gpu_slots, runtime.gpu_limit)
     return runtime
 
 

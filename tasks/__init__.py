@@ -3,6 +3,7 @@ concurrency, artifacts and logging. Every task returns a URI string."""
 
 from tasks.stages import (  # noqa: F401
     STAGE_CACHE,
+    configure_gpu_slots,
     ensure_gpu_limit,
     generate_task,
     heldout_task,

@@ -51,13 +51,15 @@ def load_storage_block(slug: str) -> None:
     )
 
 
-def prepare_run(storage_block: str | None, gpu_slots: int) -> None:
-    """What every croco flow run does first: storage credentials, the `gpu` limit."""
-    from tasks.stages import ensure_gpu_limit
+def prepare_run(storage_block: str | None, gpu_slots: int, gpu_limit: str = "auto") -> None:
+    """What every croco flow run does first: storage credentials, how GPU work is bounded
+    (`tasks.stages.configure_gpu_slots`)."""
+    from tasks.stages import configure_gpu_slots
 
     if storage_block:
         load_storage_block(storage_block)
-    ensure_gpu_limit(gpu_slots)
+    if configure_gpu_slots(gpu_slots, gpu_limit):
+        get_run_logger().info("GPU work bounded by the server's global 'gpu' limit (leases)")
 
 
 def _check_final(flow_run, deployment: str, label: str, timeout: float | None) -> None:

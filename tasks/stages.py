@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager, nullcontext
 
 from prefect import get_run_logger, task
@@ -65,29 +66,121 @@ _common = dict(
 )
 
 
-_local_slots = threading.BoundedSemaphore(1)
+# --------------------------------------------------------------------------- GPU slots
+#
+# GPU work is bounded, and a slot never outlives its holder:
+# - A local run (`croco run`: every stage in this process) holds slots of a gate in this
+#   process only. The process's death frees them; nothing is asked of the Prefect server,
+#   so a run killed at any moment cannot block the next one, and no task waits on a
+#   server round trip to start.
+# - On a cluster (a stage flow run started from a deployment, i.e. by a worker, where
+#   several processes share the GPUs) slots come from the server's global `gpu` limit
+#   through leases: the holder renews its lease while it runs, and a holder that dies
+#   (kill -9, OOM, power loss) loses its slot when the lease expires (LEASE_SECONDS)
+#   and the server's lease service revokes it.
+# `orchestration.gpu_limit` forces one or the other. The global limit belongs to the
+# operator: a run creates it when it is missing and never resizes it (`croco deploy
+# --gpu-slots N` does). A wait for a slot is logged every WAIT_LOG_SECONDS.
+
+WAIT_LOG_SECONDS = 30.0
+LEASE_SECONDS = 60.0
+
+_gate_slots = 1
+_gate = threading.BoundedSemaphore(1)
+_global = False
 
 
-def ensure_gpu_limit(slots: int) -> None:
-    """Create the global `gpu` concurrency limit if it does not exist yet, and size this
-    process's own gate to the same number of slots."""
-    global _local_slots
+def configure_gpu_slots(slots: int, mode: str = "auto") -> bool:
+    """Set how this process bounds GPU work (see above); returns True when it uses the
+    server's global limit. `mode`: auto (global only inside a deployment's flow run),
+    local or global."""
+    global _gate, _gate_slots, _global
+    if slots != _gate_slots:
+        _gate, _gate_slots = threading.BoundedSemaphore(slots), slots
+    if mode == "auto":
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        _global = bool(ctx and ctx.flow_run and ctx.flow_run.deployment_id)
+    else:
+        _global = mode == "global"
+    if _global:
+        ensure_gpu_limit(slots)
+    return _global
+
+
+def ensure_gpu_limit(slots: int) -> bool:
+    """Create the global `gpu` limit with `slots` slots if it does not exist; an existing
+    one is the operator's and is left as it is. Returns True if it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+        except ObjectAlreadyExists:  # another run created it first
+            return False
+    return True
+
+
+def resize_gpu_limit(slots: int) -> None:
+    """The operator's explicit act: create or resize the global `gpu` limit."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
-    if getattr(_local_slots, "_initial_value", None) != slots:
-        _local_slots = threading.BoundedSemaphore(slots)
+
+
+def _log_wait(what: str, holder: str, since: float) -> None:
+    logging.getLogger("croco").warning("%s: waiting for %s (%.0f s so far)", what, holder,
+                                       time.monotonic() - since)
+
+
+def _global_holder() -> str:
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            lim = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        taken = f"{lim.active_slots} of {lim.limit} taken"
+    except Exception:  # noqa: BLE001 - the message is only informative
+        taken = "state unknown"
+    return (f"a slot of the global '{GPU_LIMIT}' concurrency limit ({taken}; a dead "
+            f"holder's slot frees when its {LEASE_SECONDS:.0f} s lease expires)")
 
 
 @contextmanager
-def gpu_slot():
-    """Hold a `gpu` slot. Threads of this process queue on a local semaphore first, so they
-    wake the moment a slot frees instead of polling the server with backoff; the global
-    limit still bounds GPU work across every process and worker."""
-    gate = _local_slots
-    with gate, concurrency(GPU_LIMIT, strict=True):
-        yield
+def gpu_slot(what: str = "GPU stage"):
+    """Hold one GPU slot for the duration of the block (see the notes above)."""
+    gate, since = _gate, time.monotonic()
+    while not gate.acquire(timeout=WAIT_LOG_SECONDS):
+        _log_wait(what, f"one of this process's {_gate_slots} GPU slot(s) "
+                        "(orchestration.gpu_slots)", since)
+    try:
+        if not _global:
+            yield
+            return
+        while True:
+            entered = False
+            try:
+                with concurrency(GPU_LIMIT, occupy=1, timeout_seconds=WAIT_LOG_SECONDS,
+                                 strict=True, lease_duration=LEASE_SECONDS):
+                    entered = True
+                    yield
+                return
+            except TimeoutError:
+                if entered:
+                    raise
+                _log_wait(what, _global_holder(), since)
+    finally:
+        gate.release()
 
 
 class _ProgressArtifact:
@@ -106,7 +199,7 @@ class _ProgressArtifact:
 
 @task(name="prompts", task_run_name="prompts-{lang}", **_common)
 def prompts_task(cfg: PromptsConfig, lang: str, data_root: str, code_version: int) -> str:
-    with gpu_slot() if cfg.translate else nullcontext():
+    with gpu_slot(f"prompts-{lang}") if cfg.translate else nullcontext():
         return stages.run_prompts(cfg, lang, data_root)
 
 
@@ -115,7 +208,7 @@ def generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Genera
                   prompts_cfg: PromptsConfig, data_root: str, code_version: int) -> str:
     log = get_run_logger()
     progress = _ProgressArtifact(f"generate-{lang}", f"generation progress, {lang}")
-    with gpu_slot():
+    with gpu_slot(f"generate-{lang}"):
         uri = stages.run_generate(prompts_uri, lang, policy, gen, prompts_cfg, data_root,
                                   progress=progress)
     info = stages.completion_info(uri)
@@ -128,7 +221,7 @@ def generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Genera
 def score_task(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
                data_root: str, code_version: int) -> str:
     log = get_run_logger()
-    with gpu_slot():
+    with gpu_slot(f"score-{lang}"):
         uri = stages.run_score(generations_uri, prompts_uri, lang, reward, data_root)
     info = stages.completion_info(uri)
     log.info("scored %s samples for %s in %ss -> %s", info.get("rows"), lang,
@@ -172,7 +265,7 @@ def train_task(pairs_uri: str, variant_name: str, method: str, policy: PolicyCon
 
     log = get_run_logger()
     n_gpus = _gpu_count()
-    with gpu_slot():
+    with gpu_slot(f"train-{variant_name}"):
         if n_gpus > 1 and method in ("dpo", "sft"):
             # Every GPU of this machine, data parallel, through accelerate.
             from croco.training.launch import run_train_distributed
@@ -219,7 +312,7 @@ def judge_task(candidate_scores: dict[str, str], baseline_scores: dict[str, str]
                variant_name: str, code_version: int) -> str:
     from prefect.artifacts import create_table_artifact
 
-    with gpu_slot():
+    with gpu_slot(f"judge-{variant_name}"):
         uri = stages.run_judge(candidate_scores, baseline_scores, prompts_uris, judge, data_root)
     rates = storage.read_parquet(storage.join(uri, "win_rates.parquet"))
     create_table_artifact(rates.to_dicts(), key=f"win-rates-{variant_name}",
@@ -246,7 +339,7 @@ def structured_task(policy: PolicyConfig, structured: StructuredEvalConfig, lang
                     data_root: str, model_name: str, code_version: int) -> str:
     from prefect.artifacts import create_table_artifact
 
-    with gpu_slot():
+    with gpu_slot(f"structured-{model_name}"):
         uri = stages.run_structured(policy, structured, langs, data_root)
     results = storage.read_parquet(storage.join(uri, "results.parquet"))
     create_table_artifact(results.to_dicts(), key=f"structured-{model_name}",
@@ -259,7 +352,7 @@ def reward_check_task(path: str, reward: RewardConfig, langs: list[str], data_ro
                       code_version: int) -> str:
     from prefect.artifacts import create_table_artifact
 
-    with gpu_slot():
+    with gpu_slot("reward-check"):
         uri = stages.run_reward_check(path, reward, langs, data_root)
     create_table_artifact(storage.read_parquet(storage.join(uri, "accuracy.parquet")).to_dicts(),
                           key="reward-check", description="reward ranking accuracy per language")

@@ -1,0 +1,220 @@
+"""How `croco run` runs the pipeline in its own process, and how it stops.
+
+- **A temporary Prefect API that dies with the run.** Without `PREFECT_API_URL`, croco
+  starts Prefect's API server (the same app Prefect's ephemeral mode runs, on the same
+  database under PREFECT_HOME) as a child process in a session of its own, and asks the
+  kernel to send it SIGTERM when the run's process dies for any reason
+  (`PR_SET_PDEATHSIG`): kill -9 or the OOM killer leave no server behind. It boots
+  while the CLI imports the pipeline, instead of after.
+- **The pipeline runs in a worker thread; the main thread owns the signals.** Prefect
+  installs its own SIGTERM handler only in the main thread, where it turns the signal
+  into a slow, graceful teardown. Here Ctrl-C (SIGINT) or SIGTERM stop the run at
+  once: the flow run is marked cancelled (best effort, 2 s), every child process (the
+  API server, distributed-training workers) is terminated, and the process exits with
+  130 or 143. Nothing is lost: every finished shard and stage output is committed
+  atomically with its `_SUCCESS` marker, the work in progress was only ever written
+  under temporary names, and GPU slots of a local run live in this process only
+  (tasks/stages.py). The next plain rerun continues where this one stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+STARTUP_TIMEOUT = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
+STOP_GRACE_SECONDS = 3.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    def preexec() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # not Linux: stopped by the run's own cleanup
+            return
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+    return preexec
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TemporaryAPI:
+    """Prefect's API server for one run, on loopback, bound to this process's life."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self._log = tempfile.TemporaryFile()
+
+    def start(self) -> "TemporaryAPI":
+        """Start the server and point this process's Prefect at it (PREFECT_API_URL, to be
+        set before Prefect is imported); returns at once, `wait_ready` waits for it."""
+        port = _free_port()
+        self.url = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+             "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with(os.getpid()))
+        return self
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect API exited with code "
+                                   f"{self.proc.returncode}: {self._tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the temporary Prefect API did not answer within {timeout:.0f} s "
+                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+
+    def _tail(self) -> str:
+        self._log.seek(0)
+        return self._log.read()[-2000:].decode(errors="replace").strip()
+
+    def stop(self) -> None:
+        """Send Prefect's buffered logs and events, then end the server."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        if "prefect.logging.handlers" in sys.modules:
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            for worker in (APILogWorker, EventsWorker):
+                worker.drain_all(timeout=5)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API this process is configured to use: PREFECT_API_URL, or the active
+    profile's (PREFECT_PROFILE or `active` in PREFECT_HOME/profiles.toml). None when
+    Prefect would run an ephemeral API. Read without importing Prefect, so the
+    temporary API can be chosen before Prefect's settings are loaded."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    import tomllib
+    from pathlib import Path
+
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active")
+    return (profiles.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL")
+
+
+def _terminate_children() -> None:
+    """SIGTERM every descendant process, SIGKILL those still alive after a grace."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=STOP_GRACE_SECONDS)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+def _cancel_flow_run(api_url: str, flow_run_name: str | None, reason: str) -> None:
+    """Mark the run's flow run cancelled in the API, so the UI does not show it running
+    (best effort: two requests of at most 2 s each)."""
+    if not (api_url and flow_run_name):
+        return
+    import json
+
+    def post(path: str, body: dict) -> Any:
+        req = urllib.request.Request(f"{api_url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"},
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return json.loads(r.read() or b"null")
+
+    try:
+        runs = post("/flow_runs/filter", {"flow_runs": {"name": {"any_": [flow_run_name]}},
+                                          "limit": 5})
+        for run in runs:
+            post(f"/flow_runs/{run['id']}/set_state",
+                 {"state": {"type": "CANCELLED", "name": "Cancelled", "message": reason},
+                  "force": True})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+
+
+def run_until_stopped(fn: Callable[[], Any], *, on_stop: Callable[[str], None],
+                      api_url: str = "", flow_run_name: str | None = None) -> Any:
+    """Run `fn` in a worker thread and return its result (or raise its exception). On
+    SIGINT/SIGTERM: `on_stop(signal name)`, cancel the flow run `flow_run_name`, end
+    every child process and exit 128 + signal (130, 143) at once."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            result["error"] = e
+
+    def stop(signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        on_stop(name)
+        _cancel_flow_run(api_url, flow_run_name, f"stopped by {name}")
+        _terminate_children()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    worker = threading.Thread(target=target, name="croco-pipeline", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.5)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
