@@ -111,10 +111,10 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
     cfg = _load(config, set_)
     wanted = [s.strip() for s in stages.split(",")] if stages else None
     from croco.prompts import PromptError
-    from flows.local import TemporaryAPI, configured_api_url, run_until_stopped
+    from flows.local import TemporaryAPI, run_until_stopped, wants_temporary_api
 
     api = None
-    if not deployment and not configured_api_url():
+    if not deployment and wants_temporary_api():
         api = TemporaryAPI().start()  # boots while the pipeline's modules import
     try:
         from flows.pipeline import STAGES, croco_pipeline, new_run_id

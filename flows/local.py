@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import os
 import signal
@@ -119,13 +120,14 @@ class TemporaryAPI:
             pass
 
 
-def configured_api_url() -> str | None:
-    """The Prefect API this process is configured to use: PREFECT_API_URL, or the active
-    profile's (PREFECT_PROFILE or `active` in PREFECT_HOME/profiles.toml). None when
-    Prefect would run an ephemeral API. Read without importing Prefect, so the
-    temporary API can be chosen before Prefect's settings are loaded."""
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
+def wants_temporary_api() -> bool:
+    """True when `croco run` should start its own temporary API: no Prefect API is
+    configured (PREFECT_API_URL, or the active profile's in PREFECT_HOME/profiles.toml)
+    and Prefect is not imported yet. Read without importing Prefect, since the URL must
+    be in the environment before Prefect loads its settings; a process that has
+    imported Prefect already (an embedding program, a test harness) keeps its own."""
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return False
     import tomllib
     from pathlib import Path
 
@@ -134,9 +136,9 @@ def configured_api_url() -> str | None:
     try:
         profiles = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
-        return None
+        return True
     active = os.environ.get("PREFECT_PROFILE") or profiles.get("active")
-    return (profiles.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL")
+    return not (profiles.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL")
 
 
 def _terminate_children() -> None:
@@ -207,7 +209,9 @@ def run_until_stopped(fn: Callable[[], Any], *, on_stop: Callable[[str], None],
         os._exit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    worker = threading.Thread(target=target, name="croco-pipeline", daemon=True)
+    # The caller's context (e.g. Prefect settings entered by an embedding program) goes along.
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(target,),
+                              name="croco-pipeline", daemon=True)
     worker.start()
     try:
         while worker.is_alive():

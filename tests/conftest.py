@@ -106,15 +106,19 @@ def tiny_lm_other(tmp_path_factory, tokenizer_dir) -> str:
     return _save_tiny_lm(tmp_path_factory, tokenizer_dir, "tiny-lm-other", seed=7)
 
 
-@pytest.fixture
-def tiny_config(tmp_path, tiny_lm, tiny_rm, prompt_file):
-    """A full pipeline config over the tiny models, small enough to run in seconds."""
+def pytest_addoption(parser):
+    parser.addoption("--trials", type=int, default=6,
+                     help="kill -9 trials of tests/reliability/test_signals.py")
+
+
+@pytest.fixture(scope="session")
+def tiny_config_maker(tiny_lm, tiny_rm, prompt_file):
+    """`make(data_root=..., **overrides)`: tiny_config for any scope."""
     from croco.config import config_from_dict
 
     def make(**overrides):
         data = {
             "run_name": "test",
-            "data_root": str(tmp_path / "data"),
             "languages": list(LANGS),
             "prompts": {"path": str(prompt_file), "limit": 3},
             "policy": {"model": tiny_lm},
@@ -138,6 +142,16 @@ def tiny_config(tmp_path, tiny_lm, tiny_rm, prompt_file):
                 node = node.setdefault(p, {})
             node[parts[-1]] = value
         return config_from_dict(data)
+
+    return make
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_config_maker):
+    """A full pipeline config over the tiny models, small enough to run in seconds."""
+
+    def make(**overrides):
+        return tiny_config_maker(**{"data_root": str(tmp_path / "data"), **overrides})
 
     return make
 
