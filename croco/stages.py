@@ -570,17 +570,19 @@ def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root
 STAGE_VERSIONS["reward_check"] = 1
 
 
+def preference_set_fingerprint(path: str) -> str:
+    """A hash of a preference set's content."""
+    from croco.evaluation.reward_check import preference_set_path
+
+    return stable_hash(preference_set_path(path).read_bytes().decode("utf-8", "replace"))
+
+
 def run_reward_check(path: str, reward: RewardConfig, langs: list[str], data_root: str) -> str:
     """Ranking accuracy of the run's reward per language; writes `accuracy.parquet`."""
-    from croco.evaluation.reward_check import (
-        load_preference_set,
-        preference_set_path,
-        ranking_accuracy,
-    )
+    from croco.evaluation.reward_check import load_preference_set, ranking_accuracy
 
-    fingerprint = stable_hash(preference_set_path(path).read_bytes().decode("utf-8", "replace"))
     key = stable_hash({"stage": "reward_check", "v": STAGE_VERSIONS["reward_check"],
-                       "set": fingerprint, "langs": sorted(langs),
+                       "set": preference_set_fingerprint(path), "langs": sorted(langs),
                        "reward": [s.model_dump(exclude={"batch_size"}) for s in reward.scorers]})
     out = storage.join(data_root, "reward_check", key)
     if storage.is_complete(out):

@@ -198,7 +198,10 @@ class _ProgressArtifact:
 
 
 @task(name="prompts", task_run_name="prompts-{lang}", **_common)
-def prompts_task(cfg: PromptsConfig, lang: str, data_root: str, code_version: int) -> str:
+def prompts_task(cfg: PromptsConfig, lang: str, data_root: str, code_version: int,
+                 source: str = "") -> str:
+    """`source`: the prompt source's content fingerprint, so that an edited prompt file
+    is a new input to the cache (the config names it only by its path)."""
     with gpu_slot(f"prompts-{lang}") if cfg.translate else nullcontext():
         return stages.run_prompts(cfg, lang, data_root)
 
@@ -349,7 +352,8 @@ def structured_task(policy: PolicyConfig, structured: StructuredEvalConfig, lang
 
 @task(name="reward-check", **_common)
 def reward_check_task(path: str, reward: RewardConfig, langs: list[str], data_root: str,
-                      code_version: int) -> str:
+                      code_version: int, source: str = "") -> str:
+    """`source`: the preference set's content fingerprint (see prompts_task)."""
     from prefect.artifacts import create_table_artifact
 
     with gpu_slot("reward-check"):

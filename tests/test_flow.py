@@ -107,6 +107,26 @@ def test_adding_a_language_runs_only_that_language(prefect_harness, tiny_config,
                              ("run_score", "es"): 1, ("run_pairs", "all"): 1})
 
 
+def test_a_prompt_file_edited_in_place_is_read_again(prefect_harness, tiny_config, calls,
+                                                     tmp_path, prompt_file):
+    from flows.pipeline import croco_pipeline
+
+    edited = tmp_path / "prompts.jsonl"
+    shutil.copy(prompt_file, edited)
+    cfg = tiny_config(**{"prompts.path": str(edited), "prompts.limit": None})
+    first = croco_pipeline(config=cfg, stages=["prompts"])
+    with edited.open("a") as f:
+        for pid in ("q6", "q7"):
+            f.write(json.dumps({"prompt_id": pid, "lang": "en", "prompt": f"Question {pid}?",
+                                "split": "train", "source": "test"}) + "\n")
+    calls.clear()
+    second = croco_pipeline(config=cfg, stages=["prompts"])
+    assert by_stage(calls) == {"run_prompts": 3}
+    assert second["stages"]["prompts"]["en"] != first["stages"]["prompts"]["en"]
+    en = storage.read_parquet(storage.join(second["stages"]["prompts"]["en"], "data.parquet"))
+    assert sorted(en["prompt_id"]) == ["q0", "q1", "q2", "q3", "q4", "q5", "q6", "q7"]
+
+
 def test_deleted_outputs_are_recomputed_despite_the_cache(prefect_harness, tiny_config, calls):
     from flows.pipeline import croco_pipeline
 
