@@ -173,6 +173,59 @@ def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Generat
     return out
 
 
+def languages_generation_key(prompts_uris: dict[str, str], policy: PolicyConfig,
+                             gen: GenerationConfig, prompts_cfg: PromptsConfig) -> str:
+    """One key for every language: sampled together, each depends on the whole batch."""
+    return stable_hash({
+        "stage": "generations", "v": STAGE_VERSIONS["generations"], "languages_together": True,
+        "prompts": {lang: key_of(u) for lang, u in sorted(prompts_uris.items())},
+        "policy": policy.model_dump(), "generation": gen.model_dump(exclude={"batch_size"}),
+        "split": prompts_cfg.split, "limit": prompts_cfg.limit,
+    })
+
+
+def run_generate_languages(prompts_uris: dict[str, str], policy: PolicyConfig,
+                           gen: GenerationConfig, prompts_cfg: PromptsConfig,
+                           data_root: str) -> dict[str, str]:
+    """k samples for the selected prompts of every language, generated together: one model
+    load and full batches however few prompts a language has (held-out answers: a handful
+    per language, which alone make small, slow batches). Writes the layout of
+    `run_generate` (`generations/<key>/lang=xx/part-00000.parquet`, a `_SUCCESS` per
+    language) and returns lang -> URI. All or nothing: the sets it is meant for are small."""
+    from croco.generation import generate_frame, make_generator, policy_label
+    from croco.prompts import select_for_generation
+
+    t0 = time.perf_counter()
+    root = storage.join(data_root, "generations",
+                        languages_generation_key(prompts_uris, policy, gen, prompts_cfg))
+    outs = {lang: storage.join(root, f"lang={lang}") for lang in sorted(prompts_uris)}
+    if all(storage.is_complete(u) for u in outs.values()):
+        return outs
+    prompts = pl.concat([
+        select_for_generation(storage.read_parquet(storage.join(uri, "data.parquet")),
+                              split=prompts_cfg.split, limit=prompts_cfg.limit)
+        for _, uri in sorted(prompts_uris.items())], how="diagonal_relaxed")
+    for lang in outs:
+        if prompts.filter(pl.col("lang") == lang).is_empty():
+            raise ValueError(f"no {prompts_cfg.split!r} prompts for language {lang!r} in "
+                             f"{prompts_uris[lang]}; check prompts.split")
+    generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
+                               device=policy.device, dtype=policy.dtype,
+                               tensor_parallel_size=gen.tensor_parallel_size, seed=gen.seed)
+    df = generate_frame(
+        generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
+        max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+        seed=_shard_seed(gen.seed, "*", 0), policy=policy_label(policy.model, policy.adapter),
+        respond_in_language=gen.respond_in_language,
+        instruction_template=gen.instruction_template)
+    seconds = round(time.perf_counter() - t0, 3)
+    for lang, uri in outs.items():
+        part = df.filter(pl.col("lang") == lang)
+        storage.write_parquet(part, storage.join(uri, "part-00000.parquet"))
+        storage.mark_complete(uri, {"rows": part.height, "shards": 1, "seconds": seconds})
+    return outs
+
+
 # ---------------------------------------------------------------------------- scoring
 
 
@@ -225,6 +278,38 @@ def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardC
     total = storage.read_parquet(out).height
     storage.mark_complete(out, {"rows": total, "seconds": round(time.perf_counter() - t0, 3)})
     return out
+
+
+def run_score_languages(generations_uris: dict[str, str], prompts_uris: dict[str, str],
+                        reward: RewardConfig, data_root: str) -> dict[str, str]:
+    """Score the generations of every language together (full batches, each scorer loaded
+    once); the `run_score` layout, one part and `_SUCCESS` per language; lang -> URI."""
+    from croco.reward import score_frame
+
+    t0 = time.perf_counter()
+    key = stable_hash({"stage": "scores", "v": STAGE_VERSIONS["scores"],
+                       "languages_together": True,
+                       "generations": {lang: key_of(u)
+                                       for lang, u in sorted(generations_uris.items())},
+                       "reward": [_scorer_identity(s) for s in reward.scorers]})
+    outs = {lang: storage.join(data_root, "scores", key, f"lang={lang}")
+            for lang in sorted(generations_uris)}
+    if all(storage.is_complete(u) for u in outs.values()):
+        return outs
+    for uri in generations_uris.values():
+        if not storage.is_complete(uri):
+            raise RuntimeError(f"generations at {uri} are incomplete; rerun generation")
+    gens = pl.concat([storage.read_parquet(generations_uris[lang]) for lang in outs],
+                     how="diagonal_relaxed")
+    prompts = pl.concat([storage.read_parquet(storage.join(prompts_uris[lang], "data.parquet"))
+                         for lang in outs], how="diagonal_relaxed")
+    scored = score_frame(gens, prompts, reward.scorers, device=reward.device)
+    seconds = round(time.perf_counter() - t0, 3)
+    for lang, uri in outs.items():
+        part = scored.filter(pl.col("lang") == lang)
+        storage.write_parquet(part, storage.join(uri, "part-00000.parquet"))
+        storage.mark_complete(uri, {"rows": part.height, "seconds": seconds})
+    return outs
 
 
 # ---------------------------------------------------------------------------- pairing

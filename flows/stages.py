@@ -32,11 +32,13 @@ from croco.config import (
 )
 from croco.stages import STAGE_VERSIONS, adapter_path, preference_set_fingerprint
 from tasks import (
+    generate_languages_task,
     generate_task,
     heldout_task,
     judge_task,
     pairs_task,
     reward_check_task,
+    score_languages_task,
     score_task,
     structured_task,
     train_task,
@@ -265,7 +267,7 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
     root, langs, ev = stages.root, config.languages, config.evaluation
     out: dict = {}
     eval_prompts = config.prompts.model_copy(update={"split": ev.split, "limit": ev.limit})
-    # One shard per language: held-out sets are small, and one batch decodes fastest.
+    # Held-out sets are small: every language of a model is sampled in one batched pass.
     eval_gen = config.generation.model_copy(update={
         "k": ev.k, "temperature": ev.temperature, "shard_size": 256,
         "max_new_tokens": ev.max_new_tokens or config.generation.max_new_tokens})
@@ -273,9 +275,14 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
     models = {"base": config.policy}
     models.update({name: config.policy.model_copy(update={"adapter": adapter_path(uri)})
                    for name, uri in finals.items()})
+    prompts_by_lang = dict(zip(langs, prompt_uris))
     for name, policy in models.items():
-        _, scores = stages.generate_and_score(prompt_uris, policy, gen=eval_gen,
-                                              prompts_cfg=eval_prompts)
+        (gens,) = resolve(generate_languages_task, [dict(
+            prompts_uris=prompts_by_lang, policy=policy, gen=eval_gen, prompts_cfg=eval_prompts,
+            data_root=root, model_name=name, code_version=STAGE_VERSIONS["generations"])])
+        (scores,) = resolve(score_languages_task, [dict(
+            generations_uris=gens, prompts_uris=prompts_by_lang, reward=config.reward,
+            data_root=root, model_name=name, code_version=STAGE_VERSIONS["scores"])])
         eval_scores[name] = scores
         out[f"eval-scores:{name}"] = scores
     out["heldout"] = {"all": heldout_task(eval_scores, root, run_id, STAGE_VERSIONS["scores"])}
@@ -293,7 +300,6 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
         ])
         out["structured"] = dict(zip(models, done))
     if ev.judge.enabled and finals:
-        prompts_by_lang = dict(zip(langs, prompt_uris))
         judged = resolve(judge_task, [
             dict(candidate_scores=eval_scores[name], baseline_scores=eval_scores["base"],
                  prompts_uris=prompts_by_lang, judge=ev.judge, data_root=root,

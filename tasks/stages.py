@@ -232,6 +232,24 @@ def score_task(generations_uri: str, prompts_uri: str, lang: str, reward: Reward
     return uri
 
 
+@task(name="generate-languages", task_run_name="generate-{model_name}", **_common)
+def generate_languages_task(prompts_uris: dict[str, str], policy: PolicyConfig,
+                            gen: GenerationConfig, prompts_cfg: PromptsConfig, data_root: str,
+                            model_name: str, code_version: int) -> dict[str, str]:
+    """Held-out answers of one model, every language in one batched pass."""
+    with gpu_slot(f"generate-{model_name}"):
+        return stages.run_generate_languages(prompts_uris, policy, gen, prompts_cfg, data_root)
+
+
+@task(name="score-languages", task_run_name="score-{model_name}", **_common)
+def score_languages_task(generations_uris: dict[str, str], prompts_uris: dict[str, str],
+                         reward: RewardConfig, data_root: str, model_name: str,
+                         code_version: int) -> dict[str, str]:
+    """Rewards of one model's held-out answers, every language together."""
+    with gpu_slot(f"score-{model_name}"):
+        return stages.run_score_languages(generations_uris, prompts_uris, reward, data_root)
+
+
 @task(name="pair", task_run_name="pair-{pairing.scope}", **_common)
 def pairs_task(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing: PairingConfig,
                data_root: str, code_version: int) -> str:

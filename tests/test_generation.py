@@ -90,3 +90,36 @@ def test_crash_mid_generation_resumes_at_the_next_shard(tiny_lm, prompt_file, tm
     assert df.height == 4 * 2
     assert sorted(df["prompt_id"].unique()) == ["q0", "q1", "q2", "q3"]
     assert storage.is_complete(uri)
+
+
+def test_held_out_answers_of_every_language_are_generated_and_scored_together(
+        tiny_lm, tiny_rm, prompt_file, tmp_path, monkeypatch):
+    from croco.config import RewardConfig
+    from croco.stages import run_generate_languages, run_score_languages
+
+    root = str(tmp_path)
+    pcfg = PromptsConfig(path=str(prompt_file), split="heldout", limit=2)
+    prompts = {lang: run_prompts(pcfg, lang, root) for lang in ("en", "de", "fr")}
+    policy = PolicyConfig(model=tiny_lm)
+    gen = GenerationConfig(k=1, temperature=0.0, max_new_tokens=4, batch_size=32)
+    gens = run_generate_languages(prompts, policy, gen, pcfg, root)
+    assert sorted(gens) == ["de", "en", "fr"]
+    for lang, uri in gens.items():
+        assert uri.endswith(f"lang={lang}") and storage.is_complete(uri)
+        df = storage.read_parquet(uri)
+        assert sorted(df["prompt_id"]) == ["q4", "q5"] and set(df["lang"]) == {lang}
+    reward = RewardConfig(scorers=[{"type": "classifier", "name": "rm", "model": tiny_rm}])
+    scores = run_score_languages(gens, prompts, reward, root)
+    for lang, uri in scores.items():
+        df = storage.read_parquet(uri)
+        assert df.height == 2 and set(df["lang"]) == {lang}
+        assert df["reward"].to_list() == df["reward_rm"].to_list()
+
+    # Complete outputs are returned as they are: no model is loaded again.
+    def no_model(*args, **kwargs):
+        raise AssertionError("a complete output was computed again")
+
+    monkeypatch.setattr("croco.generation.make_generator", no_model)
+    monkeypatch.setattr("croco.reward.score_frame", no_model)
+    assert run_generate_languages(prompts, policy, gen, pcfg, root) == gens
+    assert run_score_languages(gens, prompts, reward, root) == scores
