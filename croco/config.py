@@ -439,8 +439,8 @@ def _override_problems(base: BaseModel, overrides: dict[str, Any], where: str) -
     try:
         _with_overrides(base, overrides, where)
     except ValidationError as e:
-        return [f"{where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                for err in e.errors()]
+        return [f"{where}.{'.'.join(str(p) for p in err['loc'])}: "
+                f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
     return []
 
 
@@ -556,8 +556,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                              f"{e.start}); save the config as UTF-8") from None
+            before = e.object[:e.start]
+            line, column = before.count(b"\n") + 1, e.start - before.rfind(b"\n")
+            raise ConfigError(f"{p} line {line}: not UTF-8 text (byte {e.object[e.start]:#04x} "
+                              f"at column {column}); save the config as UTF-8") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
