@@ -257,7 +257,7 @@ class VariantConfig(_Strict):
     training: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _one_of_per_language_or_rounds(self) -> "VariantConfig":
+    def _one_of_per_language_or_rounds(self) -> VariantConfig:
         # The round loop returns after the per-language models of round 1: later rounds
         # would be silently skipped.
         if self.per_language and self.rounds > 1:
@@ -444,7 +444,7 @@ def _override_problems(base: BaseModel, overrides: dict[str, Any], where: str) -
     return []
 
 
-def _method_problems(v: "VariantConfig", run: dict) -> list[str]:
+def _method_problems(v: VariantConfig, run: dict) -> list[str]:
     """Combinations of a variant with the run's settings that cannot do what they say."""
     where = f"experiments[{v.name}]"
     gen, policy, training = run.get("generation"), run.get("policy"), run.get("training")

@@ -35,7 +35,7 @@ from rich.table import Table  # noqa: E402
 
 from croco import storage  # noqa: E402
 from croco.config import ConfigError, dump_config, load_config  # noqa: E402
-from croco.errors import UserError, root_user_error  # noqa: E402
+from croco.errors import root_user_error  # noqa: E402
 
 app = typer.Typer(help="CroCo: cross-lingual contrastive preference tuning on self-generations.",
                   no_args_is_help=True, add_completion=False)

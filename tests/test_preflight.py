@@ -427,5 +427,5 @@ def test_transient_errors_are_retried_with_one_log_line(caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     assert _retry(ConnectionResetError("peer reset; key very-secret-1234\nmore"), run_count=1)
     lines = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
-    assert lines == ["transient ConnectionResetError in generate-en: peer reset; key ***; "
-                     "retrying (attempt 2 of 3)"]
+    assert lines == [("transient ConnectionResetError in generate-en: peer reset; key ***; "
+                      "retrying (attempt 2 of 3)")]

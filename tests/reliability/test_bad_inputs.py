@@ -249,7 +249,7 @@ def run_croco(args: list[str], env: dict, cwd: Path,
               timeout: float = 120) -> tuple[int, str, str, float]:
     t0 = time.perf_counter()
     proc = subprocess.run(croco_command() + args, env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
     return proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - t0
 
 
@@ -314,7 +314,7 @@ def test_model_gone_at_run_time_ends_in_one_error_line_without_retries(tmp_path)
     w = Workspace(tmp_path)
     config = w.config(languages=["en"])
     proc = subprocess.run([sys.executable, "-c", VANISHING_MODEL, config], env=w.env,
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert last_line(proc.stderr) == (f"error: model: local model path {w.model} does not "
