@@ -479,7 +479,19 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _key_path(loc: tuple, data: dict | None) -> str:
+    """`experiments.0.method` as `experiments[<name>].method` when the variant has a name."""
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    variants = (data or {}).get("experiments")
+    if len(loc) > 1 and loc[0] == "experiments" and isinstance(loc[1], int) \
+            and isinstance(variants, list) and loc[1] < len(variants) \
+            and isinstance(variants[loc[1]], dict) and variants[loc[1]].get("name"):
+        parts[:2] = [f"experiments[{variants[loc[1]]['name']}]"]
+    return ".".join(parts)
+
+
+def _format_validation_error(err: ValidationError, source: str,
+                             data: dict | None = None) -> str:
     """One line: `invalid config SOURCE: key.path: problem; key.path: problem`."""
     problems = []
     for e in err.errors():
@@ -487,7 +499,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if isinstance(cause, _KeyPathError):
             problems.append(str(cause))
             continue
-        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        path = _key_path(e["loc"], data)
         msg = (_UNKNOWN_KEY if e["type"] == "extra_forbidden"
                else e["msg"].removeprefix("Value error, "))
         problems.append(f"{path or '<root>'}: {msg}")
@@ -581,7 +593,7 @@ def config_from_dict(data: dict, *, source: str = "<dict>") -> CrocoConfig:
     try:
         return CrocoConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(_format_validation_error(e, source, data)) from None
 
 
 def dump_config(cfg: CrocoConfig) -> str:

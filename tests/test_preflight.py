@@ -88,6 +88,13 @@ def test_variant_override_bad_value_names_the_key():
                                            "pairing": {"reject_target": "median"}}]})
 
 
+def test_a_variant_error_names_the_variant_not_its_index():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"experiments": [{"name": "a"}, {"name": "p", "method": "ppo"}]})
+    assert str(e.value) == ("invalid config <dict>: experiments[p].method: Input should be "
+                            "'dpo', 'sft' or 'online_dpo'")
+
+
 def test_dpo_with_one_sample_per_prompt_is_rejected_at_load():
     with pytest.raises(ConfigError, match=r"experiments\[dpo\]: method dpo needs pairs, but "
                                           r"generation\.k is 1.*set generation\.k to 2"):

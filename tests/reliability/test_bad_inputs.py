@@ -132,7 +132,7 @@ CASES = [
      ["pairing.reject_target: unknown reject_target 'median'", "mean_minus_2sigma"]),
     ("config-unknown-method", lambda w, s3: ["run", w.config(experiments=[
         {"name": "p", "method": "ppo"}])],
-     ["experiments.0.method: Input should be 'dpo', 'sft' or 'online_dpo'"]),
+     ["experiments[p].method: Input should be 'dpo', 'sft' or 'online_dpo'"]),
     ("config-file-missing", lambda w, s3: ["run", str(w.tmp / "nope.yaml")],
      ["config file not found", "nope.yaml"]),
     ("config-not-yaml", lambda w, s3: ["run", _write(w.tmp / "run.yaml", "generation:\n  k: [4\n")],
