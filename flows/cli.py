@@ -26,7 +26,6 @@ import sys  # noqa: E402
 from typing import Annotated, Optional  # noqa: E402
 
 import click  # noqa: E402
-
 import polars as pl  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -74,7 +73,7 @@ def _fail(message: str, code: int = 2) -> None:
 def _clean_errors(command):
     """Run a command; a user's mistake (anywhere in the exception's chain, as when Prefect
     re-raises a task's error) ends it with one line and exit 2, a bug with one line and
-    exit 1. With --debug, bugs raise with their traceback."""
+    exit 1. With --debug, every failure raises with its traceback."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
