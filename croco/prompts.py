@@ -20,6 +20,7 @@ from pathlib import Path
 
 import polars as pl
 
+from croco.errors import UserError
 from croco.languages import check_language, language_name
 
 BUILTIN = {"builtin:demo": Path(__file__).parent / "data" / "demo_prompts.jsonl"}
@@ -27,7 +28,7 @@ PROMPT_COLUMNS = ["prompt_id", "lang", "prompt", "messages", "split", "source"]
 SPLITS = ("train", "heldout")
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """Bad prompt input; the message names the file, row and field."""
 
 
@@ -57,19 +58,32 @@ def _lang_from_path(path: Path) -> str | None:
     return stem if len(stem) == 2 and stem.isalpha() else None
 
 
+def _decode_line(path: Path, lineno: int, raw: bytes) -> str:
+    """One line of a JSONL file as text; a byte that is not UTF-8 names the line and column."""
+    if lineno == 1:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is still UTF-8
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(
+            f"{path} line {lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+            f"{e.start + 1}); save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise PromptError(f"{path} line {lineno}: expected a JSON object per line")
-            rows.append((f"{path} line {lineno}", obj))
+    # Bytes, decoded line by line: a bad byte is reported with its line, not as a codec error.
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        line = _decode_line(path, lineno, raw)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise PromptError(f"{path} line {lineno}: expected a JSON object per line")
+        rows.append((f"{path} line {lineno}", obj))
     return rows
 
 
@@ -81,10 +95,23 @@ def _read_parquet(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path} row {i + 1}", row) for i, row in enumerate(df.iter_rows(named=True))]
 
 
+def _check_type(where: str, field: str, value, types: tuple[type, ...]) -> None:
+    """`value` (when given) is one of `types`; bools are not numbers here."""
+    if value is None:
+        return
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        wanted = " or ".join("a string" if t is str else f"an {t.__name__}" for t in types)
+        raise PromptError(f"{where}: field '{field}' must be {wanted}, got "
+                          f"{type(value).__name__}")
+
+
 def _normalize_row(where: str, row: dict, default_lang: str | None) -> dict:
     prompt_id = row.get("prompt_id", row.get("id"))
+    _check_type(where, "prompt_id", prompt_id, (str, int))
     if prompt_id is None or str(prompt_id).strip() == "":
         raise PromptError(f"{where}: missing field 'prompt_id'")
+    for field in ("lang", "prompt", "split", "source"):
+        _check_type(where, field, row.get(field), (str,))
     lang = row.get("lang", row.get("language")) or default_lang
     if lang is None:
         raise PromptError(
@@ -99,10 +126,12 @@ def _normalize_row(where: str, row: dict, default_lang: str | None) -> dict:
     prompt = row.get("prompt")
     if messages is not None:
         if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages
         ):
             raise PromptError(
-                f"{where}: field 'messages' must be a list of {{role, content}} objects"
+                f"{where}: field 'messages' must be a list of {{role, content}} objects "
+                "with string values"
             )
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
         if prompt is None:
@@ -168,6 +197,28 @@ def load_prompts(path: str, *, dataset_split: str = "train") -> pl.DataFrame:
             f"lang {first['lang']!r}; each (prompt_id, lang) must be unique"
         )
     return df.sort("lang", "prompt_id")
+
+
+def check_coverage(prompts: pl.DataFrame, languages: list[str], *, path: str,
+                   splits: dict[str, str], translate_from: str | None = None) -> None:
+    """Every configured language has prompts (or, when translating, the source language
+    has them), in every split the run uses (`splits`: the setting that picks it -> split)."""
+    have = sorted(prompts["lang"].unique())
+    needed = [translate_from] if translate_from else languages
+    for lang in needed:
+        rows = prompts.filter(pl.col("lang") == lang)
+        if rows.is_empty():
+            if translate_from:
+                raise PromptError(f"{path}: prompts.translate.source_lang is {lang!r} but the "
+                                  f"file has prompts in {have} only")
+            raise PromptError(
+                f"{path}: no prompts in language {lang!r} (the source has {have}); remove it "
+                "from `languages` or add prompts.translate to translate from one language")
+        for setting, split in splits.items():
+            if split != "all" and rows.filter(pl.col("split") == split).is_empty():
+                raise PromptError(
+                    f"{path}: language {lang!r} has no prompts with split {split!r} "
+                    f"({setting}); add some, or set {setting} to another split")
 
 
 def _load_hf(path: str, dataset_split: str) -> pl.DataFrame:

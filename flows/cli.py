@@ -5,6 +5,11 @@
     croco deploy [--name croco-pipeline/default ...]
     croco config show [CONFIG] [--set key=value ...]
     croco pairs show URI [--n 3]
+
+A mistake the user can fix (`croco.errors.UserError`: config, prompts, model paths, storage)
+ends any command with one `error: ...` line on stderr and exit code 2; `croco run` finds
+them before it starts Prefect or loads a model (`croco.preflight`). Anything else ends with
+one line naming the exception and exit code 1. `--debug` (or CROCO_DEBUG=1) shows tracebacks.
 """
 
 from __future__ import annotations
@@ -15,16 +20,21 @@ import os
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import functools  # noqa: E402
+import logging  # noqa: E402
 import sys  # noqa: E402
 from typing import Annotated, Optional  # noqa: E402
 
+import click  # noqa: E402
 import polars as pl  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from croco import storage  # noqa: E402
 from croco.config import ConfigError, dump_config, load_config  # noqa: E402
+from croco.errors import root_user_error  # noqa: E402
 
 app = typer.Typer(help="CroCo: cross-lingual contrastive preference tuning on self-generations.",
                   no_args_is_help=True, add_completion=False)
@@ -39,9 +49,71 @@ ConfigArg = Annotated[Optional[str], typer.Argument(help="YAML config (default: 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. generation.k=8")]
 
 
+_debug = os.environ.get("CROCO_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(
+        "--debug", envvar="CROCO_DEBUG",
+        help="show tracebacks (default: one `error:` line; exit 2 bad input, 1 a failure)")]
+        = False) -> None:
+    global _debug
+    _debug = _debug or debug
+
+
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {storage.redact(message)}", highlight=False)
+    """End the command with exactly one `error: ...` line on stderr."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    # Escaped: messages hold brackets (experiments[dpo], lists) that are not Rich markup.
+    err.print(f"[bold red]error:[/] {escape(storage.redact(line))}", highlight=False,
+              soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _clean_errors(command):
+    """Run a command; a user's mistake (anywhere in the exception's chain, as when Prefect
+    re-raises a task's error) ends it with one line and exit 2, a bug with one line and
+    exit 1. With --debug, every failure raises with its traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException,
+                click.exceptions.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure ends in one line
+            user = root_user_error(e)
+            if _debug:
+                raise
+            # The error line is the last word: no "stopping temporary server" after it.
+            logging.getLogger("prefect").setLevel(logging.WARNING)
+            if user is not None:
+                _fail(str(user))
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+            _fail(f"{type(e).__name__}: {first} (run with --debug for the traceback)", code=1)
+    return wrapper
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    """Drops the traceback of a log record about a user's mistake, keeping its one-line
+    message (Prefect logs a failed task and flow with the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and root_user_error(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Without --debug: no traceback for a UserError in Prefect's console logs."""
+    if _debug:
+        return
+    quiet = _NoUserErrorTracebacks()
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("prefect")]
+    for logger in [logging.getLogger(n) for n in names] + [logging.root]:
+        for target in [logger, *logger.handlers]:
+            if not any(isinstance(f, _NoUserErrorTracebacks) for f in target.filters):
+                target.addFilter(quiet)
 
 
 def _load(config: str | None, overrides: list[str] | None):
@@ -98,6 +170,7 @@ def heldout_table(summary) -> Table:
 
 
 @app.command()
+@_clean_errors
 def run(config: ConfigArg = None, set_: SetOpt = None,
         stages: Annotated[Optional[str], typer.Option(
             "--stages", help="stop after: prompts, generate, score, pair, train or evaluate")] = None,
@@ -108,20 +181,24 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
         wait: Annotated[bool, typer.Option(help="with --deployment: wait for the flow run "
                                                 "to finish")] = True) -> None:
     """Run the pipeline (default: the demo on the embedded SmolLM2-135M-Instruct)."""
-    cfg = _load(config, set_)
+    from croco import preflight
+
     wanted = [s.strip() for s in stages.split(",")] if stages else None
-    from croco.prompts import PromptError
+    preflight.check_stages(wanted)
+    cfg = _load(config, set_)
+    if not deployment:
+        # Every input, model path and the data root, before Prefect starts or a model loads
+        # (a deployment's run reads them on its workers, which this machine cannot see).
+        preflight.check(cfg, config_path=config, stages=wanted)
     from flows.local import TemporaryAPI, run_until_stopped, wants_temporary_api
 
     api = None
     if not deployment and wants_temporary_api():
         api = TemporaryAPI().start()  # boots while the pipeline's modules import
     try:
-        from flows.pipeline import STAGES, croco_pipeline, new_run_id
+        from flows.pipeline import croco_pipeline, new_run_id
 
-        if wanted and set(wanted) - set(STAGES):
-            _fail(f"--stages: unknown {sorted(set(wanted) - set(STAGES))}; "
-                  f"choose from {list(STAGES)}")
+        _quiet_prefect_tracebacks()
         if deployment:
             params: dict = {"stages": wanted, "run_id": run_id}
             if config or set_:
@@ -146,8 +223,6 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
         result = run_until_stopped(
             lambda: croco_pipeline(config=cfg, stages=wanted, run_id=run_id),
             on_stop=stopping, api_url=api.url if api else "", flow_run_name=f"croco-{run_id}")
-    except (PromptError, ValueError, FileNotFoundError) as e:
-        _fail(str(e), code=1)
     finally:
         if api:
             api.stop()
@@ -256,6 +331,7 @@ def _run_on_deployment(name: str, params: dict, wait: bool) -> None:
 
 
 @app.command()
+@_clean_errors
 def deploy(name: Annotated[Optional[list[str]], typer.Option(
                "--name", help="only these deployments, e.g. croco-pipeline/default")] = None,
            prefect_file: Annotated[str, typer.Option(help="deployment declarations")]
@@ -282,6 +358,7 @@ def deploy(name: Annotated[Optional[list[str]], typer.Option(
 
 
 @app.command()
+@_clean_errors
 def blocks(bucket: Annotated[str, typer.Option(help="the bucket croco's data lives in")],
            name: Annotated[str, typer.Option(help="block name")] = "croco",
            endpoint_url: Annotated[Optional[str], typer.Option(
@@ -307,6 +384,7 @@ def blocks(bucket: Annotated[str, typer.Option(help="the bucket croco's data liv
 
 
 @app.command()
+@_clean_errors
 def report(run_id: Annotated[str, typer.Argument(help="a run id (see <data_root>/runs/)")],
            data_root: Annotated[str, typer.Option(help="storage root")] = "./croco-data",
            render_again: Annotated[bool, typer.Option("--render/--no-render",
@@ -329,6 +407,7 @@ def report(run_id: Annotated[str, typer.Argument(help="a run id (see <data_root>
 
 
 @app.command("train-rm")
+@_clean_errors
 def train_rm(preferences: Annotated[str, typer.Argument(help="JSONL/Parquet: prompt, chosen, "
                                                            "rejected")],
              base: Annotated[str, typer.Option(help="base model id or path")],
@@ -351,6 +430,7 @@ def train_rm(preferences: Annotated[str, typer.Argument(help="JSONL/Parquet: pro
 
 
 @config_app.command("show")
+@_clean_errors
 def config_show(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults filled in, overrides applied)."""
     cfg = _load(config, set_)
@@ -358,6 +438,7 @@ def config_show(config: ConfigArg = None, set_: SetOpt = None) -> None:
 
 
 @pairs_app.command("show")
+@_clean_errors
 def pairs_show(uri: Annotated[str, typer.Argument(help="a pairs output URI")],
                n: Annotated[int, typer.Option(help="pairs to print")] = 3) -> None:
     """Print a few pairs and the per-language stats of a pair set."""

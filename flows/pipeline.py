@@ -23,13 +23,12 @@ from prefect.artifacts import create_table_artifact
 
 from croco import storage
 from croco.config import CrocoConfig, apply_overrides, config_from_dict, load_config
+from croco.preflight import STAGES
 from croco.prompts import source_fingerprint
 from croco.stages import STAGE_VERSIONS
 from flows.stages import Stages, resolve
 from tasks import manifest_task, prompts_task, report_task
 from tasks.remote import prepare_run
-
-STAGES = ("prompts", "generate", "score", "pair", "train", "evaluate")
 
 
 def new_run_id() -> str:

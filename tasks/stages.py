@@ -32,6 +32,7 @@ from croco.config import (
     StructuredEvalConfig,
     TrainingConfig,
 )
+from croco.errors import UserError
 from croco.manifest import write_manifest
 
 STAGE_CACHE = INPUTS + TASK_SOURCE
@@ -41,8 +42,8 @@ _TRANSIENT = (OSError, ConnectionError, TimeoutError)
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (ValueError, TypeError, KeyError)):
-        return False
+    if isinstance(exc, (UserError, ValueError, TypeError, KeyError)):
+        return False  # retrying cannot fix bad input
     if isinstance(exc, _TRANSIENT):
         return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
     name = type(exc).__module__
@@ -50,12 +51,23 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def retry_transient(task, task_run, state) -> bool:
-    """Retry only I/O, network and object-storage errors."""
+    """Retry only I/O, network and object-storage errors, and say so in one log line.
+    Prefect asks only while retries remain."""
     try:
         exc = state.result(raise_on_failure=False)
     except Exception as e:  # noqa: BLE001
         exc = e
-    return isinstance(exc, BaseException) and _is_transient(exc)
+    if not (isinstance(exc, BaseException) and _is_transient(exc)):
+        return False
+    try:
+        log = get_run_logger()
+    except Exception:  # noqa: BLE001 - called outside a task run (tests, other engines)
+        log = logging.getLogger("croco.retry")
+    first_line = (str(exc).splitlines() or [""])[0]
+    log.warning(
+        "transient %s in %s: %s; retrying (attempt %d of %d)", type(exc).__name__,
+        task_run.name, storage.redact(first_line), task_run.run_count + 1, task.retries + 1)
+    return True
 
 
 _common = dict(
