@@ -416,6 +416,7 @@ def synth_scores(n_rows: int, *, langs: list[str] = LANGS, k: int = K, seed: int
 
 def write_scored_set(root: str, text_gb: float, *, langs: list[str] = LANGS, k: int = K,
                      text_bytes: int = TEXT_BYTES, shard_prompts: int = 64,
+                     corpus_words: int = 4_000_000,
                      seed: int = 0) -> tuple[dict[str, str], dict[str, str]]:
     """A paper-shaped scored set of about `text_gb` GB of response text under `root`, laid out
     as the prompts and score stages write it; returns (score_uris, prompts_uris) by language."""
@@ -424,7 +425,7 @@ def write_scored_set(root: str, text_gb: float, *, langs: list[str] = LANGS, k: 
     rng = np.random.default_rng(seed)
     words = [("".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(2, 9))))
              for _ in range(4000)]
-    corpus = " ".join(words[i] for i in rng.integers(0, len(words), 4_000_000))
+    corpus = " ".join(words[i] for i in rng.integers(0, len(words), corpus_words))
     n_prompts = max(1, int(text_gb * 1e9 / (len(langs) * k * text_bytes)))
     score_uris, prompts_uris = {}, {}
     for lang in langs:
