@@ -114,7 +114,8 @@ def loop_pools(scores: pl.DataFrame, *, scope: str = "in_lang",
         elif cands:
             dist = {i: abs(xs[i] - target) for i in cands}
             closest = min(dist.values())
-            rejected = next(i for i in cands if dist[i] - closest <= TIE_RTOL * dist[i])
+            rejected = next(i for i in cands
+                            if dist[i] - closest <= TIE_RTOL * max(dist[i], abs(target)))
         else:
             rejected = None
         c = pool[chosen]

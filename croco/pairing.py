@@ -8,10 +8,11 @@ of one prompt_id over every language), ordered by (lang, sample_idx):
    percentile (linear interpolation) for `q1`; the minimum for `min`.
 3. rejected = among the samples strictly below chosen, the one closest to the target;
    ties go to the first in pool order. Distances equal up to float rounding are ties:
-   with d_min the smallest distance |reward - target| among the candidates, every
-   candidate with d - d_min <= 1e-9 * d (`math.isclose` with rel_tol 1e-9) counts as
-   closest. (The 25th percentile of three samples is the midpoint of two of them; which
-   of the two is nearer must not depend on how the target was rounded.)
+   with d_min the smallest distance d = |reward - target| among the candidates, every
+   candidate with d - d_min <= 1e-9 * max(d, |target|) counts as closest (relative to the
+   scale the distance was rounded at). The 25th percentile of three samples is the
+   midpoint of two of them; which of the two is nearer must not depend on how the target
+   was rounded.
 4. A pool of fewer than 2 samples, or with no strictly lower sample, gives no pair (skipped).
 5. `all_lang` takes the prompt text in the chosen sample's language (`prompt_source=chosen`),
    the rejected one's (`rejected`) or a seeded random language of the pool (`random`: one
@@ -165,12 +166,14 @@ def _pick(score: np.ndarray, sizes: np.ndarray, pool_max: np.ndarray, target: np
     if random:
         key = np.full(n, np.inf)
         key[cand] = np.random.default_rng(seed).random(int(cand.sum()))
+        tol = np.zeros(n)  # random draws are exact keys
     else:
-        key = np.where(cand, np.abs(score - np.repeat(target, sizes)), np.inf)
+        t = np.repeat(target, sizes)
+        key = np.where(cand, np.abs(score - t), np.inf)
+        tol = TIE_RTOL * np.maximum(key, np.abs(t))
     closest = np.repeat(np.minimum.reduceat(key, starts), sizes)
     with np.errstate(invalid="ignore"):  # inf - inf where a pool has no candidate
-        # Rule 3's tie: random draws are exact keys, distances are equal within TIE_RTOL.
-        near = cand & ((key == closest) if random else (key - closest <= TIE_RTOL * key))
+        near = cand & (key - closest <= tol)
     rejected = np.minimum.reduceat(np.where(near, pos, n), starts)
     return chosen, rejected
 

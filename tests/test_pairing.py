@@ -253,14 +253,16 @@ def test_distances_equal_up_to_rounding_are_ties():
     assert build_pairs(scores, PROMPTS, reject_target="q1")["rejected"][0] == "p1/en/0"
 
 
-def test_a_distance_beyond_rounding_is_not_a_tie():
-    # min target 1.0: distances 0 (1.0) and 1e-6 (1.000001); only exact-up-to-1e-9 ties.
-    scores = scores_of({("p1", "en"): [1.000001, 1.0, 5.0]})
-    assert build_pairs(scores, PROMPTS, reject_target="min")["rejected"][0] == "p1/en/1"
-    # 2.0 and 2.0000000000000004 around target 1.0 (min): 1.0 vs 1.0000000000000004 -> tie.
-    scores = scores_of({("p1", "en"): [2.0000000000000004, 2.0, 1.0, 5.0]})
+def test_a_tie_is_relative_to_the_target_scale():
+    # target 2.0 (percentile 0 = the minimum): 2.0000000000000004 is 4.4e-16 from it, 2.0 is
+    # on it; 4.4e-16 <= 1e-9 * max(4.4e-16, 2.0): a tie, so the first in pool order wins.
+    scores = scores_of({("p1", "en"): [2.0000000000000004, 2.0, 5.0]})
     assert build_pairs(scores, PROMPTS, reject_target="percentile:0")["rejected"][0] == (
-        "p1/en/2")
+        "p1/en/0")
+    # 1.000001 is 1e-6 from the target 1.0, beyond 1e-9 * 1.0: not a tie, 1.0 wins.
+    scores = scores_of({("p1", "en"): [1.000001, 1.0, 5.0]})
+    assert build_pairs(scores, PROMPTS, reject_target="percentile:0")["rejected"][0] == (
+        "p1/en/1")
 
 
 # ---------------------------------------------- the selection reads the score columns only
