@@ -42,13 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.ab import Case, machine, run_case, table  # noqa: E402
-from croco.pairing import (  # noqa: E402
+from benchmarks.ab import Case, machine, run_case, table
+from croco.pairing import (
     DPO_SCHEMA,
+    PROMPT_SOURCES,
     SCOPES,
     SFT_SCHEMA,
     TIE_RTOL,
-    PROMPT_SOURCES,
     _prompt_langs,
     pair_stats,
     parse_reject_target,
@@ -162,7 +162,7 @@ def _loop_prompt_langs(out: list[dict], present: dict[str, set], scope: str,
         pick = {}
         for pid, u in zip(ids, draws):
             langs = sorted(present[pid])
-            pick[pid] = langs[int(math.floor(u * len(langs)))]
+            pick[pid] = langs[math.floor(u * len(langs))]
     for row in out:
         if row["skipped"]:
             row["prompt_lang"] = None
@@ -500,7 +500,7 @@ def _run_child(which: str, score_uris: dict, prompts_uris: dict, work: str) -> d
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
         "PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
-                          env=env, cwd=str(ROOT))
+                          env=env, cwd=str(ROOT), check=False)
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode:
         raise RuntimeError(f"{which} stage failed:\n{proc.stderr[-3000:]}")
@@ -551,7 +551,7 @@ def _stage_cases(gb: float, tmp: str) -> list[Case]:
             return _run_child(which, *state["uris"], state["work"])["peak_mb"]
         return run
 
-    labels = dict(baseline_label="old stage (all columns)", croco_label="run_pairs")
+    labels = {"baseline_label": "old stage (all columns)", "croco_label": "run_pairs"}
     return [
         Case(f"pair stage wall, {gb:g} GB text", wall("old"), wall("new"), setup=setup, **labels),
         Case(f"pair stage peak RSS, {gb:g} GB text", rss("old"), rss("new"), unit="MB",

@@ -332,9 +332,9 @@ def _texts_of(scores: pl.DataFrame) -> Texts:
 
 def _options(scope: str, reject_target: str, seed: int, min_gap: float,
              drop_truncated: bool, drop_wrong_lang: bool, normalize: str) -> dict:
-    return dict(scope=scope, reject_target=reject_target, seed=seed, min_gap=min_gap,
-                drop_truncated=drop_truncated, drop_wrong_lang=drop_wrong_lang,
-                normalize=normalize)
+    return {"scope": scope, "reject_target": reject_target, "seed": seed, "min_gap": min_gap,
+            "drop_truncated": drop_truncated, "drop_wrong_lang": drop_wrong_lang,
+            "normalize": normalize}
 
 
 def pair_sets(scores: pl.DataFrame, prompts: pl.DataFrame, *, texts: Texts | None = None,

@@ -131,10 +131,7 @@ def write_pair_sets(sets: PairSets, out: str, langs: list[str], seconds: float) 
 
 def pairing_options(pairing: PairingConfig) -> dict:
     """`pair_sets` keyword arguments from the config section."""
-    return dict(scope=pairing.scope, reject_target=pairing.reject_target,
-                prompt_source=pairing.prompt_source, seed=pairing.seed,
-                min_gap=pairing.min_gap, drop_truncated=pairing.drop_truncated,
-                drop_wrong_lang=pairing.drop_wrong_lang, normalize=pairing.normalize)
+    return pairing.model_dump()
 
 
 def pair_shards(parts: list[str], prompts: pl.DataFrame, pairing: PairingConfig) -> PairSets:

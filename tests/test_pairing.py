@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
-
 from polars.testing import assert_frame_equal
 
 from croco.pairing import (
@@ -331,8 +330,12 @@ def _with_texts(scores: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
                          or "default")
 def test_outputs_equal_the_old_pairing_code(opts):
     # Continuous rewards: no ties, where the old code and rule 3's tolerance could differ.
-    from benchmarks.pairing_scale import (old_build_pairs, old_build_sft, old_select_pools,
-                                          synth_scores)
+    from benchmarks.pairing_scale import (
+        old_build_pairs,
+        old_build_sft,
+        old_select_pools,
+        synth_scores,
+    )
 
     scores, prompts = _with_texts(synth_scores(6000, k=9, seed=5))
     select_opts = {k: v for k, v in opts.items() if k != "prompt_source"}
