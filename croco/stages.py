@@ -315,8 +315,9 @@ def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyC
         metrics = train_dpo(data, policy=policy.model, adapter=policy.adapter, cfg=training,
                             out_uri=out, ref_uri=ref_uri, callbacks=callbacks)
     elif method == "online_dpo":
-        from croco.prompts import select_for_generation
         from croco.training.online import train_online_dpo
+
+        from croco.prompts import select_for_generation
 
         if reward is None or not prompts_uris:
             raise ValueError(f"variant {variant_name!r}: online_dpo needs the reward scorers "

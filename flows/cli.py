@@ -15,16 +15,16 @@ import os
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import sys
-from typing import Annotated
+import sys  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
 
-import polars as pl
-import typer
-from rich.console import Console
-from rich.table import Table
+import polars as pl  # noqa: E402
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
-from croco import storage
-from croco.config import ConfigError, dump_config, load_config
+from croco import storage  # noqa: E402
+from croco.config import ConfigError, dump_config, load_config  # noqa: E402
 
 app = typer.Typer(help="CroCo: cross-lingual contrastive preference tuning on self-generations.",
                   no_args_is_help=True, add_completion=False)
@@ -35,8 +35,8 @@ app.add_typer(pairs_app, name="pairs")
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
-ConfigArg = Annotated[str | None, typer.Argument(help="YAML config (default: the demo)")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. generation.k=8")]
+ConfigArg = Annotated[Optional[str], typer.Argument(help="YAML config (default: the demo)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. generation.k=8")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -99,10 +99,10 @@ def heldout_table(summary) -> Table:
 
 @app.command()
 def run(config: ConfigArg = None, set_: SetOpt = None,
-        stages: Annotated[str | None, typer.Option(
+        stages: Annotated[Optional[str], typer.Option(
             "--stages", help="stop after: prompts, generate, score, pair, train or evaluate")] = None,
-        run_id: Annotated[str | None, typer.Option(help="name this run")] = None,
-        deployment: Annotated[str | None, typer.Option(
+        run_id: Annotated[Optional[str], typer.Option(help="name this run")] = None,
+        deployment: Annotated[Optional[str], typer.Option(
             help="run on this pipeline deployment (e.g. croco-pipeline/scale-out) through the "
                  "Prefect API instead of in this process")] = None,
         wait: Annotated[bool, typer.Option(help="with --deployment: wait for the flow run "
@@ -237,15 +237,14 @@ def _run_on_deployment(name: str, params: dict, wait: bool) -> None:
 
 
 @app.command()
-def deploy(name: Annotated[list[str] | None, typer.Option(
+def deploy(name: Annotated[Optional[list[str]], typer.Option(
                "--name", help="only these deployments, e.g. croco-pipeline/default")] = None,
            prefect_file: Annotated[str, typer.Option(help="deployment declarations")]
            = "infra/prefect.yaml") -> None:
     """Create or update croco's Prefect deployments (infra/prefect.yaml) on the current
     Prefect API (PREFECT_API_URL); the same as `prefect --no-prompt deploy --all
     --prefect-file infra/prefect.yaml` run from the project directory."""
-    from flows.deploy import PROJECT_DIR
-    from flows.deploy import deploy as run_deploy
+    from flows.deploy import PROJECT_DIR, deploy as run_deploy
 
     if not (PROJECT_DIR / prefect_file).is_file():
         _fail(f"{PROJECT_DIR / prefect_file} not found: deploy from a croco checkout")
@@ -257,9 +256,9 @@ def deploy(name: Annotated[list[str] | None, typer.Option(
 @app.command()
 def blocks(bucket: Annotated[str, typer.Option(help="the bucket croco's data lives in")],
            name: Annotated[str, typer.Option(help="block name")] = "croco",
-           endpoint_url: Annotated[str | None, typer.Option(
+           endpoint_url: Annotated[Optional[str], typer.Option(
                help="S3 endpoint (default: AWS_ENDPOINT_URL; none: AWS)")] = None,
-           region: Annotated[str | None, typer.Option(help="AWS region")] = None,
+           region: Annotated[Optional[str], typer.Option(help="AWS region")] = None,
            results_folder: Annotated[str, typer.Option(
                help="folder of the bucket for Prefect's results")] = "prefect-results") -> None:
     """Save Prefect blocks for a cluster from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY:
@@ -306,7 +305,7 @@ def train_rm(preferences: Annotated[str, typer.Argument(help="JSONL/Parquet: pro
                                                            "rejected")],
              base: Annotated[str, typer.Option(help="base model id or path")],
              out: Annotated[str, typer.Option(help="output URI (a folder)")],
-             config: Annotated[str | None, typer.Option(help="YAML for training.*")] = None,
+             config: Annotated[Optional[str], typer.Option(help="YAML for training.*")] = None,
              set_: SetOpt = None) -> None:
     """Train a reward model (TRL RewardTrainer, one label) on English preference pairs; use
     the result as a `classifier` scorer: reward.scorers: [{type: classifier, model: OUT/model}]."""
@@ -351,7 +350,6 @@ def pairs_show(uri: Annotated[str, typer.Argument(help="a pairs output URI")],
         console.print(stats_table(storage.read_parquet(stats_uri), f"{pairs.height} pairs"))
 
 
-
 @pairs_app.command("build")
 def pairs_build(scores: Annotated[str, typer.Option(
                     "--scores", help="scored set: a folder or glob of Parquet with prompt_id, "
@@ -360,7 +358,7 @@ def pairs_build(scores: Annotated[str, typer.Option(
                     "--prompts", help="prompt source, as prompts.path: JSONL/Parquet file or "
                                       "folder")],
                 out: Annotated[str, typer.Option("--out", help="output folder (new or empty)")],
-                set_: Annotated[list[str] | None, typer.Option(
+                set_: Annotated[Optional[list[str]], typer.Option(
                     "--set", help="pairing override, e.g. pairing.scope=all_lang")] = None) -> None:
     """Run the pair stage on a scored set made by an earlier run or elsewhere; writes dpo/,
     sft/, pools.parquet, stats.parquet and _SUCCESS under --out."""
@@ -378,6 +376,7 @@ def pairs_build(scores: Annotated[str, typer.Option(
                                           f"{cfg.pairing.reject_target})"))
     console.print(f"DPO pairs: [green]{storage.join(out, 'dpo')}[/]")
     console.print(f"SFT rows:  [green]{storage.join(out, 'sft')}[/]")
+
 
 def main() -> None:  # pragma: no cover
     app()
