@@ -325,40 +325,24 @@ def pairs_key(score_uris: dict[str, str], prompts_uris: dict[str, str],
     })
 
 
-def _write_partitioned(df: pl.DataFrame, uri: str, lang_col: str, langs: list[str]) -> None:
-    for lang in langs:
-        part = df.filter(pl.col(lang_col) == lang)
-        storage.write_parquet(part, storage.join(uri, f"lang={lang}", "data.parquet"))
-
-
 def run_pairs(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing: PairingConfig,
               data_root: str) -> str:
-    """DPO pairs and SFT rows from the scores of every language, plus per-language stats."""
-    from croco.pairing import build_pairs, build_sft, pair_stats, select_pools
+    """DPO pairs and SFT rows from the scores of every language, plus per-language stats.
+
+    Reads the score columns of every shard, selects the pools once, then fetches only the
+    chosen and rejected texts shard by shard (`croco.pairs_io`)."""
+    from croco import pairs_io
 
     t0 = time.perf_counter()
     out = storage.join(data_root, "pairs", pairs_key(score_uris, prompts_uris, pairing))
     if storage.is_complete(out):
         return out
     langs = sorted(score_uris)
-    scores = pl.concat([storage.read_parquet(score_uris[lang]) for lang in langs],
-                       how="diagonal_relaxed")
+    parts = [p for lang in langs for p in storage.parquet_files(score_uris[lang])]
     prompts = pl.concat([storage.read_parquet(storage.join(prompts_uris[lang], "data.parquet"))
                          for lang in langs], how="diagonal_relaxed")
-    opts = dict(scope=pairing.scope, reject_target=pairing.reject_target, seed=pairing.seed,
-                min_gap=pairing.min_gap, drop_truncated=pairing.drop_truncated,
-                drop_wrong_lang=pairing.drop_wrong_lang, normalize=pairing.normalize)
-    pools = select_pools(scores, **opts)
-    dpo = build_pairs(scores, prompts, prompt_source=pairing.prompt_source, **opts)
-    sft = build_sft(scores, prompts, scope=pairing.scope)
-    stats = pair_stats(scores, pools, dpo)
-    _write_partitioned(dpo, storage.join(out, "dpo"), "prompt_lang", langs)
-    _write_partitioned(sft, storage.join(out, "sft"), "lang", langs)
-    storage.write_parquet(pools, storage.join(out, "pools.parquet"))
-    storage.write_parquet(stats, storage.join(out, "stats.parquet"))
-    storage.mark_complete(out, {"rows": dpo.height, "sft_rows": sft.height,
-                                "skipped": int(pools["skipped"].sum()),
-                                "seconds": round(time.perf_counter() - t0, 3)})
+    sets = pairs_io.pair_shards(parts, prompts, pairing)
+    pairs_io.write_pair_sets(sets, out, langs, time.perf_counter() - t0)
     return out
 
 

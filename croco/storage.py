@@ -162,6 +162,50 @@ def read_parquet(uri: str) -> pl.DataFrame:
         return pl.from_arrow(pq.read_table(fh))
 
 
+def parquet_files(uri: str) -> list[str]:
+    """The Parquet files `uri` names, as full URIs, sorted: the file itself, every
+    `*.parquet` below a folder (temporary files left out) or the matches of a glob (`*`,
+    `?`, `[`). Empty when nothing matches."""
+    protocol, _ = _split(uri)
+    fs, path = filesystem(uri)
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = fs.find(path)
+    else:
+        found = [path] if fs.exists(path) else []
+    files = sorted(p for p in found if p.endswith(".parquet") and ".tmp-" not in p)
+    return files if protocol == "file" else [f"{protocol}://{p}" for p in files]
+
+
+def polars_storage_options(uri: str) -> dict[str, str] | None:
+    """croco's endpoint and credentials for `uri` in the form polars' native readers
+    (`pl.scan_parquet`) take; None for local paths. Whatever is not set here polars takes
+    from the environment (AWS_*)."""
+    protocol, _ = _split(uri)
+    if protocol == "file":
+        return None
+    opts = _storage_options(protocol)
+    names = {"endpoint_url": "aws_endpoint_url", "key": "aws_access_key_id",
+             "secret": "aws_secret_access_key", "token": "aws_session_token"}
+    out = {names[k]: v for k, v in opts.items() if k in names}
+    region = (opts.get("client_kwargs") or {}).get("region_name")
+    if region:
+        out["aws_region"] = region
+    if out.get("aws_endpoint_url", "").startswith("http://"):
+        out["aws_allow_http"] = "true"
+    return out
+
+
+def scan_parquet(uri: str) -> pl.LazyFrame:
+    """A lazy scan of one Parquet file (local or object storage) with polars' native reader,
+    so that `select` reads only the projected columns."""
+    protocol, _ = _split(uri)
+    path = os.path.abspath(_split(uri)[1]) if protocol == "file" else uri
+    return pl.scan_parquet(path, storage_options=polars_storage_options(uri),
+                           hive_partitioning=False)
+
+
 def list_dir(uri: str) -> list[str]:
     """Names (not paths) directly under `uri`; empty if it does not exist."""
     fs, path = filesystem(uri)

@@ -459,6 +459,34 @@ def pairs_show(uri: Annotated[str, typer.Argument(help="a pairs output URI")],
         console.print(stats_table(storage.read_parquet(stats_uri), f"{pairs.height} pairs"))
 
 
+@pairs_app.command("build")
+def pairs_build(scores: Annotated[str, typer.Option(
+                    "--scores", help="scored set: a folder or glob of Parquet with prompt_id, "
+                                     "lang (or lang=xx folders), sample_idx, response, reward")],
+                prompts: Annotated[str, typer.Option(
+                    "--prompts", help="prompt source, as prompts.path: JSONL/Parquet file or "
+                                      "folder")],
+                out: Annotated[str, typer.Option("--out", help="output folder (new or empty)")],
+                set_: Annotated[Optional[list[str]], typer.Option(
+                    "--set", help="pairing override, e.g. pairing.scope=all_lang")] = None) -> None:
+    """Run the pair stage on a scored set made by an earlier run or elsewhere; writes dpo/,
+    sft/, pools.parquet, stats.parquet and _SUCCESS under --out."""
+    from croco.pairs_io import build
+
+    bad = [s for s in set_ or [] if not s.startswith("pairing.")]
+    if bad:
+        _fail(f"--set {bad[0]}: pairs build takes pairing.* settings only")
+    cfg = _load(None, set_)
+    try:
+        sets = build(scores, prompts, cfg.pairing, out)
+    except (ValueError, FileNotFoundError, pl.exceptions.PolarsError) as e:
+        _fail(str(e), code=1)
+    console.print(stats_table(sets.stats, f"{sets.dpo.height} pairs ({cfg.pairing.scope}, "
+                                          f"{cfg.pairing.reject_target})"))
+    console.print(f"DPO pairs: [green]{storage.join(out, 'dpo')}[/]")
+    console.print(f"SFT rows:  [green]{storage.join(out, 'sft')}[/]")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
-from croco.pairing import build_pairs, build_sft, pair_stats, parse_reject_target, select_pools
+from croco.pairing import (
+    build_pairs,
+    build_sft,
+    pair_sets,
+    pair_stats,
+    parse_reject_target,
+    select_pools,
+)
 
 
 def scores_of(pools: dict[tuple[str, str], list[float]], **extra_cols) -> pl.DataFrame:
@@ -220,3 +228,143 @@ def test_stats_count_pairs_and_skipped_per_language():
         ("de", 1, 3, 1, 0), ("en", 1, 4, 1, 0), ("fr", 1, 1, 0, 1)]
     assert stats.filter(pl.col("lang") == "en")["gap_mean"][0] == pytest.approx(4.0)
     assert stats["lang_match"].to_list() == [1.0, 1.0, 1.0]
+
+
+# ------------------------------------------------------------- rule 3: ties up to rounding
+
+
+def test_equidistant_candidates_go_to_the_first_in_pool_order():
+    # 1 2 3 with q1: sorted position 0.25 * 2 = 0.5 -> target 1.5; |1 - 1.5| = |2 - 1.5| = 0.5.
+    pairs = build_pairs(scores_of({("p1", "en"): [1.0, 2.0, 3.0],
+                                   ("p2", "en"): [2.0, 1.0, 3.0]}), PROMPTS, reject_target="q1")
+    assert pairs.select("prompt_id", "chosen", "rejected").rows() == [
+        ("p1", "p1/en/2", "p1/en/0"), ("p2", "p2/en/2", "p2/en/0")]
+
+
+def test_distances_equal_up_to_rounding_are_ties():
+    # 0.1 0.2 0.3 with q1: target 0.1 + 0.5 * (0.2 - 0.1), which rounds to 0.15000000000000002,
+    # so the raw distances are 0.05000000000000002 (0.1) and 0.04999999999999999 (0.2): the
+    # later sample is "closer" only by rounding. Both are 0.05: the first in pool order wins.
+    target = 0.1 + 0.5 * (0.2 - 0.1)
+    assert abs(0.1 - target) > abs(0.2 - target)
+    scores = scores_of({("p1", "en"): [0.1, 0.2, 0.3]})
+    assert select_pools(scores, reject_target="q1")["target"][0] == target
+    assert build_pairs(scores, PROMPTS, reject_target="q1")["rejected"][0] == "p1/en/0"
+
+
+def test_a_tie_is_relative_to_the_target_scale():
+    # target 2.0 (percentile 0 = the minimum): 2.0000000000000004 is 4.4e-16 from it, 2.0 is
+    # on it; 4.4e-16 <= 1e-9 * max(4.4e-16, 2.0): a tie, so the first in pool order wins.
+    scores = scores_of({("p1", "en"): [2.0000000000000004, 2.0, 5.0]})
+    assert build_pairs(scores, PROMPTS, reject_target="percentile:0")["rejected"][0] == (
+        "p1/en/0")
+    # 1.000001 is 1e-6 from the target 1.0, beyond 1e-9 * 1.0: not a tie, 1.0 wins.
+    scores = scores_of({("p1", "en"): [1.000001, 1.0, 5.0]})
+    assert build_pairs(scores, PROMPTS, reject_target="percentile:0")["rejected"][0] == (
+        "p1/en/1")
+
+
+# ---------------------------------------------- the selection reads the score columns only
+
+
+def test_pools_are_selected_without_texts():
+    scores = scores_of(ALL).drop("response")
+    pools = select_pools(scores, scope="all_lang")
+    assert pools.columns == ["prompt_id", "pool_lang", "pool_size", "target", "chosen_lang",
+                             "chosen_sample_idx", "chosen_score", "rejected_lang",
+                             "rejected_sample_idx", "rejected_score", "skipped"]
+    assert pools.select("chosen_lang", "chosen_sample_idx", "rejected_lang",
+                        "rejected_sample_idx").row(0) == ("en", 1, "de", 2)
+
+
+def test_pair_sets_fetch_texts_of_the_selected_rows_only():
+    scores = scores_of(ALL)
+    asked = []
+
+    def texts(rows):
+        asked.extend(rows.to_list())
+        return scores["response"].gather(rows)
+
+    sets = pair_sets(scores.drop("response"), PROMPTS, texts=texts)
+    # rows: de 0..2, en 3..6, fr 7. DPO: de 3 (row 0) vs 0 (row 2), en 5 (row 4) vs 1 (row 3);
+    # SFT: the chosen of each pool, fr's pool of one included (row 7).
+    assert sorted(set(asked)) == [0, 2, 3, 4, 7]
+    assert sets.dpo.equals(build_pairs(scores, PROMPTS))
+    assert sets.sft.equals(build_sft(scores, PROMPTS))
+    assert sets.stats.equals(pair_stats(scores, select_pools(scores), build_pairs(scores, PROMPTS)))
+
+
+# ------------------------------- the references: the old pairing code and a plain loop of the rule
+
+OPTIONS = [
+    {},
+    {"scope": "all_lang"},
+    {"reject_target": "q1"},
+    {"reject_target": "mean_minus_sigma", "scope": "all_lang"},
+    {"reject_target": "percentile:30"},
+    {"reject_target": "min", "scope": "all_lang"},
+    {"reject_target": "max_min"},
+    {"reject_target": "random", "seed": 3},
+    {"reject_target": "random", "seed": 4, "scope": "all_lang"},
+    {"min_gap": 1.0},
+    {"drop_truncated": True},
+    {"drop_wrong_lang": True, "scope": "all_lang"},
+    {"normalize": "zscore_per_lang", "scope": "all_lang"},
+    {"scope": "all_lang", "prompt_source": "rejected"},
+    {"scope": "all_lang", "prompt_source": "random", "seed": 9},
+    {"scope": "all_lang", "prompt_source": "random", "seed": 1, "drop_truncated": True,
+     "drop_wrong_lang": True, "normalize": "zscore_per_lang", "min_gap": 0.3,
+     "reject_target": "random"},
+]
+
+
+def _with_texts(scores: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    scores = scores.with_columns(
+        response=pl.format("{}/{}/{}", "prompt_id", "lang", "sample_idx"))
+    prompts = scores.select("prompt_id", "lang").unique().with_columns(
+        prompt=pl.format("{} in {}", "prompt_id", "lang"))
+    return scores, prompts
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "default")
+def test_outputs_equal_the_old_pairing_code(opts):
+    # Continuous rewards: no ties, where the old code and rule 3's tolerance could differ.
+    from benchmarks.pairing_scale import (
+        old_build_pairs,
+        old_build_sft,
+        old_select_pools,
+        synth_scores,
+    )
+
+    scores, prompts = _with_texts(synth_scores(6000, k=9, seed=5))
+    select_opts = {k: v for k, v in opts.items() if k != "prompt_source"}
+    sets = pair_sets(scores.drop("response"), prompts,
+                     texts=lambda rows: scores["response"].gather(rows), **opts)
+    old_pairs = old_build_pairs(scores, prompts, **opts)
+    old_pools = old_select_pools(scores, **select_opts)
+    assert sets.dpo.height > 50
+    assert_frame_equal(sets.dpo, old_pairs)
+    assert_frame_equal(build_pairs(scores, prompts, **opts), old_pairs)
+    assert_frame_equal(sets.sft, old_build_sft(scores, prompts, scope=opts.get("scope",
+                                                                               "in_lang")))
+    assert_frame_equal(sets.stats, pair_stats(scores, old_pools, old_pairs))
+    assert_frame_equal(sets.pools, old_pools.select(sets.pools.columns))
+
+
+@pytest.mark.parametrize("ties", [True, False], ids=["ties", "continuous"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "default")
+def test_vectorised_selection_equals_the_plain_loop(opts, ties):
+    # Pools of 7: the 25th percentile is a midpoint; rewards on a 0.5 grid tie often.
+    from benchmarks.pairing_scale import loop_pools, synth_scores, vectorised_pools
+
+    scores = synth_scores(5000, k=7, seed=11, ties=ties)
+    loop = loop_pools(scores, **opts)
+    vec = vectorised_pools(scores, **opts).select(loop.columns)
+    assert loop.height == vec.height > 50
+    assert loop["skipped"].sum() < loop.height
+    assert_frame_equal(vec.drop("target"), loop.drop("target"), check_dtypes=False)
+    # The targets are the same statistics summed in another order: equal to rounding.
+    assert_frame_equal(vec.select("target"), loop.select("target"), check_exact=False,
+                       rel_tol=1e-12)
