@@ -39,7 +39,7 @@ from croco.config import (
 log = logging.getLogger(__name__)
 
 #: Bump a stage's version when its output for the same inputs changes.
-STAGE_VERSIONS = {"prompts": 1, "generations": 1, "scores": 1, "pairs": 1}
+STAGE_VERSIONS = {"prompts": 1, "generations": 1, "scores": 1, "pairs": 2}
 
 Progress = Callable[[int, int], None]
 

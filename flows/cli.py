@@ -5,6 +5,7 @@
     croco deploy [--name croco-pipeline/default ...]
     croco config show [CONFIG] [--set key=value ...]
     croco pairs show URI [--n 3]
+    croco pairs build --scores URI --prompts SOURCE --out URI [--set pairing.KEY=VALUE ...]
 
 A mistake the user can fix (`croco.errors.UserError`: config, prompts, model paths, storage)
 ends any command with one `error: ...` line on stderr and exit code 2; `croco run` finds
@@ -460,6 +461,7 @@ def pairs_show(uri: Annotated[str, typer.Argument(help="a pairs output URI")],
 
 
 @pairs_app.command("build")
+@_clean_errors
 def pairs_build(scores: Annotated[str, typer.Option(
                     "--scores", help="scored set: a folder or glob of Parquet with prompt_id, "
                                      "lang (or lang=xx folders), sample_idx, response, reward")],
@@ -480,7 +482,7 @@ def pairs_build(scores: Annotated[str, typer.Option(
     try:
         sets = build(scores, prompts, cfg.pairing, out)
     except (ValueError, FileNotFoundError, pl.exceptions.PolarsError) as e:
-        _fail(str(e), code=1)
+        _fail(str(e))  # the scored set or the prompts: bad input
     console.print(stats_table(sets.stats, f"{sets.dpo.height} pairs ({cfg.pairing.scope}, "
                                           f"{cfg.pairing.reject_target})"))
     console.print(f"DPO pairs: [green]{storage.join(out, 'dpo')}[/]")
