@@ -63,10 +63,11 @@ def check(cfg: CrocoConfig, *, config_path: str | None = None,
 
 
 def check_stages(stages: list[str] | None) -> None:
-    """`--stages` names known stages only."""
+    """`--until` (or `--stages`) names known stages only."""
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:
-        raise UserError(f"--stages: unknown {unknown}; choose from {list(STAGES)}")
+        raise UserError(f"--until: unknown stage {', '.join(unknown)}; choose from "
+                        f"{', '.join(STAGES)}")
 
 
 def _last_stage(cfg: CrocoConfig, stages: list[str] | None) -> int:

@@ -1,6 +1,6 @@
 """The `croco` command.
 
-    croco run [CONFIG] [--set key=value ...] [--stages prompts,generate,score,pair]
+    croco run [CONFIG] [--set key=value ...] [--until prompts|generate|score|pair|train|evaluate]
     croco run [CONFIG] [--set ...] --deployment croco-pipeline/scale-out
     croco deploy [--name croco-pipeline/default ...]
     croco config show [CONFIG] [--set key=value ...]
@@ -173,8 +173,12 @@ def heldout_table(summary) -> Table:
 @app.command()
 @_clean_errors
 def run(config: ConfigArg = None, set_: SetOpt = None,
+        until: Annotated[Optional[str], typer.Option(
+            "--until", help="stop after this stage: prompts, generate, score, pair, train or "
+                            "evaluate (default: the whole pipeline)")] = None,
         stages: Annotated[Optional[str], typer.Option(
-            "--stages", help="stop after: prompts, generate, score, pair, train or evaluate")] = None,
+            "--stages", hidden=True, help="older spelling of --until: stops after the latest "
+                                          "of the listed stages")] = None,
         run_id: Annotated[Optional[str], typer.Option(help="name this run")] = None,
         deployment: Annotated[Optional[str], typer.Option(
             help="run on this pipeline deployment (e.g. croco-pipeline/scale-out) through the "
@@ -184,7 +188,7 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
     """Run the pipeline (default: the demo on the embedded SmolLM2-135M-Instruct)."""
     from croco import preflight
 
-    wanted = [s.strip() for s in stages.split(",")] if stages else None
+    wanted = [until] if until else [s.strip() for s in stages.split(",")] if stages else None
     preflight.check_stages(wanted)
     cfg = _load(config, set_)
     if not deployment:

@@ -60,7 +60,7 @@ def test_stages_limit_what_is_checked(tmp_path, prompt_file):
     with pytest.raises(ModelNotFoundError, match=r"policy\.model: local model path .*gone "
                                                  r"does not exist"):
         preflight.check(cfg, stages=["prompts", "generate"])
-    with pytest.raises(UserError, match=r"--stages: unknown \['sample'\]; choose from"):
+    with pytest.raises(UserError, match=r"--until: unknown stage sample; choose from prompts, "):
         preflight.check(cfg, stages=["sample"])
 
 

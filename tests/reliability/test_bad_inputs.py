@@ -144,8 +144,10 @@ CASES = [
     ("cli-set-bad-list-index", lambda w, s3: ["run", w.config(), "--set",
                                               "reward.scorers.7.weight=2"],
      ["--set 'reward.scorers.7.weight=2': no list index '7'"]),
-    ("cli-unknown-stage", lambda w, s3: ["run", w.config(), "--stages", "prompts,bogus"],
-     ["--stages: unknown ['bogus']", "choose from ['prompts', 'generate'"]),
+    ("cli-unknown-stage", lambda w, s3: ["run", w.config(), "--until", "bogus"],
+     ["--until: unknown stage bogus", "choose from prompts, generate"]),
+    ("cli-unknown-stage-in-list", lambda w, s3: ["run", w.config(), "--stages", "prompts,bogus"],
+     ["--until: unknown stage bogus", "choose from prompts, generate"]),
     # ---------------------------------------------------------------------- prompts
     ("prompts-missing-file", lambda w, s3: ["run", w.config(
         **{"prompts.path": str(w.tmp / "missing.jsonl")})],

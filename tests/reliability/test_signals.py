@@ -65,7 +65,7 @@ def _env(prefect_home: Path) -> dict:
 
 
 def _start(config: str, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([_croco(), "run", config, "--stages", "train"], env=env,
+    return subprocess.Popen([_croco(), "run", config, "--until", "train"], env=env,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
