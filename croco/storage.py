@@ -17,11 +17,12 @@ import json
 import os
 import posixpath
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import polars as pl
-import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # polars and pyarrow load on first use: `croco --help` stays quick
+    import polars as pl
 
 SUCCESS = "_SUCCESS"
 
@@ -146,6 +147,9 @@ def write_parquet(df: pl.DataFrame, uri: str) -> None:
 
 def read_parquet(uri: str) -> pl.DataFrame:
     """Read a Parquet file, or every `*.parquet` below a directory (hive `lang=` aware)."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
     fs, path = filesystem(uri)
     if fs.isdir(path):
         files = sorted(
@@ -200,6 +204,8 @@ def polars_storage_options(uri: str) -> dict[str, str] | None:
 def scan_parquet(uri: str) -> pl.LazyFrame:
     """A lazy scan of one Parquet file (local or object storage) with polars' native reader,
     so that `select` reads only the projected columns."""
+    import polars as pl
+
     protocol, _ = _split(uri)
     path = os.path.abspath(_split(uri)[1]) if protocol == "file" else uri
     return pl.scan_parquet(path, storage_options=polars_storage_options(uri),

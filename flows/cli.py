@@ -27,7 +27,6 @@ import sys  # noqa: E402
 from typing import Annotated, Optional  # noqa: E402
 
 import click  # noqa: E402
-import polars as pl  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
@@ -260,6 +259,8 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
         console.print("reward check, ranking accuracy per language: " + ", ".join(
             f"{r['lang']} {r['accuracy']:.0%}" for r in acc.to_dicts()), highlight=False)
     if "structured" in stage_uris:
+        import polars as pl
+
         frames = []
         for name, uri in stage_uris["structured"].items():
             r = storage.read_parquet(storage.join(uri, "results.parquet"))
@@ -275,6 +276,8 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
 
 
 def structured_table(results) -> Table:
+    import polars as pl
+
     wide = (results.group_by("lang", "model").agg(pl.col("value").mean())
             .pivot(on="model", index="lang", values="value").sort("lang"))
     models = ["base"] + sorted(c for c in wide.columns if c not in ("lang", "base"))
@@ -477,6 +480,8 @@ def pairs_build(scores: Annotated[str, typer.Option(
                     "--set", help="pairing override, e.g. pairing.scope=all_lang")] = None) -> None:
     """Run the pair stage on a scored set made by an earlier run or elsewhere; writes dpo/,
     sft/, pools.parquet, stats.parquet and _SUCCESS under --out."""
+    import polars as pl
+
     from croco.pairs_io import build
 
     bad = [s for s in set_ or [] if not s.startswith("pairing.")]
