@@ -150,9 +150,24 @@ def resize_gpu_limit(slots: int) -> None:
         client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
 
 
-def _log_wait(what: str, holder: str, since: float) -> None:
-    logging.getLogger("croco").warning("%s: waiting for %s (%.0f s so far)", what, holder,
-                                       time.monotonic() - since)
+_holders: list[str] = []  # what holds this process's slots now, for the wait messages
+_last_wait_log = [0.0]
+
+
+def _log_wait(what: str, holder: str, since: float, *, level: int = logging.INFO) -> None:
+    """One line per WAIT_LOG_SECONDS per process, however many tasks queue."""
+    now = time.monotonic()
+    if now - _last_wait_log[0] < WAIT_LOG_SECONDS * 0.9:
+        return
+    _last_wait_log[0] = now
+    logging.getLogger("croco").log(level, "%s: waiting for %s (%.0f s so far)", what, holder,
+                                   now - since)
+
+
+def _local_holder() -> str:
+    held = ", ".join(_holders) or "nothing (releasing)"
+    return (f"one of this process's {_gate_slots} GPU slot(s) (orchestration.gpu_slots), "
+            f"held by {held}")
 
 
 def _global_holder() -> str:
@@ -173,8 +188,8 @@ def gpu_slot(what: str = "GPU stage"):
     """Hold one GPU slot for the duration of the block (see the notes above)."""
     gate, since = _gate, time.monotonic()
     while not gate.acquire(timeout=WAIT_LOG_SECONDS):
-        _log_wait(what, f"one of this process's {_gate_slots} GPU slot(s) "
-                        "(orchestration.gpu_slots)", since)
+        _log_wait(what, _local_holder(), since)
+    _holders.append(what)
     try:
         if not _global:
             yield
@@ -190,8 +205,9 @@ def gpu_slot(what: str = "GPU stage"):
             except TimeoutError:
                 if entered:
                     raise
-                _log_wait(what, _global_holder(), since)
+                _log_wait(what, _global_holder(), since, level=logging.WARNING)
     finally:
+        _holders.remove(what)
         gate.release()
 
 

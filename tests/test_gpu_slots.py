@@ -81,13 +81,44 @@ def test_a_wait_for_a_slot_is_logged(clean_limit, monkeypatch, caplog):
     t = threading.Thread(target=holder)
     t.start()
     time.sleep(0.05)
-    with caplog.at_level(logging.WARNING, logger="croco"):
+    monkeypatch.setattr(ts, "_last_wait_log", [0.0])
+    with caplog.at_level(logging.INFO, logger="croco"):
         threading.Timer(0.35, release.set).start()
         with ts.gpu_slot("score-en"):
             pass
     t.join()
     waits = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
     assert waits and waits[0].startswith("score-en: waiting for one of this process's 1 GPU slot")
+    assert "held by train-dpo" in waits[0]
+
+
+def test_many_waiting_tasks_log_one_line_per_interval(clean_limit, monkeypatch, caplog):
+    ts.configure_gpu_slots(1, "local")
+    monkeypatch.setattr(ts, "WAIT_LOG_SECONDS", 0.2)
+    monkeypatch.setattr(ts, "_last_wait_log", [0.0])
+    release = threading.Event()
+
+    def holder():
+        with ts.gpu_slot("generate-en"):
+            release.wait(5)
+
+    def waiter(name):
+        with ts.gpu_slot(name):
+            pass
+
+    threads = [threading.Thread(target=holder)] + [
+        threading.Thread(target=waiter, args=(f"generate-{lang}",)) for lang in ("de", "fr", "nl")]
+    with caplog.at_level(logging.INFO, logger="croco"):
+        threads[0].start()
+        time.sleep(0.05)
+        for t in threads[1:]:
+            t.start()
+        time.sleep(0.5)  # two intervals and a half
+        release.set()
+        for t in threads:
+            t.join()
+    waits = [r for r in caplog.records if "waiting for" in r.getMessage()]
+    assert 1 <= len(waits) <= 3  # not one per waiting task per interval (that would be ~6)
 
 
 def test_a_failure_inside_the_slot_releases_it(clean_limit):
