@@ -40,6 +40,20 @@ def make_scorer(cfg, *, device: str = "auto"):
     raise TypeError(f"unknown scorer config {cfg!r}")
 
 
+def weighted_reward(scorer_cfgs: list, scorers: list, prompts: list[str], responses: list[str],
+                    langs: list[str], *, progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`reward` = sum over scorers of weight x score, and each scorer's scores by name.
+    Every scorer has one interface: `score(prompts, responses, progress, langs=...)`."""
+    total = np.zeros(len(responses), dtype=np.float64)
+    each: dict[str, np.ndarray] = {}
+    for cfg, scorer in zip(scorer_cfgs, scorers):
+        values = np.asarray(scorer.score(prompts, responses, progress, langs=langs),
+                            dtype=np.float64)
+        each[cfg.name] = values
+        total += cfg.weight * values
+    return total, each
+
+
 def score_frame(generations: pl.DataFrame, prompts: pl.DataFrame, scorer_cfgs: list, *,
                 device: str = "auto", progress=None) -> pl.DataFrame:
     """The scores table: generation columns + reward + reward_<name> + detected_lang, lang_prob.
@@ -59,20 +73,14 @@ def score_frame(generations: pl.DataFrame, prompts: pl.DataFrame, scorer_cfgs: l
     responses = joined["response"].to_list()
     langs = joined["lang"].to_list()
 
-    lid = LanguageIdentifier()
-    detected, probs = lid.detect(responses)
+    detected, probs = LanguageIdentifier().detect(responses)
     out = generations.with_columns(
         pl.Series("detected_lang", detected, dtype=pl.String),
         pl.Series("lang_prob", probs, dtype=pl.Float64),
     )
-    total = np.zeros(len(responses), dtype=np.float64)
-    for cfg in scorer_cfgs:
-        scorer = lid if isinstance(cfg, LangIdScorer) else make_scorer(cfg, device=device)
-        if isinstance(cfg, LangIdScorer):
-            values = np.asarray(scorer.prob_of(responses, langs), dtype=np.float64)
-        else:
-            values = np.asarray(scorer.score(prompt_texts, responses, progress=progress),
-                                dtype=np.float64)
-        out = out.with_columns(pl.Series(f"reward_{cfg.name}", values, dtype=pl.Float64))
-        total += cfg.weight * values
+    scorers = [make_scorer(cfg, device=device) for cfg in scorer_cfgs]
+    total, each = weighted_reward(scorer_cfgs, scorers, prompt_texts, responses, langs,
+                                  progress=progress)
+    out = out.with_columns([pl.Series(f"reward_{name}", values, dtype=pl.Float64)
+                            for name, values in each.items()])
     return out.with_columns(pl.Series("reward", total, dtype=pl.Float64))

@@ -39,7 +39,8 @@ class ClassifierRewardModel:
     def render(self, prompt: str, response: str) -> str:
         return render_pair(self.tokenizer, prompt, response)
 
-    def score(self, prompts: list[str], responses: list[str], progress=None) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], progress=None, *,
+              langs: list[str] | None = None) -> list[float]:
         ids = pair_token_ids(self.tokenizer, prompts, responses, self.max_length)
         return forward_last(self.model, ids, pad_id=self.model.config.pad_token_id,
                             batch_size=self.batch_size, select=lambda logits: logits[:, 0],

@@ -55,7 +55,8 @@ class JudgeRewardModel:
     def render(self, prompt: str, response: str) -> str:
         return render_question(self.tokenizer, self.template, prompt, response)
 
-    def score(self, prompts: list[str], responses: list[str], progress=None) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], progress=None, *,
+              langs: list[str] | None = None) -> list[float]:
         ids = question_token_ids(self.tokenizer, self.template, prompts, responses,
                                  self.max_length)
         yes, no = self.yes_id, self.no_id

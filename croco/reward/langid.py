@@ -20,7 +20,14 @@ def _get():
 
 
 class LanguageIdentifier:
-    """`detect` gives (language, probability); `prob_of` gives P(a given language)."""
+    """`detect` gives (language, probability); `prob_of` gives P(a given language); as a
+    scorer, `score` is P(the response is in its prompt's language), 0..1."""
+
+    def score(self, prompts: list[str], responses: list[str], progress=None, *,
+              langs: list[str] | None = None) -> list[float]:
+        if langs is None:
+            raise ValueError("the langid scorer needs each response's prompt language")
+        return self.prob_of(responses, langs)
 
     def detect(self, texts: list[str]) -> tuple[list[str], list[float]]:
         ident = _get()

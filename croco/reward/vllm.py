@@ -197,7 +197,8 @@ class VLLMClassifierScorer:
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_length, seed=seed,
             enforce_eager=enforce_eager, engine_fields=_engine_fields(vllm)))
 
-    def score(self, prompts: list[str], responses: list[str], progress=None) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], progress=None, *,
+              langs: list[str] | None = None) -> list[float]:
         from croco.reward.classifier import pair_token_ids
 
         ids = pair_token_ids(self.tokenizer, prompts, responses, self.max_length)
@@ -236,7 +237,8 @@ class VLLMJudgeScorer:
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_length + 1,
             seed=seed, enforce_eager=enforce_eager, engine_fields=_engine_fields(vllm)))
 
-    def score(self, prompts: list[str], responses: list[str], progress=None) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], progress=None, *,
+              langs: list[str] | None = None) -> list[float]:
         from croco.reward.judge import question_token_ids
 
         ids = question_token_ids(self.tokenizer, self.template, prompts, responses,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import polars as pl
 
 from croco import storage
@@ -41,8 +40,7 @@ class CrocoReward:
         self.__name__ = "croco_reward"
         self.cfgs = scorer_cfgs
         self.lid = LanguageIdentifier()
-        self.scorers = [None if c.type == "langid" else make_scorer(c, device=device)
-                        for c in scorer_cfgs]
+        self.scorers = [make_scorer(c, device=device) for c in scorer_cfgs]
         self.pairs: list[dict] = []
 
     @staticmethod
@@ -50,16 +48,12 @@ class CrocoReward:
         return x[-1]["content"] if isinstance(x, list) else str(x)
 
     def __call__(self, prompts, completions, prompt_id=None, lang=None, **kwargs) -> list[float]:
+        from croco.reward import weighted_reward
+
         texts = [self._text(p) for p in prompts]
         answers = [self._text(c) for c in completions]
         langs = list(lang) if lang is not None else ["en"] * len(texts)
-        total = np.zeros(len(texts))
-        for cfg, scorer in zip(self.cfgs, self.scorers):
-            if scorer is None:
-                values = self.lid.prob_of(answers, langs)
-            else:
-                values = scorer.score(texts, answers)
-            total += cfg.weight * np.asarray(values, dtype=float)
+        total, _ = weighted_reward(self.cfgs, self.scorers, texts, answers, langs)
         detected, _ = self.lid.detect(answers)
         b = len(texts) // 2
         for i in range(b):
