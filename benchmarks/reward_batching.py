@@ -133,9 +133,9 @@ def cases(quick: bool = False, *, batch_size: int | None = None, **sizes) -> lis
 
         def note() -> str:
             gens = frame()[0]
-            return (f"{model_label}; {gens.height} responses ({size['prompts']} prompts x "
-                    f"{len(LANGS)} languages x k={size['k']}, <= {size['max_new_tokens']} new "
-                    f"tokens), float32; max |batched - batch 1| = {seen['max_diff']:.2g}")
+            return (f"{model_label}; {gens.height} responses ({len(LANGS)} languages x "
+                    f"{size['prompts']} prompt(s) x k={size['k']}, <= {size['max_new_tokens']} "
+                    f"new tokens), float32; max |batched - batch 1| = {seen['max_diff']:.2g}")
 
         return Case(f"reward scoring, {what}", baseline=baseline, croco=croco, unit="s",
                     baseline_label="batch size 1",
