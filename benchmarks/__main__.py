@@ -27,6 +27,8 @@ from benchmarks import ab
 
 def load(name: str):
     """The benchmark module `benchmarks.<name>`, or the reason it is not available."""
+    if not name.isidentifier():
+        return None, f"{name!r} is not a module name (e.g. {benchmarks.MODULES[0]})"
     try:
         return importlib.import_module(f"benchmarks.{name}"), None
     except ImportError as e:  # the module is not written yet, or needs a missing package
