@@ -10,6 +10,9 @@ is TRL's `train_runtime` / steps: model loading and trainer set-up are outside i
     python benchmarks/dpo_reference_logps.py [--model embedded:smollm2-135m-instruct]
         [--pairs 32] [--steps 6] [--batch 4] [--max-length 256] [--reps 3] [--quick]
 
+--quick trains a tiny random Llama (hidden size 32, SmolLM2's tokenizer) on 8 pairs: a
+check that the benchmark runs, where set-up costs, not the model, dominate a step.
+
 On a GPU host (bf16 chosen automatically) the note also gives model FLOP utilisation,
 e.g. for a ~0.5B model: --model Qwen/Qwen2.5-0.5B-Instruct --batch 16 --max-length 512.
 """
@@ -32,13 +35,15 @@ import polars as pl
 import torch
 
 from benchmarks.ab import Case, machine, notes, run_case, table
+from benchmarks.tiny import tiny_llama
 from croco.config import EMBEDDED_POLICY
 
-#: Sizes: full, and --quick (few pairs, few steps, short sequences).
+#: Sizes: full, and --quick (few pairs, few steps, short sequences, a tiny random model).
 SIZES = {
     False: {"pairs": 32, "steps": 6, "batch": 4, "max_length": 256},
-    True: {"pairs": 8, "steps": 3, "batch": 2, "max_length": 64},
+    True: {"pairs": 8, "steps": 4, "batch": 2, "max_length": 64},
 }
+TINY = "a tiny random 2-layer Llama (hidden 32)"
 
 
 def make_pairs(n: int) -> pl.DataFrame:
@@ -83,9 +88,10 @@ def _mfu_note(model: str, tokens_per_second: float) -> str:
             if m else "")
 
 
-def cases(quick: bool = False, *, model: str = EMBEDDED_POLICY, **sizes) -> list[Case]:
-    """Stored reference log-probs vs a reference forward every step; s/step. `sizes`
-    overrides `SIZES[quick]` (pairs, steps, batch, max_length)."""
+def cases(quick: bool = False, *, model: str | None = None, **sizes) -> list[Case]:
+    """Stored reference log-probs vs a reference forward every step; s/step. `model`:
+    default SmolLM2-135M-Instruct, with `quick` a tiny random Llama. `sizes` overrides
+    `SIZES[quick]` (pairs, steps, batch, max_length)."""
     from croco.config import TrainingConfig
     from croco.training.dpo import ref_logps_uri, train_dpo
 
@@ -97,20 +103,25 @@ def cases(quick: bool = False, *, model: str = EMBEDDED_POLICY, **sizes) -> list
     pairs = make_pairs(size["pairs"])
     tmp = tempfile.mkdtemp(prefix="croco-bench-dpo-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    ref = ref_logps_uri(f"{tmp}/pairs/bench", model, None, size["max_length"])
+    label = model or (TINY if quick else EMBEDDED_POLICY)
     state: dict = {"runs": 0, "tokens_per_second": {"per_step": [], "stored": []}}
 
     def train(**kw) -> dict:
         state["runs"] += 1
         out = f"{tmp}/run-{state['runs']}"
         try:
-            return train_dpo(pairs, policy=model, adapter=None, cfg=cfg, out_uri=out, **kw)
+            return train_dpo(pairs, policy=state["model"], adapter=None, cfg=cfg, out_uri=out,
+                             **kw)
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
     def first_run() -> None:
+        state["model"] = model or (tiny_llama(Path(tmp) / "tiny-lm") if quick
+                                   else EMBEDDED_POLICY)
+        state["ref"] = ref_logps_uri(f"{tmp}/pairs/bench", state["model"], None,
+                                     size["max_length"])
         t = time.perf_counter()
-        m = train(ref_uri=ref)
+        m = train(ref_uri=state["ref"])
         state["first"] = (time.perf_counter() - t, m["ref_forward_batches"])
 
     def per_step() -> float:
@@ -119,22 +130,22 @@ def cases(quick: bool = False, *, model: str = EMBEDDED_POLICY, **sizes) -> list
         return m["train_runtime"] / steps
 
     def stored() -> float:
-        m = train(ref_uri=ref)
+        m = train(ref_uri=state["ref"])
         if m["ref_forward_batches"] or m["ref_logps"] != "stored":
             raise AssertionError(f"the stored run computed reference log-probs "
                                  f"({m['ref_forward_batches']} forwards, {m['ref_logps']}): "
-                                 f"{ref} was not reused")
+                                 f"{state['ref']} was not reused")
         state["tokens_per_second"]["stored"].append(m["tokens_per_second"])
         return m["train_runtime"] / steps
 
     def note() -> str:
         wall, batches = state["first"]
         tps = {k: statistics.median(v) for k, v in state["tokens_per_second"].items()}
-        return (f"{model}, LoRA, batch {size['batch']} pairs, <= {size['max_length']} tokens, "
+        return (f"{label}, LoRA, batch {size['batch']} pairs, <= {size['max_length']} tokens, "
                 f"{steps} steps; median tokens/s {tps['per_step']:.0f} (per step) vs "
                 f"{tps['stored']:.0f} (stored, 0 reference forwards); the one-time reference "
                 f"pass: {batches} batches, {wall:.1f} s wall for the whole first run"
-                + _mfu_note(model, tps["stored"]))
+                + _mfu_note(state["model"], tps["stored"]))
 
     return [Case(f"DPO step, {steps} steps x {size['batch']} pairs", baseline=per_step,
                  croco=stored, unit="s/step", baseline_label="reference forward every step",
@@ -143,13 +154,14 @@ def cases(quick: bool = False, *, model: str = EMBEDDED_POLICY, **sizes) -> list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=EMBEDDED_POLICY)
+    ap.add_argument("--model", help="default: SmolLM2-135M-Instruct; with --quick a tiny "
+                    "random Llama")
     ap.add_argument("--pairs", type=int)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--max-length", type=int)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="small sizes (defaults of --quick)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, a tiny random model")
     a = ap.parse_args()
     results = [run_case(c, reps=a.reps) for c in cases(
         a.quick, model=a.model, pairs=a.pairs, steps=a.steps, batch=a.batch,

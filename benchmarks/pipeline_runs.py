@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: the repository root is the imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ab import Case, machine, notes, run_case, table
+from benchmarks.tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Sizes: full, and --quick (Prefect's start-up dominates both).
@@ -37,26 +38,6 @@ SIZES = {
     True: {"languages": "en,de", "prompts": 2, "k": 4, "max_new_tokens": 8},
 }
 _TASK_STATE = re.compile(r"Task run '([^']+)' - Finished in state (\w+)")
-
-
-def tiny_model(out: Path) -> str:
-    """A random 2-layer Llama (hidden size 32) with SmolLM2's tokenizer, saved to `out`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from croco.config import EMBEDDED_POLICY
-    from croco.models import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED_POLICY))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id, tie_word_embeddings=True))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
 
 
 def task_states(log: str) -> dict[str, str]:
@@ -96,7 +77,7 @@ def cases(quick: bool = False, **sizes) -> list[Case]:
 
     def overrides() -> list[str]:
         if "model" not in state:
-            state["model"] = tiny_model(tmp / "tiny-lm")
+            state["model"] = tiny_llama(tmp / "tiny-lm")
         model = state["model"]
         return [f"languages=[{', '.join(langs)}]", f"prompts.limit={size['prompts']}",
                 f"generation.k={size['k']}", f"generation.max_new_tokens={size['max_new_tokens']}",

@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 
 from benchmarks.ab import Case, machine, notes, run_case, table
+from benchmarks.tiny import tiny_llama
 from croco.config import EMBEDDED_POLICY
 
 #: Sizes (prompts per language, k, new tokens): full, and --quick.
@@ -63,22 +64,17 @@ def random_classifier(out: Path, *, tiny: bool) -> str:
     """A one-label sequence classifier with a seeded random head, saved to `out`: SmolLM2
     with a new head, or (tiny) a random 2-layer Llama with SmolLM2's tokenizer."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
 
     from croco.models import resolve_model
 
+    if tiny:
+        return tiny_llama(out, classifier=True)
     path = resolve_model(EMBEDDED_POLICY)
     tok = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
-    if tiny:
-        model = LlamaForSequenceClassification(LlamaConfig(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id, tie_word_embeddings=True, num_labels=1))
-    else:
-        model = LlamaForSequenceClassification.from_pretrained(
-            path, num_labels=1, pad_token_id=tok.pad_token_id)
+    model = LlamaForSequenceClassification.from_pretrained(
+        path, num_labels=1, pad_token_id=tok.pad_token_id)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
