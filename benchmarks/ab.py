@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -31,6 +31,8 @@ class Case:
     baseline_label: str = "baseline"
     croco_label: str = "croco"
     setup: Callable[[], None] | None = None  # once, before the first rep (e.g. warm-up)
+    #: After the last rep: one line for under the table (a check's result, a one-time cost).
+    note: Callable[[], str] | None = None
 
 
 @dataclass
@@ -38,6 +40,12 @@ class Result:
     case: Case
     baseline: list[float] = field(default_factory=list)
     croco: list[float] = field(default_factory=list)
+    note: str | None = None  # the case's note, taken after the last rep
+
+    def release(self) -> None:
+        """Drop the case's callables, and the models they hold, once the figures are in."""
+        self.case = replace(self.case, baseline=_released, croco=_released, setup=None,
+                            note=None)
 
     def _ratio(self, b: float, c: float) -> float:
         if self.case.higher_is_better:
@@ -65,6 +73,10 @@ class Result:
         }
 
 
+def _released() -> None:
+    raise RuntimeError("this case was released after its run; build it again to rerun it")
+
+
 def _measure(fn: Callable[[], float | None]) -> float:
     t = time.perf_counter()
     value = fn()
@@ -81,7 +93,14 @@ def run_case(case: Case, reps: int = 3, log: Callable[[str], None] = print) -> R
         res.croco.append(_measure(case.croco))
         log(f"  {case.name} rep {i + 1}/{reps}: baseline {res.baseline[-1]:.4g} {case.unit}, "
             f"croco {res.croco[-1]:.4g} {case.unit}")
+    if case.note:
+        res.note = case.note()
     return res
+
+
+def notes(results: list[Result]) -> list[str]:
+    """The notes of the cases that have one, each as "figure: note"."""
+    return [f"{r.case.name}: {r.note}" for r in results if r.note]
 
 
 def machine() -> str:
@@ -108,8 +127,8 @@ def machine() -> str:
 
 def table(results: list[Result]) -> str:
     """A Markdown table: figure, baseline and croco (best / median), ratio (best / median)."""
-    lines = ["| figure | baseline | croco | baseline best / median | croco best / median "
-             "| ratio best / median | reps |", "|---|---|---|---|---|---|---|"]
+    lines = [("| figure | baseline | croco | baseline best / median | croco best / median "
+             "| ratio best / median | reps |"), "|---|---|---|---|---|---|---|"]
     for r in results:
         d = r.row()
         lines.append(

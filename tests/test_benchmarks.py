@@ -1,0 +1,136 @@
+"""The benchmark harness (`benchmarks.ab`) and its entry point (`python -m benchmarks`):
+interleaving, ratios, the table, and skipping a benchmark module that is not there.
+No model is loaded; every case here takes milliseconds."""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+
+import pytest
+
+import benchmarks
+from benchmarks import __main__ as entry
+from benchmarks import ab
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def test_a_croco_side_that_sleeps_less_gets_a_ratio_above_one():
+    case = ab.Case("sleep", baseline=lambda: time.sleep(0.03), croco=lambda: time.sleep(0.005))
+    res = ab.run_case(case, reps=3, log=quiet)
+    assert len(res.baseline) == len(res.croco) == 3
+    assert min(res.baseline) >= 0.03
+    assert res.ratio_min > 1
+    assert res.ratio_median > 1
+
+
+def test_the_ratio_is_baseline_over_croco_for_times_and_croco_over_baseline_when_higher_is_better():
+    # The callables return their own measurement: 10 for the baseline, 20 for croco.
+    as_time = ab.run_case(ab.Case("t", baseline=lambda: 10.0, croco=lambda: 20.0), reps=3,
+                          log=quiet)
+    as_rate = ab.run_case(ab.Case("r", baseline=lambda: 10.0, croco=lambda: 20.0,
+                                  higher_is_better=True), reps=3, log=quiet)
+    assert as_time.ratio_min == as_time.ratio_median == 0.5
+    assert as_rate.ratio_min == as_rate.ratio_median == 2.0
+
+
+def test_best_is_the_minimum_for_times_and_the_maximum_for_rates():
+    values = iter([4.0, 1.0, 2.0, 2.0, 3.0, 4.0])  # baseline 4, 2, 3; croco 1, 2, 4
+    rate = ab.run_case(ab.Case("r", baseline=lambda: next(values), croco=lambda: next(values),
+                               higher_is_better=True), reps=3, log=quiet)
+    assert rate.row()["baseline_best"] == 4.0
+    assert rate.row()["croco_best"] == 4.0
+    assert rate.ratio_min == 1.0  # best 4 against best 4
+    assert rate.ratio_median == 2.0 / 3.0  # median 2 against median 3
+
+
+def test_the_sides_run_interleaved_after_one_setup():
+    calls = []
+    case = ab.Case("order", baseline=lambda: calls.append("A"), croco=lambda: calls.append("B"),
+                   setup=lambda: calls.append("setup"))
+    ab.run_case(case, reps=3, log=quiet)
+    assert calls == ["setup", "A", "B", "A", "B", "A", "B"]
+
+
+def test_each_rep_is_logged():
+    lines = []
+    ab.run_case(ab.Case("logged", baseline=lambda: 2.0, croco=lambda: 1.0), reps=3,
+                log=lines.append)
+    assert lines == [f"  logged rep {i}/3: baseline 2 s, croco 1 s" for i in (1, 2, 3)]
+
+
+def test_the_table_has_a_header_and_one_row_per_case():
+    results = [ab.run_case(ab.Case(name, baseline=lambda: 3.0, croco=lambda: 1.5), reps=3,
+                           log=quiet) for name in ("first figure", "second figure")]
+    lines = ab.table(results).splitlines()
+    assert len(lines) == 2 + 2
+    assert lines[2].startswith("| first figure | baseline | croco |")
+    assert "**2.00x** / 2.00x" in lines[2]
+    assert lines[3].startswith("| second figure |")
+
+
+def test_a_note_is_taken_after_the_last_rep_and_survives_release():
+    runs = []
+    case = ab.Case("noted", baseline=lambda: runs.append(1), croco=lambda: 1.0,
+                   note=lambda: f"{len(runs)} baseline runs")
+    res = ab.run_case(case, reps=3, log=quiet)
+    res.release()
+    assert ab.notes([res]) == ["noted: 3 baseline runs"]
+    with pytest.raises(RuntimeError, match="released"):
+        res.case.croco()
+
+
+def fake_module(calls: list) -> types.ModuleType:
+    mod = types.ModuleType("benchmarks.fake_bench")
+
+    def cases(quick: bool = False):
+        calls.append(quick)
+        return [ab.Case("fake figure", baseline=lambda: 4.0, croco=lambda: 2.0)]
+
+    mod.cases = cases
+    return mod
+
+
+def test_the_entry_point_skips_a_missing_module_and_runs_the_others(monkeypatch, capsys,
+                                                                     tmp_path):
+    calls = []
+    monkeypatch.setitem(sys.modules, "benchmarks.fake_bench", fake_module(calls))
+    monkeypatch.setattr(benchmarks, "MODULES", ["no_such_bench", "fake_bench"])
+    out_md = tmp_path / "table.md"
+    rc = entry.main(["--quick", "--reps", "3", "--markdown", str(out_md)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert calls == [True]  # --quick reaches the module
+    assert "no_such_bench: not available" in out
+    assert "| fake figure | baseline | croco | 4 / 4 s | 2 / 2 s | **2.00x** / 2.00x | 3 |" in out
+    assert "machine: " in out
+    written = out_md.read_text()
+    assert "python -m benchmarks --quick --reps 3 --markdown" in written
+    assert "| fake figure |" in written
+    assert "- not available: no_such_bench" in written
+
+
+def test_only_with_an_unknown_name_reports_it_and_does_not_crash(capsys):
+    rc = entry.main(["--only", "no_such_bench", "--reps", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "no_such_bench: not available" in out
+    assert "(no results)" in out
+
+
+def test_a_failing_case_is_reported_and_sets_the_exit_status(monkeypatch, capsys):
+    mod = types.ModuleType("benchmarks.broken_bench")
+
+    def boom():
+        raise AssertionError("scores differ")
+
+    mod.cases = lambda quick=False: [ab.Case("broken", baseline=lambda: 1.0, croco=boom)]
+    monkeypatch.setitem(sys.modules, "benchmarks.broken_bench", mod)
+    rc = entry.main(["--only", "broken_bench", "--reps", "3"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "- FAILED broken: AssertionError: scores differ" in out
