@@ -30,7 +30,7 @@
 #     bf16, SmolLM2 tokenizer): --batch 16 --max-length 512 --steps 6; prints per-step vs
 #     stored reference log-probs, tokens/s and, on a known card, MFU.
 #   - benchmarks/generation_prefill.py on the embedded SmolLM2-135M:
-#     --prompts 4 --k 8 --max-new-tokens 64 (shared prefill vs num_return_sequences vs one
+#     --prompts 4 --k 8 --max-new-tokens 64 --reps 1 (shared prefill vs num_return_sequences vs one
 #     at a time).
 
 set -uo pipefail
@@ -283,12 +283,12 @@ else
   fi
   if ((model_ok)); then
     run_step dpo-reference-logps 180 "$PY" benchmarks/dpo_reference_logps.py \
-      --model "$MODEL_05B" --batch 16 --max-length 512 --steps 6 --pairs 32
+      --model "$MODEL_05B" --batch 16 --max-length 512 --steps 6 --pairs 32 --reps 1
   else
     record dpo-reference-logps skipped 0 "no 0.5B model"
   fi
   run_step generation-prefill 120 "$PY" benchmarks/generation_prefill.py \
-    --prompts 4 --k 8 --max-new-tokens 64
+    --prompts 4 --k 8 --max-new-tokens 64 --reps 1
 fi
 
 # ------------------------------------------------------------------------------ summary
