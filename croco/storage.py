@@ -119,8 +119,13 @@ def write_bytes(uri: str, data: bytes) -> None:
     # Object stores need no folders, and s3fs's makedirs creates a missing bucket: a
     # misspelt data_root would silently start a new bucket instead of failing.
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+    except FileNotFoundError as e:
+        # s3fs says no more than "The specified bucket does not exist".
+        raise FileNotFoundError(f"cannot write {uri}: {e}; check that the bucket exists "
+                                "(data_root)") from e
     try:
         fs.mv(tmp, path)
     except Exception:

@@ -41,7 +41,7 @@ def test_writing_to_a_missing_bucket_fails_and_creates_no_bucket(s3_bucket, s3_s
     import boto3
 
     missing = f"{s3_bucket}-misspelt"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=f"cannot write s3://{missing}/data/x.json"):
         storage.write_bytes(f"s3://{missing}/data/x.json", b"{}")
     buckets = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_buckets()
     assert missing not in [b["Name"] for b in buckets["Buckets"]]

@@ -7,10 +7,14 @@ The models, prompts and S3 server come from tests/conftest.py (tiny random model
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 CROCO = [PY, "-m", "flows.cli"]
+
+# The local S3 server logs every request; the tests read the bucket instead.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+PREFECT_LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| ")
 
 
 @dataclass
@@ -39,9 +49,12 @@ class Finished:
         return self.stdout + self.stderr
 
     def last_line(self) -> str:
-        """The last non-empty line the process printed (stderr first: errors end there)."""
+        """The last non-empty line the process printed that is not a Prefect log record
+        (Prefect logs the shutdown of its ephemeral server after croco's last word); stderr
+        first: errors end there."""
         for text in (self.stderr, self.stdout):
-            lines = [ln for ln in text.splitlines() if ln.strip()]
+            lines = [ln for ln in text.splitlines()
+                     if ln.strip() and not PREFECT_LOG_RECORD.match(ln)]
             if lines:
                 return lines[-1]
         return ""
@@ -207,3 +220,93 @@ def reference_run(_reference_cache, tiny_yaml, tmp_path_factory) -> dict:
         _reference_cache["manifest"] = read_manifest(str(base / "data"), "reference")
         _reference_cache["seconds"] = done.seconds
     return _reference_cache["manifest"]
+
+
+class TcpProxy:
+    """A TCP proxy on loopback in front of `target_port`, served by threads, that can be cut
+    (every open connection closed, new ones refused: the port stops listening) and restored
+    (listening again on the same port). With `record`, it keeps what clients sent (up to
+    64 MiB), to check what went over the wire."""
+
+    def __init__(self, target_port: int, record: bool = False):
+        self.target = ("127.0.0.1", target_port)
+        self.record = record
+        self.sent = bytearray()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.port = 0
+        self.restore()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        """Listen again (on the same port as before, if there was one)."""
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Stop listening (connection refused) and close every open connection."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            _close(c)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by cut()
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                _close(client)
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns.update((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, self.record),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if record and len(self.sent) < 64 << 20:
+                    self.sent += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(src)
+            _close(dst)
+            with self._lock:
+                self._conns.discard(src)
+                self._conns.discard(dst)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def bucket_objects(client, bucket: str) -> dict[str, bytes]:
+    """Every object of `bucket`, key -> content (read with a boto3 client)."""
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
