@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -59,6 +60,15 @@ class Finished:
                 return lines[-1]
         return ""
 
+    def error_message(self) -> str:
+        """croco's closing `error: ...` message as one line (the console wraps it at 120
+        columns when not on a terminal); without one, the last line."""
+        lines = [ln for ln in self.stderr.splitlines() if not PREFECT_LOG_RECORD.match(ln)]
+        starts = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
+        if not starts:
+            return self.last_line()
+        return " ".join(ln.strip() for ln in lines[starts[-1]:] if ln.strip())
+
 
 class Process:
     """A command started in its own session (process group), its output in files, so that
@@ -103,11 +113,15 @@ class Process:
 
 def croco_env(prefect_home: Path, **extra: str) -> dict[str, str]:
     """The environment of a `croco` subprocess: this checkout first on the path, its own
-    Prefect home (ephemeral API), offline, no S3 credentials unless given in `extra`."""
+    Prefect home (ephemeral API) and croco cache (next to that home), offline, no S3
+    credentials unless given in `extra`."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "AWS_")) and k not in (
                "CROCO_S3_ENDPOINT_URL", "HF_TOKEN")}
     env.update({
+        # Its own model/checkpoint cache: runs on remote data roots resume training from
+        # checkpoints there, which must not come from another test's run.
+        "CROCO_CACHE": str(prefect_home.parent / "croco-cache"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -224,50 +238,54 @@ def reference_run(_reference_cache, tiny_yaml, tmp_path_factory) -> dict:
 
 class TcpProxy:
     """A TCP proxy on loopback in front of `target_port`, served by threads, that can be cut
-    (every open connection closed, new ones refused: the port stops listening) and restored
-    (listening again on the same port). With `record`, it keeps what clients sent (up to
+    (every open connection closed; every new one reset as soon as it is accepted, and
+    counted in `refused`) and restored. With `record`, it keeps what clients sent (up to
     64 MiB), to check what went over the wire."""
 
     def __init__(self, target_port: int, record: bool = False):
         self.target = ("127.0.0.1", target_port)
         self.record = record
         self.sent = bytearray()
+        self.down = False
+        self.refused = 0
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self.port = 0
-        self.restore()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def restore(self) -> None:
-        """Listen again (on the same port as before, if there was one)."""
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self.port = listener.getsockname()[1]
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
     def cut(self) -> None:
-        """Stop listening (connection refused) and close every open connection."""
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
+        """Close every open connection and reset every new one, until `restore`."""
+        self.down = True
         with self._lock:
             conns, self._conns = list(self._conns), set()
         for c in conns:
             _close(c)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def restore(self) -> None:
+        self.down = False
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+    def _accept(self) -> None:
         while True:
             try:
-                client, _ = listener.accept()
-            except OSError:  # closed by cut()
+                client, _ = self._listener.accept()
+            except OSError:  # closed
                 return
+            if self.down:
+                self.refused += 1
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # a reset, not an orderly close
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=10)
             except OSError:

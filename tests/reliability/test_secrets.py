@@ -84,7 +84,7 @@ def planted(s3_server, tmp_path):
     env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = "s3-bucket/results"
     env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
     yield {"bucket": bucket, "client": client, "env": env, "home": home, "proxy": proxy}
-    proxy.cut()
+    proxy.close()
 
 
 def test_planted_credentials_appear_nowhere_but_in_the_requests(planted, tiny_yaml, tmp_path):
@@ -105,7 +105,7 @@ def test_planted_credentials_appear_nowhere_but_in_the_requests(planted, tiny_ya
     failed = run_croco(["run", str(missing), "--run-id", "missing", *TO_TRAIN], env,
                        tmp_path / "logs", name="missing", timeout=400)
     assert failed.rc != 0 and not failed.timed_out
-    assert "no-such-bucket-4711" in failed.last_line(), failed.output[-3000:]
+    assert "no-such-bucket-4711" in failed.error_message(), failed.output[-3000:]
 
     objects = bucket_objects(planted["client"], bucket)
     assert any(k.startswith("croco/runs/planted/") for k in objects)
@@ -122,6 +122,6 @@ def test_planted_credentials_appear_nowhere_but_in_the_requests(planted, tiny_ya
 
     # The scan finds what is there: the signed requests carry the key id and the token.
     wire = {"requests": bytes(planted["proxy"].sent)}
-    assert set(var for _, var in leaks(wire)) >= {"AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"}
+    assert {var for _, var in leaks(wire)} >= {"AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"}
     print(f"planted run {done.seconds:.1f} s, failing run {failed.seconds:.1f} s, "
           f"{len(objects)} objects and {len(home_files)} Prefect-home files scanned")
