@@ -1,6 +1,12 @@
-"""Shared fixtures of the reliability tests: a tiny 3-language config as a YAML file, an
-environment for `croco` subprocesses, and a way to run `croco run` (or any command) in its
-own process group with a timeout, killing the whole group if it overruns.
+"""Shared fixtures and helpers of the reliability tests.
+
+- `tiny_yaml`: the tiny 3-language pipeline of tests/conftest.py as a YAML file.
+- `croco_env`, `start_croco`, `run_croco`: `croco` as a subprocess in its own process
+  group (its own Prefect home and croco cache), with a timeout that kills the whole group;
+  `Process.signal` reaches the group, `Finished` holds exit status, output and wall time.
+- `reference_run`: one uninterrupted run, made once per session, and `assert_same_outputs`
+  to compare any run of the same config against it (stage keys, scores, pairs, adapter).
+- `TcpProxy`: a loopback TCP proxy that can be cut and restored (an object store outage).
 
 The models, prompts and S3 server come from tests/conftest.py (tiny random models, moto).
 """
@@ -95,8 +101,18 @@ class Process:
         except ProcessLookupError:
             pass
 
-    def wait(self, timeout: float) -> Finished:
-        """Wait up to `timeout` seconds; past it, SIGKILL the group and report timed_out."""
+    def group_alive(self) -> bool:
+        """Whether any process of the group (the command or anything it started) runs."""
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def wait(self, timeout: float, reap: bool = True) -> Finished:
+        """Wait up to `timeout` seconds; past it, SIGKILL the group and report timed_out.
+        With `reap`, whatever of the group outlives the command (an ephemeral server) is
+        killed too; without, it is left for the caller to inspect (`group_alive`)."""
         timed_out = False
         try:
             rc = self.proc.wait(timeout=timeout)
@@ -105,8 +121,8 @@ class Process:
             self.signal(signal.SIGKILL)
             rc = self.proc.wait(timeout=30)
         seconds = time.perf_counter() - self.t0
-        # Children of the group (an ephemeral server) may outlive the leader: end them too.
-        self.signal(signal.SIGKILL)
+        if reap:
+            self.signal(signal.SIGKILL)
         return Finished(rc, self.out_path.read_text(errors="replace"),
                         self.err_path.read_text(errors="replace"), seconds, timed_out)
 
