@@ -77,6 +77,11 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, rest
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
+
+
 def normalize_root(uri: str) -> str:
     """A canonical form of a data root: absolute local path or `proto://bucket/prefix`."""
     protocol, rest = _split(uri)
@@ -110,11 +115,18 @@ def mark_complete(uri: str, info: dict | None = None) -> None:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri` atomically: a temporary sibling, then a rename."""
     fs, path = filesystem(uri)
-    parent = posixpath.dirname(path) if fs.protocol != "file" else os.path.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
+    if _is_local(fs):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+    # Object stores need no folders, and s3fs's makedirs creates a missing bucket: a
+    # misspelt data_root would silently start a new bucket instead of failing.
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+    except FileNotFoundError as e:
+        # s3fs says no more than "The specified bucket does not exist".
+        raise FileNotFoundError(f"cannot write {uri}: {e}; check that the bucket exists "
+                                "(data_root)") from e
     try:
         fs.mv(tmp, path)
     except Exception:

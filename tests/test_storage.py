@@ -37,6 +37,16 @@ def test_s3_round_trip(s3_bucket):
                                                                     "part-00000.parquet"]
 
 
+def test_writing_to_a_missing_bucket_fails_and_creates_no_bucket(s3_bucket, s3_server):
+    import boto3
+
+    missing = f"{s3_bucket}-misspelt"
+    with pytest.raises(FileNotFoundError, match=f"cannot write s3://{missing}/data/x.json"):
+        storage.write_bytes(f"s3://{missing}/data/x.json", b"{}")
+    buckets = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_buckets()
+    assert missing not in [b["Name"] for b in buckets["Buckets"]]
+
+
 def test_prompts_stage_on_s3(s3_bucket, prompt_file):
     uri = run_prompts(PromptsConfig(path=str(prompt_file)), "de", f"s3://{s3_bucket}/data")
     assert uri.startswith(f"s3://{s3_bucket}/data/prompts/")
