@@ -37,3 +37,21 @@ def root_user_error(exc: BaseException | None) -> UserError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+_NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3")
+
+
+def root_outage(exc: BaseException | None) -> BaseException | None:
+    """The first network or object-store connection error in `exc`'s chain: what is left
+    when an outage outlasted the retries (not the user's mistake, nor a bug)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__
+        if isinstance(exc, ConnectionError) or (
+                type(exc).__module__.startswith(_NETWORK_MODULES)
+                and ("Connect" in name or "Timeout" in name or "Endpoint" in name)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -34,7 +34,7 @@ from rich.table import Table  # noqa: E402
 
 from croco import storage  # noqa: E402
 from croco.config import ConfigError, dump_config, load_config  # noqa: E402
-from croco.errors import root_user_error  # noqa: E402
+from croco.errors import root_outage, root_user_error  # noqa: E402
 
 app = typer.Typer(help="CroCo: cross-lingual contrastive preference tuning on self-generations.",
                   no_args_is_help=True, add_completion=False)
@@ -89,6 +89,11 @@ def _clean_errors(command):
             logging.getLogger("prefect").setLevel(logging.WARNING)
             if user is not None:
                 _fail(str(user))
+            outage = root_outage(e)
+            if outage is not None:
+                first = next((ln for ln in str(outage).splitlines() if ln.strip()), "")
+                _fail(f"storage or network unreachable after the retries: {first}; everything "
+                      "committed is kept, rerun the same command once it is back", code=1)
             first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
             _fail(f"{type(e).__name__}: {first} (run with --debug for the traceback)", code=1)
     return wrapper

@@ -436,3 +436,21 @@ def test_transient_errors_are_retried_with_one_log_line(caplog, monkeypatch):
     lines = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert lines == [("transient ConnectionResetError in generate-en: peer reset; key ***; "
                       "retrying (attempt 2 of 3)")]
+
+
+def test_an_outage_behind_a_task_failure_is_found_and_a_bug_is_not():
+    from botocore.exceptions import EndpointConnectionError
+
+    from croco.errors import root_outage
+
+    try:
+        try:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k")
+        except EndpointConnectionError as e:
+            raise RuntimeError("task generate-en failed") from e
+    except RuntimeError as wrapped:
+        found = root_outage(wrapped)
+    assert isinstance(found, EndpointConnectionError)
+    assert "127.0.0.1:9" in str(found)
+    assert root_outage(KeyError("lang")) is None
+    assert isinstance(root_outage(ConnectionResetError("peer")), ConnectionResetError)
