@@ -301,3 +301,16 @@ def test_push_to_hub_creates_a_private_repo_and_uploads_the_adapter(tiny_lm, tmp
     assert fake_hub["commits"] == [("team/croco-dpo",
                                     f"croco adapter, training run {Path(uri).name}")]
     assert "hf_fake_token_1234" not in json.dumps(metrics)
+
+
+def test_runs_of_one_key_on_two_buckets_keep_separate_local_work_folders(tmp_path, monkeypatch):
+    from croco.training.common import local_workdir
+
+    monkeypatch.setenv("CROCO_CACHE", str(tmp_path))
+    a = local_workdir("s3://team-a/croco/training/5f3a")
+    b = local_workdir("s3://team-b/croco/training/5f3a")
+    assert a != b
+    assert a.name == b.name == "work"
+    assert a.parent.name.startswith("5f3a-") and a.parent.parent == tmp_path / "training"
+    assert local_workdir(str(tmp_path / "root" / "training" / "5f3a")) == (
+        tmp_path / "root" / "training" / "5f3a" / "work")

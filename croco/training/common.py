@@ -100,9 +100,14 @@ def local_workdir(out_uri: str) -> Path:
     fs, path = storage.filesystem(out_uri)
     if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
         return Path(path) / "work"
+    import hashlib
+
     from croco.models import cache_dir
 
-    return cache_dir() / "training" / Path(path).name / "work"
+    # Per output URI, not per key alone: runs of one key on two buckets must not resume
+    # from each other's checkpoints (each resumes from what its own storage mirrors).
+    where = hashlib.sha256(out_uri.encode()).hexdigest()[:8]
+    return cache_dir() / "training" / f"{Path(path).name}-{where}" / "work"
 
 
 def last_checkpoint(workdir: Path, out_uri: str) -> str | None:
