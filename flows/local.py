@@ -58,21 +58,28 @@ def _free_port() -> int:
 class TemporaryAPI:
     """Prefect's API server for one run, on loopback, bound to this process's life."""
 
+    #: Start-up attempts: two runs starting at once on a fresh Prefect home migrate the same
+    #: database together, and one server's start-up can fail; a second try finds it migrated.
+    ATTEMPTS = 3
+
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.port = 0
+        self.attempts = 0
         self._log = tempfile.TemporaryFile()
 
     def start(self) -> "TemporaryAPI":
         """Start the server and point this process's Prefect at it (PREFECT_API_URL, to be
         set before Prefect is imported); returns at once, `wait_ready` waits for it."""
-        port = _free_port()
-        self.url = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        self.port = self.port or _free_port()
+        self.url = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{self.port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}
+        self.attempts += 1
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error",
              "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with(os.getpid()))
@@ -82,6 +89,10 @@ class TemporaryAPI:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self.attempts < self.ATTEMPTS:  # same port: Prefect already points at it
+                    time.sleep(1.0)
+                    self.start()
+                    continue
                 raise RuntimeError(f"the temporary Prefect API exited with code "
                                    f"{self.proc.returncode}: {self._tail()}")
             try:
