@@ -180,8 +180,15 @@ def test_four_scale_out_runs_at_once_on_postgres(pg_stack, postgres, tiny_yaml, 
     bad = [ln for ln in server_log.splitlines()
            if re.search(r"\bERROR\b|asyncpg\.|Traceback|IntegrityError|deadlock", ln)]
     assert bad == [], "\n".join(bad[:40])
-    pg_errors = [ln for ln in postgres[1].read_text(errors="replace").splitlines()
-                 if "ERROR:" in ln or "FATAL:" in ln]
-    assert pg_errors == [], "\n".join(pg_errors[:40])
+    pg_lines = postgres[1].read_text(errors="replace").splitlines()
+    pg_errors = [ln for ln in pg_lines if "ERROR:" in ln or "FATAL:" in ln]
+    # Prefect records a task run both from its API call and from the task's events; under
+    # load the second insert of the same run can hit the primary key, which the server
+    # handles (its own log above stays clean). Any other database error fails the test.
+    handled = [ln for ln in pg_errors if 'duplicate key value violates unique constraint '
+               '"pk_task_run"' in ln]
+    unexpected = [ln for ln in pg_errors if ln not in handled]
+    assert unexpected == [], "\n".join(unexpected[:40])
+    print(f"{len(handled)} handled duplicate task-run inserts in PostgreSQL's log")
     print(f"{RUNS} scale-out runs on PostgreSQL: all final after {seconds:.1f} s; "
           f"{sum(len(v) for v in states.values())} flow runs")
