@@ -6,6 +6,13 @@ resolved config and the keys of its inputs. A stage whose output carries `_SUCCE
 returns at once; generation and scoring write numbered shards and skip the ones already
 written, so a crash loses at most the shard in progress.
 
+Shard groups: `run_generate` / `run_score` may be given `shards` (a contiguous range,
+`shard_group`), so several workers fill one language's output at once; each shard has
+its own sampling seed, so the output does not depend on the grouping, and the grouping
+enters no key. Whichever call writes the last shard marks the output complete;
+`seal_generations` / `seal_scores` do it after every group ended (and name the shards
+still missing when one did not).
+
 Layout (hive-partitioned by `lang=`):
     prompts/<key>/lang=xx/data.parquet
     generations/<key>/lang=xx/part-00000.parquet ...
@@ -122,31 +129,88 @@ def _shard_seed(seed: int, lang: str, shard: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(lang.encode()) + shard) % (2**31)
 
 
-def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                 prompts_cfg: PromptsConfig, data_root: str, *, progress: Progress | None = None,
-                 on_shard: Callable[[int], None] | None = None) -> str:
-    """k samples for each selected prompt of one language, written shard by shard."""
-    from croco.generation import generate_frame, make_generator, policy_label
-    from croco.progress import progress_bar
+def part_name(shard: int) -> str:
+    """The file name of shard `shard` of a generation or score output."""
+    return f"part-{shard:05d}.parquet"
+
+
+def shard_group(n_shards: int, group: int, groups: int) -> range:
+    """The contiguous shard indices that group `group` (0-based) of `groups` covers: sizes
+    differ by at most one, earlier groups first (7 shards in 3 groups: 0-2, 3-4, 5-6); a
+    group past the last shard is empty."""
+    if not 0 <= group < groups:
+        raise ValueError(f"shard group {group} does not exist: groups are 0..{groups - 1}")
+    size, extra = divmod(n_shards, groups)
+    start = group * size + min(group, extra)
+    return range(start, start + size + (group < extra))
+
+
+def _missing_parts(out: str, n_shards: int) -> list[str]:
+    existing = set(storage.list_dir(out))
+    return [part_name(i) for i in range(n_shards) if part_name(i) not in existing]
+
+
+def _seal(out: str, n_shards: int, info: dict) -> None:
+    """Mark a sharded output complete with its total row count (every shard is present)."""
+    storage.mark_complete(out, {"rows": storage.read_parquet(out).height, "shards": n_shards,
+                                **info})
+
+
+def generation_uri(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                   prompts_cfg: PromptsConfig, data_root: str) -> str:
+    """Where `run_generate` writes one language's samples."""
+    return storage.join(data_root, "generations",
+                        generation_key(prompts_uri, policy, gen, prompts_cfg), f"lang={lang}")
+
+
+def _generation_prompts(prompts_uri: str, lang: str, prompts_cfg: PromptsConfig) -> pl.DataFrame:
     from croco.prompts import select_for_generation
 
-    t0 = time.perf_counter()
-    out = storage.join(data_root, "generations",
-                       generation_key(prompts_uri, policy, gen, prompts_cfg), f"lang={lang}")
-    if storage.is_complete(out):
-        return out
     prompts = select_for_generation(storage.read_parquet(storage.join(prompts_uri, "data.parquet")),
                                     split=prompts_cfg.split, limit=prompts_cfg.limit)
     if prompts.is_empty():
         raise ValueError(f"no {prompts_cfg.split!r} prompts for language {lang!r} in "
                          f"{prompts_uri}; check prompts.split")
+    return prompts
+
+
+def generation_shard_count(prompts_uri: str, lang: str, gen: GenerationConfig,
+                           prompts_cfg: PromptsConfig) -> int:
+    """How many shards (`gen.shard_size` prompts each) one language's generation has."""
+    return math.ceil(_generation_prompts(prompts_uri, lang, prompts_cfg).height / gen.shard_size)
+
+
+def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                 prompts_cfg: PromptsConfig, data_root: str, *, progress: Progress | None = None,
+                 on_shard: Callable[[int], None] | None = None,
+                 shards: range | None = None) -> str:
+    """k samples for each selected prompt of one language, written shard by shard.
+
+    `shards`: only these shard indices (a shard group, see `shard_group`); several calls
+    with different groups may run at once on the same output. Shard i is sampled with a
+    seed of its own (`_shard_seed`), so the output does not depend on the grouping.
+    `_SUCCESS` is written only once every shard of the language is present (by whichever
+    call writes the last one, or by `seal_generations`)."""
+    from croco.generation import generate_frame, make_generator, policy_label
+    from croco.progress import progress_bar
+
+    t0 = time.perf_counter()
+    out = generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    if storage.is_complete(out):
+        return out
+    prompts = _generation_prompts(prompts_uri, lang, prompts_cfg)
     n_shards = math.ceil(prompts.height / gen.shard_size)
+    wanted = range(n_shards) if shards is None else shards
+    if wanted and (wanted.start < 0 or wanted.stop > n_shards):
+        raise ValueError(f"{out}: shards {wanted.start}..{wanted.stop - 1} asked for, but the "
+                         f"language has shards 0..{n_shards - 1}")
     existing = set(storage.list_dir(out))
-    todo = [i for i in range(n_shards) if f"part-{i:05d}.parquet" not in existing]
+    todo = [i for i in wanted if part_name(i) not in existing]
     label = policy_label(policy.model, policy.adapter)
     generator = None
-    bar = progress_bar(n_shards, f"generate {lang}", unit="shard", initial=n_shards - len(todo))
-    for i in todo:
+    bar = progress_bar(len(wanted), f"generate {lang}", unit="shard",
+                       initial=len(wanted) - len(todo))
+    for n, i in enumerate(todo, len(wanted) - len(todo) + 1):
         if generator is None:
             generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
                                        device=policy.device, dtype=policy.dtype,
@@ -160,16 +224,34 @@ def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Generat
             respond_in_language=gen.respond_in_language,
             instruction_template=gen.instruction_template,
         )
-        storage.write_parquet(df, storage.join(out, f"part-{i:05d}.parquet"))
+        storage.write_parquet(df, storage.join(out, part_name(i)))
         bar.update(1)
         if progress:
-            progress(n_shards - len(todo) + todo.index(i) + 1, n_shards)
+            progress(n, len(wanted))
         if on_shard:
             on_shard(i)
     bar.close()
-    total = storage.read_parquet(out).height
-    storage.mark_complete(out, {"rows": total, "shards": n_shards,
-                                "seconds": round(time.perf_counter() - t0, 3)})
+    if shards is None:
+        _seal(out, n_shards, {"seconds": round(time.perf_counter() - t0, 3)})
+    elif not _missing_parts(out, n_shards):
+        _seal(out, n_shards, {})  # the last group to finish; its own time is not the stage's
+    return out
+
+
+def seal_generations(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                     prompts_cfg: PromptsConfig, data_root: str) -> str:
+    """Mark one language's generations complete once every shard group has written its
+    shards (cheap: lists the folder, counts rows). Missing shards fail with their names."""
+    out = generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    if storage.is_complete(out):
+        return out
+    n_shards = generation_shard_count(prompts_uri, lang, gen, prompts_cfg)
+    missing = _missing_parts(out, n_shards)
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} of {n_shards} shards are missing "
+                           f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                           "rerun generation, which writes only the missing shards")
+    _seal(out, n_shards, {})
     return out
 
 
@@ -248,24 +330,43 @@ def _scorer_identity(scorer) -> dict:
     return data
 
 
+def score_uri(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
+    """Where `run_score` writes one language's scores."""
+    return storage.join(data_root, "scores", score_key(generations_uri, reward), f"lang={lang}")
+
+
+def generation_parts(generations_uri: str) -> list[str]:
+    """The shard files of a complete generations output, in shard order."""
+    if not storage.is_complete(generations_uri):
+        raise RuntimeError(f"generations at {generations_uri} are incomplete; rerun generation")
+    return [p for p in storage.list_dir(generations_uri) if p.endswith(".parquet")]
+
+
 def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
-              data_root: str, *, progress: Progress | None = None) -> str:
-    """Score every generation shard of one language with the configured scorers."""
+              data_root: str, *, progress: Progress | None = None,
+              shards: range | None = None) -> str:
+    """Score every generation shard of one language with the configured scorers.
+
+    `shards`: only the generation shards at these positions (a shard group); each score
+    shard has its generation shard's name. `_SUCCESS` is written once every generation
+    shard has its score shard (see `run_generate`, `seal_scores`)."""
     from croco.progress import progress_bar
     from croco.reward import score_frame
 
     t0 = time.perf_counter()
-    out = storage.join(data_root, "scores", score_key(generations_uri, reward), f"lang={lang}")
+    out = score_uri(generations_uri, lang, reward, data_root)
     if storage.is_complete(out):
         return out
-    if not storage.is_complete(generations_uri):
-        raise RuntimeError(f"generations at {generations_uri} are incomplete; rerun generation")
+    parts = generation_parts(generations_uri)
+    wanted = parts if shards is None else parts[shards.start:shards.stop]
+    if shards is not None and shards and shards.stop > len(parts):
+        raise ValueError(f"{out}: shards {shards.start}..{shards.stop - 1} asked for, but "
+                         f"{generations_uri} has {len(parts)} shards")
     prompts = storage.read_parquet(storage.join(prompts_uri, "data.parquet"))
-    parts = [p for p in storage.list_dir(generations_uri) if p.endswith(".parquet")]
     existing = set(storage.list_dir(out))
-    bar = progress_bar(len(parts), f"score {lang}", unit="shard",
-                       initial=sum(p in existing for p in parts))
-    for n, part in enumerate(parts, 1):
+    bar = progress_bar(len(wanted), f"score {lang}", unit="shard",
+                       initial=sum(p in existing for p in wanted))
+    for n, part in enumerate(wanted, 1):
         if part in existing:
             continue
         gens = storage.read_parquet(storage.join(generations_uri, part))
@@ -273,10 +374,28 @@ def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardC
         storage.write_parquet(scored, storage.join(out, part))
         bar.update(1)
         if progress:
-            progress(n, len(parts))
+            progress(n, len(wanted))
     bar.close()
-    total = storage.read_parquet(out).height
-    storage.mark_complete(out, {"rows": total, "seconds": round(time.perf_counter() - t0, 3)})
+    if shards is None:
+        _seal(out, len(parts), {"seconds": round(time.perf_counter() - t0, 3)})
+    elif not set(parts) - set(storage.list_dir(out)):
+        _seal(out, len(parts), {})
+    return out
+
+
+def seal_scores(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
+    """Mark one language's scores complete once every generation shard has been scored by
+    its shard group. Missing shards fail with their names."""
+    out = score_uri(generations_uri, lang, reward, data_root)
+    if storage.is_complete(out):
+        return out
+    parts = generation_parts(generations_uri)
+    missing = sorted(set(parts) - set(storage.list_dir(out)))
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} of {len(parts)} shards are not scored "
+                           f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                           "rerun scoring, which scores only the missing shards")
+    _seal(out, len(parts), {})
     return out
 
 

@@ -140,6 +140,90 @@ def test_deleted_outputs_are_recomputed_despite_the_cache(prefect_harness, tiny_
     assert storage.is_complete(second["stages"]["pairs"]["all"])
 
 
+def _parquet_bytes(uri: str) -> dict[str, bytes]:
+    return {p: storage.read_bytes(storage.join(uri, p)) for p in storage.list_dir(uri)
+            if p.endswith(".parquet")}
+
+
+def test_shard_groups_give_the_tables_and_pairs_of_one_task_per_language(
+        prefect_harness, tiny_config, tmp_path, calls):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import croco_pipeline
+
+    common = {"languages": ["en", "de"], "generation.shard_size": 1}  # 3 shards a language
+    one = croco_pipeline(config=tiny_config(data_root=str(tmp_path / "one"), **common),
+                         stages=["prompts", "generate", "score", "pair"])
+    calls.clear()
+    three = croco_pipeline(config=tiny_config(data_root=str(tmp_path / "three"), **common,
+                                              **{"orchestration.shards_per_language": 3}),
+                           stages=["prompts", "generate", "score", "pair"])
+    # one call per (language, shard group), each group one shard
+    assert calls == Counter({("run_prompts", "en"): 1, ("run_prompts", "de"): 1,
+                             ("run_generate", "en"): 3, ("run_generate", "de"): 3,
+                             ("run_score", "en"): 3, ("run_score", "de"): 3,
+                             ("run_pairs", "all"): 1})
+    for stage in ("generations", "scores"):
+        for lang in ("en", "de"):
+            a, b = one["stages"][stage][lang], three["stages"][stage][lang]
+            assert Path(a).relative_to(tmp_path / "one") == Path(b).relative_to(
+                tmp_path / "three")  # same content key
+            assert storage.is_complete(b)
+            parts = _parquet_bytes(b)
+            assert sorted(parts) == ["part-00000.parquet", "part-00001.parquet",
+                                     "part-00002.parquet"]
+            assert parts == _parquet_bytes(a)
+            assert storage.read_json(storage.join(b, storage.SUCCESS))["rows"] == 3 * 4
+    a, b = one["stages"]["pairs"]["all"], three["stages"]["pairs"]["all"]
+    assert Path(a).name == Path(b).name
+    for table in ("dpo", "sft"):
+        assert storage.read_parquet(storage.join(b, table)).equals(
+            storage.read_parquet(storage.join(a, table)))
+    with get_client(sync_client=True) as client:
+        names = {t.name for t in client.read_task_runs()}
+    assert {"generate-en-0", "generate-en-2", "generate-de-1", "seal-generate-de",
+            "score-en-1", "score-de-2", "seal-score-en"} <= names
+
+
+def test_a_killed_shard_group_keeps_the_other_shards_and_the_rerun_writes_the_missing(
+        prefect_harness, tiny_config, calls, monkeypatch, tmp_path):
+    from flows.pipeline import croco_pipeline
+
+    cfg = tiny_config(**{"languages": ["en", "de"], "generation.shard_size": 1,
+                         "orchestration.shards_per_language": 2})  # groups: shards 0-1, 2
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_first(i):
+        raise Crash(f"killed after shard {i}")
+
+    generate = stages.run_generate
+    written: list[tuple[str, int]] = []
+
+    def run_generate(prompts_uri, lang, *args, shards=None, **kwargs):
+        crash = crashing and lang == "en" and shards == range(0, 2)
+        hook = crash_after_first if crash else (lambda i: written.append((lang, i)))
+        return generate(prompts_uri, lang, *args, shards=shards, on_shard=hook, **kwargs)
+
+    monkeypatch.setattr(stages, "run_generate", run_generate)
+    crashing = True
+    with pytest.raises(Crash, match="killed after shard 0"):
+        croco_pipeline(config=cfg)
+    (en,) = Path(cfg.data_root, "generations").glob("*/lang=en")
+    assert sorted(p.name for p in en.iterdir()) == ["part-00000.parquet", "part-00002.parquet"]
+    assert not storage.is_complete(str(en))
+    before = {p.name: p.stat().st_mtime_ns for p in en.iterdir()}
+
+    crashing, written[:] = False, []
+    result = croco_pipeline(config=cfg)
+    assert written == [("en", 1)]  # only the shard the killed group had not written
+    assert {p: (en / p).stat().st_mtime_ns for p in before} == before
+    assert result["stages"]["generations"]["en"] == str(en)
+    assert storage.read_parquet(str(en)).height == 3 * 4
+    assert storage.is_complete(result["stages"]["pairs"]["all"])
+
+
 def test_stages_option_stops_early(prefect_harness, tiny_config, calls):
     from flows.pipeline import croco_pipeline
 
