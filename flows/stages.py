@@ -44,6 +44,7 @@ from tasks import (
     heldout_task,
     judge_task,
     pairs_task,
+    plan_generate_task,
     reward_check_task,
     score_group_task,
     score_languages_task,
@@ -134,16 +135,19 @@ class Stages:
         return [f.result() for f in [uncached.submit(**t) for t in triggers]]
 
     def _per_language(self, stage: str, task, group_task, seal_task,
-                      calls: list[dict]) -> list[str]:
+                      calls: list[dict], plan_task=None) -> list[str]:
         """One stage (generate or score) for every language of `calls`: one task or flow
-        run per language, or, with `shards_per_language` n > 1, n shard groups per language
-        and then a seal per language. Returns one output URI per call."""
+        run per language, or, with `shards_per_language` n > 1, a plan per language (if
+        the stage has one), n shard groups per language, then a seal per language. Returns
+        one output URI per call."""
         langs = [c["lang"] for c in calls]
         n = self.config.orchestration.shards_per_language
         if n == 1:
             if stage in self.deployments:
                 return self._remote(stage, calls, [f"{stage}-{lang}" for lang in langs])
             return resolve(task, calls)
+        if plan_task is not None:  # every group must number the parts alike
+            resolve(plan_task, calls, complete=storage.exists)
         groups = [dict(c, group=g, groups=n) for c in calls for g in range(n)]
         labels = [f"{stage}-{lang}-{g}" for lang in langs for g in range(n)]
         if stage in self.deployments:
@@ -163,7 +167,7 @@ class Stages:
                       code_version=STAGE_VERSIONS["generations"])
                  for lang, p in zip(langs, prompt_uris)]
         gen_uris = self._per_language("generate", generate_task, generate_group_task,
-                                      seal_generate_task, calls)
+                                      seal_generate_task, calls, plan_task=plan_generate_task)
         if not score:
             return dict(zip(langs, gen_uris)), {}
         calls = [dict(generations_uri=g, prompts_uri=p, lang=lang, reward=config.reward,

@@ -13,6 +13,7 @@ from tasks.stages import (  # noqa: F401
     judge_task,
     manifest_task,
     pairs_task,
+    plan_generate_task,
     prompts_task,
     report_task,
     reward_check_task,

@@ -227,8 +227,8 @@ def generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Genera
         uri = stages.run_generate(prompts_uri, lang, policy, gen, prompts_cfg, data_root,
                                   progress=progress)
     info = stages.completion_info(uri)
-    log.info("generated %s samples for %s in %ss -> %s", info.get("rows"), lang,
-             info.get("seconds"), uri)
+    log.info("%s samples for %s (%s sampled now, the others from the sample store) in %ss -> %s",
+             info.get("rows"), lang, info.get("generated_rows"), info.get("seconds"), uri)
     return uri
 
 
@@ -257,7 +257,8 @@ def generate_group_task(prompts_uri: str, lang: str, policy: PolicyConfig,
     """Shard group `group` of `groups` of one language's generation (contiguous shard
     indices, `croco.stages.shard_group`), written into the language's output;
     `seal_generate_task` completes it. Returns `{"uri", "parts"}`."""
-    n_shards = stages.generation_shard_count(prompts_uri, lang, gen, prompts_cfg)
+    n_shards = stages.generation_shard_count(prompts_uri, lang, policy, gen, prompts_cfg,
+                                             data_root)
     shards = stages.shard_group(n_shards, group, groups)
     uri = stages.generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
     if shards:
@@ -269,6 +270,18 @@ def generate_group_task(prompts_uri: str, lang: str, policy: PolicyConfig,
                               shards.start, shards.stop - 1, n_shards, lang,
                               time.perf_counter() - t0, uri)
     return _group_result(uri, [stages.part_name(i) for i in shards])
+
+
+@task(name="plan-generate", task_run_name="plan-generate-{lang}", **_common)
+def plan_generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                       prompts_cfg: PromptsConfig, data_root: str, code_version: int) -> str:
+    """Fix which stored shard each part of one language's generations comes from, before
+    its shard groups start (no GPU; `croco.stages.generation_plan`). Returns the plan's URI."""
+    plan = stages.generation_plan(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    get_run_logger().info("%s: %d parts from the sample store %s", lang, len(plan["parts"]),
+                          plan["store"])
+    return stages.plan_uri(stages.generation_uri(prompts_uri, lang, policy, gen, prompts_cfg,
+                                                 data_root))
 
 
 @task(name="seal-generate", task_run_name="seal-generate-{lang}", **_common)

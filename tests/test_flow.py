@@ -224,6 +224,84 @@ def test_a_killed_shard_group_keeps_the_other_shards_and_the_rerun_writes_the_mi
     assert storage.is_complete(result["stages"]["pairs"]["all"])
 
 
+@pytest.fixture
+def sampled(monkeypatch):
+    """Rows sampled from the policy and rows scored, per (what, lang): the model work done
+    (rows read back from the sample and score stores are not counted)."""
+    import croco.generation
+    import croco.reward
+
+    counter: Counter = Counter()
+
+    def counting(what, original):
+        def wrapper(frame, *args, **kwargs):
+            out = original(frame, *args, **kwargs)
+            counter.update((what, lang) for lang in out["lang"].to_list())
+            return out
+        return wrapper
+
+    monkeypatch.setattr(croco.generation, "generate_frame",
+                        counting("generated", croco.generation.generate_frame))
+    # score_frame(generations, ...): counted by the generation rows it scores
+    monkeypatch.setattr(croco.reward, "score_frame", counting("scored", croco.reward.score_frame))
+    return counter
+
+
+def _rows(uri: str) -> pl.DataFrame:
+    return storage.read_parquet(uri).sort("prompt_id", "sample_idx")
+
+
+def test_a_grown_prompt_file_samples_and_scores_only_the_new_prompts(
+        prefect_harness, tiny_config, tmp_path, prompt_file, sampled):
+    from flows.pipeline import croco_pipeline
+
+    source = tmp_path / "prompts.jsonl"
+    shutil.copy(prompt_file, source)
+    cfg = tiny_config(**{"prompts.path": str(source), "prompts.limit": None,
+                         "languages": ["en", "de"]})  # 4 train prompts a language, k 4
+    upto = ["prompts", "generate", "score", "pair"]
+    first = croco_pipeline(config=cfg, stages=upto)
+    assert sampled == Counter({("generated", "en"): 16, ("generated", "de"): 16,
+                               ("scored", "en"): 16, ("scored", "de"): 16})
+    with source.open("a") as f:
+        for pid in ("q6", "q7"):
+            f.write(json.dumps({"prompt_id": pid, "lang": "en", "prompt": f"Question {pid}?",
+                                "split": "train", "source": "test"}) + "\n")
+    sampled.clear()
+    second = croco_pipeline(config=cfg, stages=upto)
+    assert sampled == Counter({("generated", "en"): 2 * 4, ("scored", "en"): 2 * 4})
+    for stage in ("generations", "scores"):
+        before, after = (_rows(r["stages"][stage]["en"]) for r in (first, second))
+        assert after["prompt_id"].unique().sort().to_list() == [
+            "q0", "q1", "q2", "q3", "q6", "q7"]
+        assert after.filter(pl.col("prompt_id").is_in(["q0", "q1", "q2", "q3"])).equals(before)
+        assert _rows(second["stages"][stage]["de"]).equals(_rows(first["stages"][stage]["de"]))
+    stats = storage.read_parquet(storage.join(second["stages"]["pairs"]["all"], "stats.parquet"))
+    assert (stats["pairs"] + stats["skipped"]).to_list() == [4, 6]  # de, en pools
+
+    # an edited prompt is a new prompt; a removed one is in no table; nothing else is sampled
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    rows = [r for r in rows if (r["lang"], r["prompt_id"]) != ("en", "q1")]
+    for r in rows:
+        if (r["lang"], r["prompt_id"]) == ("en", "q2"):
+            r["prompt"] = "Give two tips for sleep."
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    sampled.clear()
+    third = croco_pipeline(config=cfg, stages=upto)
+    assert sampled == Counter({("generated", "en"): 4, ("scored", "en"): 4})
+    gens = _rows(third["stages"]["generations"]["en"])
+    assert gens["prompt_id"].unique().sort().to_list() == ["q0", "q2", "q3", "q6", "q7"]
+    kept = ["q0", "q3", "q6", "q7"]
+    assert gens.filter(pl.col("prompt_id").is_in(kept)).equals(
+        _rows(second["stages"]["generations"]["en"]).filter(pl.col("prompt_id").is_in(kept)))
+    assert not gens.filter(pl.col("prompt_id") == "q2").equals(
+        _rows(second["stages"]["generations"]["en"]).filter(pl.col("prompt_id") == "q2"))
+    pairs = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "dpo"))
+    assert "q1" not in pairs.filter(pl.col("prompt_lang") == "en")["prompt_id"].to_list()
+    stats = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "stats.parquet"))
+    assert (stats["pairs"] + stats["skipped"]).to_list() == [4, 5]
+
+
 def test_stages_option_stops_early(prefect_harness, tiny_config, calls):
     from flows.pipeline import croco_pipeline
 

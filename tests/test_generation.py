@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import polars as pl
 import pytest
 
@@ -165,3 +167,25 @@ def test_shard_groups_write_the_same_bytes_as_one_call_and_seal_when_all_are_the
             assert storage.read_bytes(storage.join(out, part)) == \
                 storage.read_bytes(storage.join(whole, part)), part
     assert storage.read_json(storage.join(out, storage.SUCCESS))["rows"] == 4 * 2
+
+
+def test_a_reused_shard_deleted_from_the_store_fails_naming_the_plan_to_delete(
+        tiny_lm, prompt_file, tmp_path):
+    from croco.stages import generation_plan, generation_uri, plan_uri
+
+    root = str(tmp_path)
+    pcfg = PromptsConfig(path=str(prompt_file), limit=4)
+    policy = PolicyConfig(model=tiny_lm)
+    gen = GenerationConfig(k=2, max_new_tokens=4, batch_size=4, shard_size=2)
+    prompts_uri = run_prompts(pcfg, "fr", root)
+    run_generate(prompts_uri, "fr", policy, gen, pcfg, root)
+    # a second prompt set that keeps q0 only of the first shard (q0, q1)
+    fewer = PromptsConfig(path=str(prompt_file), limit=1)
+    plan = generation_plan(prompts_uri, "fr", policy, gen, fewer, root)
+    (part,) = plan["parts"]
+    assert part["prompt_ids"] == ["q0"]
+    storage.remove(storage.join(plan["store"], f"{part['shard']}.prompts.parquet"))
+    out = generation_uri(prompts_uri, "fr", policy, gen, fewer, root)
+    with pytest.raises(RuntimeError, match=r"stored shard .* prompts q0, is gone; delete "
+                                           + re.escape(plan_uri(out))):
+        run_generate(prompts_uri, "fr", policy, gen, fewer, root)
