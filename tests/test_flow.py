@@ -202,7 +202,7 @@ def test_a_killed_shard_group_keeps_the_other_shards_and_the_rerun_writes_the_mi
     written: list[tuple[str, int]] = []
 
     def run_generate(prompts_uri, lang, *args, shards=None, **kwargs):
-        crash = crashing and lang == "en" and shards == range(0, 2)
+        crash = crashing and lang == "en" and shards == range(2)
         hook = crash_after_first if crash else (lambda i: written.append((lang, i)))
         return generate(prompts_uri, lang, *args, shards=shards, on_shard=hook, **kwargs)
 

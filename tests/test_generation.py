@@ -130,8 +130,8 @@ def test_held_out_answers_of_every_language_are_generated_and_scored_together(
 def test_shard_groups_are_contiguous_and_cover_every_shard_once():
     from croco.stages import shard_group
 
-    assert [shard_group(7, g, 3) for g in range(3)] == [range(0, 3), range(3, 5), range(5, 7)]
-    assert [shard_group(6, g, 3) for g in range(3)] == [range(0, 2), range(2, 4), range(4, 6)]
+    assert [shard_group(7, g, 3) for g in range(3)] == [range(3), range(3, 5), range(5, 7)]
+    assert [shard_group(6, g, 3) for g in range(3)] == [range(2), range(2, 4), range(4, 6)]
     # more groups than shards: the last groups are empty
     assert [list(shard_group(2, g, 3)) for g in range(3)] == [[0], [1], []]
     with pytest.raises(ValueError, match="groups are 0..2"):
