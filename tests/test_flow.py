@@ -251,7 +251,7 @@ def _rows(uri: str) -> pl.DataFrame:
     return storage.read_parquet(uri).sort("prompt_id", "sample_idx")
 
 
-def test_a_grown_prompt_file_samples_and_scores_only_the_new_prompts(
+def test_a_grown_or_edited_prompt_file_samples_and_scores_only_the_new_prompts(
         prefect_harness, tiny_config, tmp_path, prompt_file, sampled):
     from flows.pipeline import croco_pipeline
 
@@ -279,27 +279,38 @@ def test_a_grown_prompt_file_samples_and_scores_only_the_new_prompts(
     stats = storage.read_parquet(storage.join(second["stages"]["pairs"]["all"], "stats.parquet"))
     assert (stats["pairs"] + stats["skipped"]).to_list() == [4, 6]  # de, en pools
 
-    # an edited prompt is a new prompt; a removed one is in no table; nothing else is sampled
+    # a removed prompt is in no table, and nothing is sampled or scored
     rows = [json.loads(line) for line in source.read_text().splitlines()]
     rows = [r for r in rows if (r["lang"], r["prompt_id"]) != ("en", "q1")]
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    sampled.clear()
+    third = croco_pipeline(config=cfg, stages=upto)
+    assert sampled == Counter()
+    kept = ["q0", "q2", "q3", "q6", "q7"]
+    for stage in ("generations", "scores"):
+        after = _rows(third["stages"][stage]["en"])
+        assert after["prompt_id"].unique().sort().to_list() == kept
+        assert after.equals(_rows(second["stages"][stage]["en"]).filter(
+            pl.col("prompt_id").is_in(kept)))
+    pairs = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "dpo"))
+    assert "q1" not in pairs.filter(pl.col("prompt_lang") == "en")["prompt_id"].to_list()
+    stats = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "stats.parquet"))
+    assert (stats["pairs"] + stats["skipped"]).to_list() == [4, 5]
+
+    # an edited prompt is a new one: sampled and scored again, the others read back
     for r in rows:
         if (r["lang"], r["prompt_id"]) == ("en", "q2"):
             r["prompt"] = "Give two tips for sleep."
     source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     sampled.clear()
-    third = croco_pipeline(config=cfg, stages=upto)
+    fourth = croco_pipeline(config=cfg, stages=upto)
     assert sampled == Counter({("generated", "en"): 4, ("scored", "en"): 4})
-    gens = _rows(third["stages"]["generations"]["en"])
-    assert gens["prompt_id"].unique().sort().to_list() == ["q0", "q2", "q3", "q6", "q7"]
-    kept = ["q0", "q3", "q6", "q7"]
-    assert gens.filter(pl.col("prompt_id").is_in(kept)).equals(
-        _rows(second["stages"]["generations"]["en"]).filter(pl.col("prompt_id").is_in(kept)))
-    assert not gens.filter(pl.col("prompt_id") == "q2").equals(
-        _rows(second["stages"]["generations"]["en"]).filter(pl.col("prompt_id") == "q2"))
-    pairs = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "dpo"))
-    assert "q1" not in pairs.filter(pl.col("prompt_lang") == "en")["prompt_id"].to_list()
-    stats = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "stats.parquet"))
-    assert (stats["pairs"] + stats["skipped"]).to_list() == [4, 5]
+    gens, before = (_rows(r["stages"]["generations"]["en"]) for r in (fourth, third))
+    same = ["q0", "q3", "q6", "q7"]
+    assert gens.filter(pl.col("prompt_id").is_in(same)).equals(
+        before.filter(pl.col("prompt_id").is_in(same)))
+    assert gens.filter(pl.col("prompt_id") == "q2")["response"].to_list() != \
+        before.filter(pl.col("prompt_id") == "q2")["response"].to_list()
 
 
 def test_stages_option_stops_early(prefect_harness, tiny_config, calls):
