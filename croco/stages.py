@@ -63,8 +63,9 @@ from croco.config import (
 
 log = logging.getLogger(__name__)
 
-#: Bump a stage's version when its output for the same inputs changes.
-STAGE_VERSIONS = {"prompts": 1, "generations": 1, "scores": 1, "pairs": 1, "samples": 1}
+#: Bump a stage's version when its output for the same inputs changes. generations 2: the
+#: samples come from the sample store, seeded per stored shard.
+STAGE_VERSIONS = {"prompts": 1, "generations": 2, "scores": 1, "pairs": 1, "samples": 1}
 
 Progress = Callable[[int, int], None]
 
