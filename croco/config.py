@@ -339,7 +339,10 @@ class OrchestrationConfig(_Strict):
     """How the stages run. Without `deployments` every stage runs in the pipeline's own
     process (tasks and subflows). With them, the named GPU stages run as flow runs of those
     Prefect deployments (`run_deployment`), one per language for generate and score, one per
-    variant for train, one for evaluate; the pipeline waits for each and fails if one did."""
+    variant for train, one for evaluate; the pipeline waits for each and fails if one did.
+    `shards_per_language` > 1 splits each language's generate and score into that many
+    groups of its shards (tasks, or flow runs of the deployments), so more GPU workers than
+    languages all get work; the outputs are the same whatever the split."""
 
     gpu_slots: int = Field(1, ge=1, description="GPU stage tasks that may run at once: in this "
                            "process for a local run; across every worker for the global 'gpu' "
@@ -356,6 +359,12 @@ class OrchestrationConfig(_Strict):
         description="stage -> deployment name, e.g. {generate: croco-generate/gpu}")
     deployment_timeout: float | None = Field(
         None, gt=0, description="seconds to wait for one stage flow run; None: no limit")
+    shards_per_language: int = Field(
+        1, ge=1, description="generate and score each language as this many groups of "
+        "contiguous shards (generation.shard_size prompts each), each group its own task or "
+        "stage flow run, all writing into the language's one output, which a final seal "
+        "marks complete; execution only: outputs and content keys do not depend on it. "
+        "1: one task (flow run) per language")
 
 
 class CrocoConfig(_Strict):

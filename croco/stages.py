@@ -6,9 +6,35 @@ resolved config and the keys of its inputs. A stage whose output carries `_SUCCE
 returns at once; generation and scoring write numbered shards and skip the ones already
 written, so a crash loses at most the shard in progress.
 
+Sample store (incremental reruns): samples are kept per (policy, generation settings,
+language), whatever run or prompt set asked for them, in `samples/<key>/lang=xx/`, as
+shards named by the hash of the (prompt_id, prompt content) list they hold and sampled
+with a seed derived from that name; `<shard>.prompts.parquet` beside each holds its
+prompts (written last: it marks the shard complete). A run's generations output is a
+per-run view: its plan (`generations/<key>/_plans/lang=xx.json`, made once) says which
+stored shard each part comes from. Prompts the store holds reuse their samples; new or
+edited prompts (a new content hash) are cut into new shards of `generation.shard_size`;
+a removed prompt is in no part. Part i is the stored shard's rows of the plan's prompts.
+Scoring works the same way: `scored/<key>/lang=xx/<shard>.parquet` holds the rewards of a
+whole stored shard under one reward config, and a run's score part i is its rows of the
+plan's prompts. So a grown prompt source samples and scores only the new prompts, and
+pairs and everything after rerun on the whole set. A prompt's samples are those drawn
+when it first appeared: an incremental result can differ from a from-scratch run of the
+same final prompt set only in the random draws (another shard, so another seed), never in
+which prompts, policy or settings they come from.
+
+Shard groups: `run_generate` / `run_score` may be given `shards` (a contiguous range of
+part indices, `shard_group`), so several workers fill one language's output at once; the
+plan is made before they start and each stored shard's seed comes from its name, so the
+output does not depend on the grouping, and the grouping enters no key. Whichever call
+writes the last part marks the output complete; `seal_generations` / `seal_scores` do it
+after every group ended (and name the parts still missing when one did not).
+
 Layout (hive-partitioned by `lang=`):
     prompts/<key>/lang=xx/data.parquet
-    generations/<key>/lang=xx/part-00000.parquet ...
+    samples/<key>/lang=xx/<shard>.parquet, <shard>.prompts.parquet
+    generations/<key>/lang=xx/part-00000.parquet ..., generations/<key>/_plans/lang=xx.json
+    scored/<key>/lang=xx/<shard>.parquet
     scores/<key>/lang=xx/part-00000.parquet ...
     pairs/<key>/{dpo,sft}/lang=xx/data.parquet, pools.parquet, stats.parquet
     runs/<run_id>/manifest.json
@@ -17,7 +43,6 @@ Layout (hive-partitioned by `lang=`):
 from __future__ import annotations
 
 import logging
-import math
 import posixpath
 import time
 import zlib
@@ -38,8 +63,10 @@ from croco.config import (
 
 log = logging.getLogger(__name__)
 
-#: Bump a stage's version when its output for the same inputs changes.
-STAGE_VERSIONS = {"prompts": 1, "generations": 1, "scores": 1, "pairs": 2}
+#: Bump a stage's version when its output for the same inputs changes. generations 2: the
+#: samples come from the sample store, seeded per stored shard; pairs 2: the tie rule for
+#: distances equal up to rounding, pools.parquet without the texts.
+STAGE_VERSIONS = {"prompts": 1, "generations": 2, "scores": 1, "pairs": 2, "samples": 1}
 
 Progress = Callable[[int, int], None]
 
@@ -115,6 +142,7 @@ def generation_key(prompts_uri: str, policy: PolicyConfig, gen: GenerationConfig
         "prompts": key_of(prompts_uri), "policy": policy.model_dump(),
         "generation": gen.model_dump(exclude={"batch_size"}),
         "split": prompts_cfg.split, "limit": prompts_cfg.limit,
+        "samples": STAGE_VERSIONS["samples"],
     })
 
 
@@ -122,54 +150,249 @@ def _shard_seed(seed: int, lang: str, shard: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(lang.encode()) + shard) % (2**31)
 
 
-def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                 prompts_cfg: PromptsConfig, data_root: str, *, progress: Progress | None = None,
-                 on_shard: Callable[[int], None] | None = None) -> str:
-    """k samples for each selected prompt of one language, written shard by shard."""
-    from croco.generation import generate_frame, make_generator, policy_label
-    from croco.progress import progress_bar
+# ---------------------------------------------------------------------- sample store
+
+
+def sample_store_uri(policy: PolicyConfig, gen: GenerationConfig, lang: str,
+                     data_root: str) -> str:
+    """The samples of one (policy, generation settings, language), whatever run or prompt
+    set asked for them: `samples/<key>/lang=xx/<shard>.parquet`. How prompts are grouped
+    into shards (`shard_size`) and batched is left out: a shard names its own prompts."""
+    key = stable_hash({"stage": "samples", "v": STAGE_VERSIONS["samples"],
+                       "policy": policy.model_dump(),
+                       "generation": gen.model_dump(exclude={"batch_size", "shard_size"})})
+    return storage.join(data_root, "samples", key, f"lang={lang}")
+
+
+def prompt_identity(prompts: pl.DataFrame) -> list[list[str]]:
+    """`[prompt_id, hash of its text or messages]` per row, in order: what decides a
+    prompt's samples besides the policy and the generation settings."""
+    cols = [c for c in ("prompt", "messages") if c in prompts.columns]
+    return [[row["prompt_id"], stable_hash({c: row[c] for c in cols})]
+            for row in prompts.select("prompt_id", *cols).to_dicts()]
+
+
+def _content_seed(seed: int, shard: str) -> int:
+    """A stored shard's sampling seed, from its name (the hash of its prompts)."""
+    return (seed * 1_000_003 + int(shard, 16)) % (2**31)
+
+
+def _store_index(store: str) -> dict[tuple[str, str], str]:
+    """(prompt_id, content hash) -> the stored shard holding its samples. A shard counts
+    once its prompts file (written after its samples) is there."""
+    index: dict[tuple[str, str], str] = {}
+    for name in storage.list_dir(store):
+        if name.endswith(".prompts.parquet"):
+            shard = name.removesuffix(".prompts.parquet")
+            for pid, h in prompt_identity(storage.read_parquet(storage.join(store, name))):
+                index.setdefault((pid, h), shard)
+    return index
+
+
+def plan_uri(generations_uri: str) -> str:
+    """Where a run's generations output keeps its plan: next to the `lang=` folders, so the
+    folder itself holds only its parts."""
+    head, lang_dir = posixpath.split(generations_uri.rstrip("/"))
+    return storage.join(head, "_plans", f"{lang_dir}.json")
+
+
+def generation_plan(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                    prompts_cfg: PromptsConfig, data_root: str) -> dict:
+    """Which stored shard each part of a run's generations comes from:
+    `{"store": URI, "parts": [{"shard": name, "prompt_ids": [...]}, ...]}`.
+
+    Made once per output (then read back, so every shard group sees the same numbering):
+    prompts whose (id, content) the store already holds reuse those samples, one part per
+    stored shard, in the prompts' order; the others are cut into new shards of
+    `gen.shard_size`, each named by the hash of its prompts. A prompt removed from the
+    source is in no part; an edited one is new."""
+    out = generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    where = plan_uri(out)
+    if storage.exists(where):
+        return storage.read_json(where)
+    store = sample_store_uri(policy, gen, lang, data_root)
+    index = _store_index(store)
+    reused: dict[str, list[str]] = {}
+    new: list[list[str]] = []
+    for pid, h in prompt_identity(_generation_prompts(prompts_uri, lang, prompts_cfg)):
+        shard = index.get((pid, h))
+        if shard is None:
+            new.append([pid, h])
+        else:
+            reused.setdefault(shard, []).append(pid)
+    parts = [{"shard": shard, "prompt_ids": ids} for shard, ids in reused.items()]
+    for i in range(0, len(new), gen.shard_size):
+        chunk = new[i:i + gen.shard_size]
+        parts.append({"shard": stable_hash(chunk), "prompt_ids": [pid for pid, _ in chunk]})
+    plan = {"store": store, "parts": parts}
+    storage.write_json(where, plan)
+    return plan
+
+
+def part_name(shard: int) -> str:
+    """The file name of shard `shard` of a generation or score output."""
+    return f"part-{shard:05d}.parquet"
+
+
+def shard_group(n_shards: int, group: int, groups: int) -> range:
+    """The contiguous shard indices that group `group` (0-based) of `groups` covers: sizes
+    differ by at most one, earlier groups first (7 shards in 3 groups: 0-2, 3-4, 5-6); a
+    group past the last shard is empty."""
+    if not 0 <= group < groups:
+        raise ValueError(f"shard group {group} does not exist: groups are 0..{groups - 1}")
+    size, extra = divmod(n_shards, groups)
+    start = group * size + min(group, extra)
+    return range(start, start + size + (group < extra))
+
+
+def _missing_parts(out: str, n_shards: int) -> list[str]:
+    existing = set(storage.list_dir(out))
+    return [part_name(i) for i in range(n_shards) if part_name(i) not in existing]
+
+
+def _seal(out: str, n_shards: int, info: dict) -> None:
+    """Mark a sharded output complete with its total row count (every shard is present)."""
+    storage.mark_complete(out, {"rows": storage.read_parquet(out).height, "shards": n_shards,
+                                **info})
+
+
+def generation_uri(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                   prompts_cfg: PromptsConfig, data_root: str) -> str:
+    """Where `run_generate` writes one language's samples."""
+    return storage.join(data_root, "generations",
+                        generation_key(prompts_uri, policy, gen, prompts_cfg), f"lang={lang}")
+
+
+def _generation_prompts(prompts_uri: str, lang: str, prompts_cfg: PromptsConfig) -> pl.DataFrame:
     from croco.prompts import select_for_generation
 
-    t0 = time.perf_counter()
-    out = storage.join(data_root, "generations",
-                       generation_key(prompts_uri, policy, gen, prompts_cfg), f"lang={lang}")
-    if storage.is_complete(out):
-        return out
     prompts = select_for_generation(storage.read_parquet(storage.join(prompts_uri, "data.parquet")),
                                     split=prompts_cfg.split, limit=prompts_cfg.limit)
     if prompts.is_empty():
         raise ValueError(f"no {prompts_cfg.split!r} prompts for language {lang!r} in "
                          f"{prompts_uri}; check prompts.split")
-    n_shards = math.ceil(prompts.height / gen.shard_size)
+    return prompts
+
+
+def generation_shard_count(prompts_uri: str, lang: str, policy: PolicyConfig,
+                           gen: GenerationConfig, prompts_cfg: PromptsConfig,
+                           data_root: str) -> int:
+    """How many parts one language's generations output has (its plan's; made if missing)."""
+    return len(generation_plan(prompts_uri, lang, policy, gen, prompts_cfg, data_root)["parts"])
+
+
+def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                 prompts_cfg: PromptsConfig, data_root: str, *, progress: Progress | None = None,
+                 on_shard: Callable[[int], None] | None = None,
+                 shards: range | None = None) -> str:
+    """k samples for each selected prompt of one language, written part by part.
+
+    Part i holds the samples of the prompts of the plan's part i (`generation_plan`),
+    read from the sample store, or generated into it first when the store lacks them
+    (seeded by the stored shard's name, so a shard's samples do not depend on the run,
+    its grouping or its position). `shards`: only these part indices (a shard group, see
+    `shard_group`); several calls with different groups may run at once on one output.
+    `_SUCCESS` is written once every part is present (by whichever call writes the last
+    one, or by `seal_generations`)."""
+    from croco.progress import progress_bar
+
+    t0 = time.perf_counter()
+    out = generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    if storage.is_complete(out):
+        return out
+    plan = generation_plan(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    n_shards = len(plan["parts"])
+    wanted = range(n_shards) if shards is None else shards
+    if wanted and (wanted.start < 0 or wanted.stop > n_shards):
+        raise ValueError(f"{out}: shards {wanted.start}..{wanted.stop - 1} asked for, but the "
+                         f"language has shards 0..{n_shards - 1}")
     existing = set(storage.list_dir(out))
-    todo = [i for i in range(n_shards) if f"part-{i:05d}.parquet" not in existing]
-    label = policy_label(policy.model, policy.adapter)
-    generator = None
-    bar = progress_bar(n_shards, f"generate {lang}", unit="shard", initial=n_shards - len(todo))
-    for i in todo:
-        if generator is None:
-            generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
-                                       device=policy.device, dtype=policy.dtype,
-                                       tensor_parallel_size=gen.tensor_parallel_size,
-                                       seed=gen.seed)
-        shard = prompts.slice(i * gen.shard_size, gen.shard_size)
-        df = generate_frame(
-            generator, shard, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
-            max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-            seed=_shard_seed(gen.seed, lang, i), policy=label,
-            respond_in_language=gen.respond_in_language,
-            instruction_template=gen.instruction_template,
-        )
-        storage.write_parquet(df, storage.join(out, f"part-{i:05d}.parquet"))
+    todo = [i for i in wanted if part_name(i) not in existing]
+    sampler = _StoreSampler(plan["store"], plan_uri(out), prompts_uri, lang, policy, gen,
+                            prompts_cfg)
+    bar = progress_bar(len(wanted), f"generate {lang}", unit="shard",
+                       initial=len(wanted) - len(todo))
+    for n, i in enumerate(todo, len(wanted) - len(todo) + 1):
+        entry = plan["parts"][i]
+        df = sampler.samples(entry["shard"], entry["prompt_ids"])
+        storage.write_parquet(df.filter(pl.col("prompt_id").is_in(entry["prompt_ids"])),
+                              storage.join(out, part_name(i)))
         bar.update(1)
         if progress:
-            progress(n_shards - len(todo) + todo.index(i) + 1, n_shards)
+            progress(n, len(wanted))
         if on_shard:
             on_shard(i)
     bar.close()
-    total = storage.read_parquet(out).height
-    storage.mark_complete(out, {"rows": total, "shards": n_shards,
-                                "seconds": round(time.perf_counter() - t0, 3)})
+    if shards is None:
+        _seal(out, n_shards, {"seconds": round(time.perf_counter() - t0, 3),
+                              "generated_rows": sampler.generated_rows})
+    elif not _missing_parts(out, n_shards):
+        _seal(out, n_shards, {})  # the last group to finish; its own time is not the stage's
+    return out
+
+
+class _StoreSampler:
+    """Reads a stored shard, or samples it into the store first (loading the model once,
+    only if some shard is missing)."""
+
+    def __init__(self, store: str, plan: str, prompts_uri: str, lang: str,
+                 policy: PolicyConfig, gen: GenerationConfig, prompts_cfg: PromptsConfig):
+        self.store, self.plan, self.lang, self.policy, self.gen = store, plan, lang, policy, gen
+        self.prompts_uri, self.prompts_cfg = prompts_uri, prompts_cfg
+        self.generator = None
+        self.generated_rows = 0
+
+    def samples(self, shard: str, prompt_ids: list[str]) -> pl.DataFrame:
+        uri = storage.join(self.store, f"{shard}.parquet")
+        if not storage.exists(storage.join(self.store, f"{shard}.prompts.parquet")):
+            self._sample(shard, prompt_ids, uri)
+        return storage.read_parquet(uri)
+
+    def _sample(self, shard: str, prompt_ids: list[str], uri: str) -> None:
+        from croco.generation import generate_frame, make_generator, policy_label
+
+        gen, policy = self.gen, self.policy
+        prompts = _generation_prompts(self.prompts_uri, self.lang, self.prompts_cfg)
+        prompts = prompts.filter(pl.col("prompt_id").is_in(prompt_ids))
+        if stable_hash(prompt_identity(prompts)) != shard:
+            # a reused shard deleted from the store: its other prompts are not in this run
+            raise RuntimeError(
+                f"{self.store}: stored shard {shard}, which this output's plan reuses for "
+                f"prompts {', '.join(prompt_ids[:5])}, is gone; delete {self.plan} and rerun "
+                "(the prompts are planned again and sampled anew)")
+        if self.generator is None:
+            self.generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
+                                            device=policy.device, dtype=policy.dtype,
+                                            tensor_parallel_size=gen.tensor_parallel_size,
+                                            seed=gen.seed)
+        df = generate_frame(
+            self.generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
+            max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+            seed=_content_seed(gen.seed, shard),
+            policy=policy_label(policy.model, policy.adapter),
+            respond_in_language=gen.respond_in_language,
+            instruction_template=gen.instruction_template,
+        )
+        storage.write_parquet(df, uri)
+        # the prompts file last: its presence says the shard is complete
+        storage.write_parquet(prompts, storage.join(self.store, f"{shard}.prompts.parquet"))
+        self.generated_rows += df.height
+
+
+def seal_generations(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                     prompts_cfg: PromptsConfig, data_root: str) -> str:
+    """Mark one language's generations complete once every shard group has written its
+    shards (cheap: lists the folder, counts rows). Missing shards fail with their names."""
+    out = generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    if storage.is_complete(out):
+        return out
+    n_shards = generation_shard_count(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    missing = _missing_parts(out, n_shards)
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} of {n_shards} shards are missing "
+                           f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                           "rerun generation, which writes only the missing shards")
+    _seal(out, n_shards, {})
     return out
 
 
@@ -248,35 +471,105 @@ def _scorer_identity(scorer) -> dict:
     return data
 
 
+def score_uri(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
+    """Where `run_score` writes one language's scores."""
+    return storage.join(data_root, "scores", score_key(generations_uri, reward), f"lang={lang}")
+
+
+def generation_parts(generations_uri: str) -> list[str]:
+    """The shard files of a complete generations output, in shard order."""
+    if not storage.is_complete(generations_uri):
+        raise RuntimeError(f"generations at {generations_uri} are incomplete; rerun generation")
+    return [p for p in storage.list_dir(generations_uri) if p.endswith(".parquet")]
+
+
 def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
-              data_root: str, *, progress: Progress | None = None) -> str:
-    """Score every generation shard of one language with the configured scorers."""
+              data_root: str, *, progress: Progress | None = None,
+              shards: range | None = None) -> str:
+    """Score every generation shard of one language with the configured scorers.
+
+    `shards`: only the generation shards at these positions (a shard group); each score
+    shard has its generation shard's name. `_SUCCESS` is written once every generation
+    shard has its score shard (see `run_generate`, `seal_scores`)."""
     from croco.progress import progress_bar
     from croco.reward import score_frame
 
     t0 = time.perf_counter()
-    out = storage.join(data_root, "scores", score_key(generations_uri, reward), f"lang={lang}")
+    out = score_uri(generations_uri, lang, reward, data_root)
     if storage.is_complete(out):
         return out
-    if not storage.is_complete(generations_uri):
-        raise RuntimeError(f"generations at {generations_uri} are incomplete; rerun generation")
-    prompts = storage.read_parquet(storage.join(prompts_uri, "data.parquet"))
-    parts = [p for p in storage.list_dir(generations_uri) if p.endswith(".parquet")]
+    parts = generation_parts(generations_uri)
+    wanted = parts if shards is None else parts[shards.start:shards.stop]
+    if shards is not None and shards and shards.stop > len(parts):
+        raise ValueError(f"{out}: shards {shards.start}..{shards.stop - 1} asked for, but "
+                         f"{generations_uri} has {len(parts)} shards")
+    plan = (storage.read_json(plan_uri(generations_uri))
+            if storage.exists(plan_uri(generations_uri)) else None)
+    prompts = None
     existing = set(storage.list_dir(out))
-    bar = progress_bar(len(parts), f"score {lang}", unit="shard",
-                       initial=sum(p in existing for p in parts))
-    for n, part in enumerate(parts, 1):
+    bar = progress_bar(len(wanted), f"score {lang}", unit="shard",
+                       initial=sum(p in existing for p in wanted))
+    for n, part in enumerate(wanted, 1):
         if part in existing:
             continue
-        gens = storage.read_parquet(storage.join(generations_uri, part))
-        scored = score_frame(gens, prompts, reward.scorers, device=reward.device)
+        if plan is not None:  # from the scored copy of its stored shard
+            entry = plan["parts"][parts.index(part)]
+            scored = _scored_shard(plan["store"], entry["shard"], lang, reward, data_root)
+            scored = scored.filter(pl.col("prompt_id").is_in(entry["prompt_ids"]))
+        else:
+            if prompts is None:
+                prompts = storage.read_parquet(storage.join(prompts_uri, "data.parquet"))
+            gens = storage.read_parquet(storage.join(generations_uri, part))
+            scored = score_frame(gens, prompts, reward.scorers, device=reward.device)
         storage.write_parquet(scored, storage.join(out, part))
         bar.update(1)
         if progress:
-            progress(n, len(parts))
+            progress(n, len(wanted))
     bar.close()
-    total = storage.read_parquet(out).height
-    storage.mark_complete(out, {"rows": total, "seconds": round(time.perf_counter() - t0, 3)})
+    if shards is None:
+        _seal(out, len(parts), {"seconds": round(time.perf_counter() - t0, 3)})
+    elif not set(parts) - set(storage.list_dir(out)):
+        _seal(out, len(parts), {})
+    return out
+
+
+def scored_store_uri(store: str, lang: str, reward: RewardConfig, data_root: str) -> str:
+    """The rewards of a sample store's shards under one reward config:
+    `scored/<key>/lang=xx/<shard>.parquet`, each the scores of the whole stored shard."""
+    key = stable_hash({"stage": "scores", "v": STAGE_VERSIONS["scores"],
+                       "samples": key_of(store),
+                       "reward": [_scorer_identity(s) for s in reward.scorers]})
+    return storage.join(data_root, "scored", key, f"lang={lang}")
+
+
+def _scored_shard(store: str, shard: str, lang: str, reward: RewardConfig,
+                  data_root: str) -> pl.DataFrame:
+    """The scores of one stored generation shard, scored (with the prompts stored beside
+    it) and kept the first time any run asks for them."""
+    from croco.reward import score_frame
+
+    uri = storage.join(scored_store_uri(store, lang, reward, data_root), f"{shard}.parquet")
+    if not storage.exists(uri):
+        gens = storage.read_parquet(storage.join(store, f"{shard}.parquet"))
+        prompts = storage.read_parquet(storage.join(store, f"{shard}.prompts.parquet"))
+        storage.write_parquet(score_frame(gens, prompts, reward.scorers, device=reward.device),
+                              uri)
+    return storage.read_parquet(uri)
+
+
+def seal_scores(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
+    """Mark one language's scores complete once every generation shard has been scored by
+    its shard group. Missing shards fail with their names."""
+    out = score_uri(generations_uri, lang, reward, data_root)
+    if storage.is_complete(out):
+        return out
+    parts = generation_parts(generations_uri)
+    missing = sorted(set(parts) - set(storage.list_dir(out)))
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} of {len(parts)} shards are not scored "
+                           f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                           "rerun scoring, which scores only the missing shards")
+    _seal(out, len(parts), {})
     return out
 
 

@@ -1,7 +1,8 @@
 """The GPU stages as flows of their own, so each can be deployed on a GPU work pool:
 
-    croco-generate   one language's samples                 (one flow run per language)
-    croco-score      one language's rewards                 (one flow run per language)
+    croco-generate   one language's samples                 (one flow run per language, or
+                                                             per shard group of a language)
+    croco-score      one language's rewards                 (likewise)
     croco-train      one variant of the experiment grid     (one flow run per variant)
     croco-evaluate   held-out answers, judge, checks        (one flow run per pipeline run)
 
@@ -10,6 +11,11 @@ or, for the stages named in `orchestration.deployments`, as flow runs of those d
 (`tasks.remote.trigger_task`). The code that runs is the same either way; inside a stage's
 flow run every stage runs in that process, so a GPU worker never waits on another one.
 Stage flows persist their (small, JSON) return values so the pipeline can read them.
+
+With `orchestration.shards_per_language` = n > 1, each language's generate and score run as
+n shard groups (tasks or flow runs, `generate-{lang}-{group}`) writing into the language's
+one output, then a cheap seal task in the pipeline marks it complete, so every later stage
+still gets one URI per language.
 """
 
 from __future__ import annotations
@@ -32,14 +38,19 @@ from croco.config import (
 )
 from croco.stages import STAGE_VERSIONS, adapter_path, preference_set_fingerprint
 from tasks import (
+    generate_group_task,
     generate_languages_task,
     generate_task,
     heldout_task,
     judge_task,
     pairs_task,
+    plan_generate_task,
     reward_check_task,
+    score_group_task,
     score_languages_task,
     score_task,
+    seal_generate_task,
+    seal_score_task,
     structured_task,
     train_task,
 )
@@ -75,12 +86,17 @@ def _complete(result: Any) -> bool:
     return True
 
 
-def resolve(task, calls: list[dict]) -> list:
+def _parts_written(result: dict) -> bool:
+    """A shard group's files (`{"uri", "parts"}`) all still exist in its stage output."""
+    return all(storage.exists(storage.join(result["uri"], p)) for p in result["parts"])
+
+
+def resolve(task, calls: list[dict], complete=_complete) -> list:
     """Submit one task run per kwargs, wait, and rerun (bypassing Prefect's cache) any whose
-    cached output has since disappeared from storage."""
+    cached output has since disappeared from storage (`complete(result)` is False)."""
     futures = [task.submit(**kw) for kw in calls]
     results = [f.result() for f in futures]
-    stale = [i for i, r in enumerate(results) if not _complete(r)]
+    stale = [i for i, r in enumerate(results) if not complete(r)]
     if stale:
         fresh = task.with_options(refresh_cache=True)
         redo = [fresh.submit(**calls[i]) for i in stale]
@@ -109,14 +125,36 @@ class Stages:
         return self.runtime.data_root
 
     def _remote(self, stage: str, calls: list[dict], labels: list[str],
-                cached: bool = True) -> list:
+                cached: bool = True, complete=_complete) -> list:
         triggers = [dict(deployment=self.deployments[stage], label=label, timeout=self.timeout,
                          parameters=_jsonable(dict(call, runtime=self.runtime)))
                     for call, label in zip(calls, labels)]
         if cached:
-            return resolve(trigger_task, triggers)
+            return resolve(trigger_task, triggers, complete)
         uncached = trigger_task.with_options(cache_policy=NO_CACHE)
         return [f.result() for f in [uncached.submit(**t) for t in triggers]]
+
+    def _per_language(self, stage: str, task, group_task, seal_task,
+                      calls: list[dict], plan_task=None) -> list[str]:
+        """One stage (generate or score) for every language of `calls`: one task or flow
+        run per language, or, with `shards_per_language` n > 1, a plan per language (if
+        the stage has one), n shard groups per language, then a seal per language. Returns
+        one output URI per call."""
+        langs = [c["lang"] for c in calls]
+        n = self.config.orchestration.shards_per_language
+        if n == 1:
+            if stage in self.deployments:
+                return self._remote(stage, calls, [f"{stage}-{lang}" for lang in langs])
+            return resolve(task, calls)
+        if plan_task is not None:  # every group must number the parts alike
+            resolve(plan_task, calls, complete=storage.exists)
+        groups = [dict(c, group=g, groups=n) for c in calls for g in range(n)]
+        labels = [f"{stage}-{lang}-{g}" for lang in langs for g in range(n)]
+        if stage in self.deployments:
+            self._remote(stage, groups, labels, complete=_parts_written)
+        else:
+            resolve(group_task, groups, complete=_parts_written)
+        return resolve(seal_task, calls)
 
     def generate_and_score(self, prompt_uris: list[str], policy: PolicyConfig,
                            gen: GenerationConfig | None = None,
@@ -128,20 +166,15 @@ class Stages:
                       prompts_cfg=prompts_cfg or config.prompts, data_root=root,
                       code_version=STAGE_VERSIONS["generations"])
                  for lang, p in zip(langs, prompt_uris)]
-        if "generate" in self.deployments:
-            gen_uris = self._remote("generate", [dict(c) for c in calls],
-                                    [f"generate-{lang}" for lang in langs])
-        else:
-            gen_uris = resolve(generate_task, calls)
+        gen_uris = self._per_language("generate", generate_task, generate_group_task,
+                                      seal_generate_task, calls, plan_task=plan_generate_task)
         if not score:
             return dict(zip(langs, gen_uris)), {}
         calls = [dict(generations_uri=g, prompts_uri=p, lang=lang, reward=config.reward,
                       data_root=root, code_version=STAGE_VERSIONS["scores"])
                  for lang, g, p in zip(langs, gen_uris, prompt_uris)]
-        if "score" in self.deployments:
-            score_uris = self._remote("score", calls, [f"score-{lang}" for lang in langs])
-        else:
-            score_uris = resolve(score_task, calls)
+        score_uris = self._per_language("score", score_task, score_group_task, seal_score_task,
+                                        calls)
         return dict(zip(langs, gen_uris)), dict(zip(langs, score_uris))
 
     def pair(self, score_uris: dict, prompt_uris: dict, pairing: PairingConfig) -> str:
@@ -181,27 +214,51 @@ def _runtime(runtime: Runtime | None, data_root: str) -> Runtime:
     return runtime
 
 
-@flow(name="croco-generate", flow_run_name="generate-{lang}", **_persist)
+def _stage_run_name(stage: str):
+    """`generate-en`, or `generate-en-2` for shard group 2 of a language."""
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.parameters
+        group = params.get("group")
+        return f"{stage}-{params.get('lang')}" + ("" if group is None else f"-{group}")
+
+    return name
+
+
+def _one(task, group_task, call: dict, group: int | None, groups: int) -> str | dict:
+    if group is None:
+        (uri,) = resolve(task, [call])
+        return uri
+    (done,) = resolve(group_task, [dict(call, group=group, groups=groups)],
+                      complete=_parts_written)
+    return done
+
+
+@flow(name="croco-generate", flow_run_name=_stage_run_name("generate"), **_persist)
 def croco_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
                    prompts_cfg: PromptsConfig, data_root: str, code_version: int,
-                   runtime: Runtime | None = None) -> str:
-    """Sample `gen.k` answers per prompt of one language (the generations table)."""
+                   runtime: Runtime | None = None, group: int | None = None,
+                   groups: int = 1) -> str | dict:
+    """Sample `gen.k` answers per prompt of one language (the generations table). With
+    `group` (0-based, of `groups`): only that shard group's shards, returning `{"uri",
+    "parts"}`; the pipeline seals the language's output once every group is done."""
     _runtime(runtime, data_root)
-    (uri,) = resolve(generate_task, [dict(
+    return _one(generate_task, generate_group_task, dict(
         prompts_uri=prompts_uri, lang=lang, policy=policy, gen=gen, prompts_cfg=prompts_cfg,
-        data_root=data_root, code_version=code_version)])
-    return uri
+        data_root=data_root, code_version=code_version), group, groups)
 
 
-@flow(name="croco-score", flow_run_name="score-{lang}", **_persist)
+@flow(name="croco-score", flow_run_name=_stage_run_name("score"), **_persist)
 def croco_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
-                data_root: str, code_version: int, runtime: Runtime | None = None) -> str:
-    """Score one language's generations with the configured reward scorers."""
+                data_root: str, code_version: int, runtime: Runtime | None = None,
+                group: int | None = None, groups: int = 1) -> str | dict:
+    """Score one language's generations with the configured reward scorers; `group` as in
+    `croco_generate` (the generation shards at those positions)."""
     _runtime(runtime, data_root)
-    (uri,) = resolve(score_task, [dict(
+    return _one(score_task, score_group_task, dict(
         generations_uri=generations_uri, prompts_uri=prompts_uri, lang=lang, reward=reward,
-        data_root=data_root, code_version=code_version)])
-    return uri
+        data_root=data_root, code_version=code_version), group, groups)
 
 
 @flow(name="croco-train", flow_run_name="train-{variant.name}", **_persist)

@@ -243,8 +243,8 @@ def generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Genera
         uri = stages.run_generate(prompts_uri, lang, policy, gen, prompts_cfg, data_root,
                                   progress=progress)
     info = stages.completion_info(uri)
-    log.info("generated %s samples for %s in %ss -> %s", info.get("rows"), lang,
-             info.get("seconds"), uri)
+    log.info("%s samples for %s (%s sampled now, the others from the sample store) in %ss -> %s",
+             info.get("rows"), lang, info.get("generated_rows"), info.get("seconds"), uri)
     return uri
 
 
@@ -257,6 +257,85 @@ def score_task(generations_uri: str, prompts_uri: str, lang: str, reward: Reward
     info = stages.completion_info(uri)
     log.info("scored %s samples for %s in %ss -> %s", info.get("rows"), lang,
              info.get("seconds"), uri)
+    return uri
+
+
+def _group_result(uri: str, parts: list[str]) -> dict:
+    """What a shard group returns: the stage output it writes into and its shard files, so
+    the caller can check they still exist (the output itself is complete only when sealed)."""
+    return {"uri": uri, "parts": parts}
+
+
+@task(name="generate-group", task_run_name="generate-{lang}-{group}", **_common)
+def generate_group_task(prompts_uri: str, lang: str, policy: PolicyConfig,
+                        gen: GenerationConfig, prompts_cfg: PromptsConfig, data_root: str,
+                        code_version: int, group: int, groups: int) -> dict:
+    """Shard group `group` of `groups` of one language's generation (contiguous shard
+    indices, `croco.stages.shard_group`), written into the language's output;
+    `seal_generate_task` completes it. Returns `{"uri", "parts"}`."""
+    n_shards = stages.generation_shard_count(prompts_uri, lang, policy, gen, prompts_cfg,
+                                             data_root)
+    shards = stages.shard_group(n_shards, group, groups)
+    uri = stages.generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    if shards:
+        t0 = time.perf_counter()
+        with gpu_slot(f"generate-{lang}-{group}"):
+            uri = stages.run_generate(prompts_uri, lang, policy, gen, prompts_cfg, data_root,
+                                      shards=shards)
+        get_run_logger().info("generated shards %d..%d of %d for %s in %.1fs -> %s",
+                              shards.start, shards.stop - 1, n_shards, lang,
+                              time.perf_counter() - t0, uri)
+    return _group_result(uri, [stages.part_name(i) for i in shards])
+
+
+@task(name="plan-generate", task_run_name="plan-generate-{lang}", **_common)
+def plan_generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                       prompts_cfg: PromptsConfig, data_root: str, code_version: int) -> str:
+    """Fix which stored shard each part of one language's generations comes from, before
+    its shard groups start (no GPU; `croco.stages.generation_plan`). Returns the plan's URI."""
+    plan = stages.generation_plan(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    get_run_logger().info("%s: %d parts from the sample store %s", lang, len(plan["parts"]),
+                          plan["store"])
+    return stages.plan_uri(stages.generation_uri(prompts_uri, lang, policy, gen, prompts_cfg,
+                                                 data_root))
+
+
+@task(name="seal-generate", task_run_name="seal-generate-{lang}", **_common)
+def seal_generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                       prompts_cfg: PromptsConfig, data_root: str, code_version: int) -> str:
+    """Mark one language's generations complete after its shard groups (no GPU)."""
+    uri = stages.seal_generations(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
+    get_run_logger().info("%s samples for %s -> %s", stages.completion_info(uri).get("rows"),
+                          lang, uri)
+    return uri
+
+
+@task(name="score-group", task_run_name="score-{lang}-{group}", **_common)
+def score_group_task(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
+                     data_root: str, code_version: int, group: int, groups: int) -> dict:
+    """Shard group `group` of `groups` of one language's scoring (the generation shards at
+    those positions); `seal_score_task` completes it. Returns `{"uri", "parts"}`."""
+    parts = stages.generation_parts(generations_uri)
+    shards = stages.shard_group(len(parts), group, groups)
+    uri = stages.score_uri(generations_uri, lang, reward, data_root)
+    if shards:
+        t0 = time.perf_counter()
+        with gpu_slot(f"score-{lang}-{group}"):
+            uri = stages.run_score(generations_uri, prompts_uri, lang, reward, data_root,
+                                   shards=shards)
+        get_run_logger().info("scored shards %d..%d of %d for %s in %.1fs -> %s",
+                              shards.start, shards.stop - 1, len(parts), lang,
+                              time.perf_counter() - t0, uri)
+    return _group_result(uri, parts[shards.start:shards.stop])
+
+
+@task(name="seal-score", task_run_name="seal-score-{lang}", **_common)
+def seal_score_task(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
+                    data_root: str, code_version: int) -> str:
+    """Mark one language's scores complete after its shard groups (no GPU)."""
+    uri = stages.seal_scores(generations_uri, lang, reward, data_root)
+    get_run_logger().info("%s scored samples for %s -> %s",
+                          stages.completion_info(uri).get("rows"), lang, uri)
     return uri
 
 

@@ -250,3 +250,58 @@ def test_a_failed_stage_run_fails_the_pipeline_and_says_which(stack, tiny_yaml, 
     pipeline = next(r for r in failed if names[r["flow_id"]] == "croco-pipeline")
     message = pipeline["state"]["message"]
     assert "generate-en" in message and "croco-generate/gpu" in message and "FAILED" in message
+
+
+def _reference_stages(cfg, root: str) -> dict:
+    """The same stages in this process, one call per language: what the cluster must match."""
+    from croco import stages
+
+    out: dict = {"prompts": {}, "scores": {}}
+    for lang in cfg.languages:
+        p = out["prompts"][lang] = stages.run_prompts(cfg.prompts, lang, root)
+        g = stages.run_generate(p, lang, cfg.policy, cfg.generation, cfg.prompts, root)
+        out["scores"][lang] = stages.run_score(g, p, lang, cfg.reward, root)
+    out["pairs"] = stages.run_pairs(out["scores"], out["prompts"], cfg.pairing, root)
+    return out
+
+
+def test_shard_groups_on_the_cluster_match_one_run_per_language(stack, tiny_yaml, tmp_path):
+    """2 languages x 3 shard groups as flow runs of the stage deployments: the same score
+    shards (byte for byte) and pairs as one call per language in this process."""
+    from croco import storage
+
+    path, cfg = tiny_yaml
+    res = stack.cli(PY, "-m", "flows.cli", "run", "--deployment", "croco-pipeline/scale-out",
+                    "--set", "generation.shard_size=1",  # 3 shards a language, one a group
+                    "--set", "orchestration.shards_per_language=3", str(path),
+                    "--stages", "prompts,generate,score,pair", "--run-id", "sharded",
+                    timeout=900, check=False)
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-2000:]}\n{stack.tail()}"
+    names = _flow_names(stack)
+    runs = {r["name"]: r for r in _flow_runs(stack)
+            if names[r["flow_id"]] in ("croco-generate", "croco-score")}
+    groups = {f"{stage}-{lang}-{g}" for stage in ("generate", "score") for lang in ("en", "de")
+              for g in range(3)}
+    assert groups <= set(runs), sorted(runs)
+    assert {runs[n]["state_type"] for n in groups} == {"COMPLETED"}
+
+    prefix = cfg.data_root.split(f"s3://{stack.bucket}/", 1)[1]
+
+    def s3_bytes(key: str) -> bytes:
+        return stack.s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read()
+
+    manifest = json.loads(s3_bytes(f"{prefix}/runs/sharded/manifest.json"))
+    local = cfg.model_copy(update={"data_root": str(tmp_path / "local"), "generation":
+                                   cfg.generation.model_copy(update={"shard_size": 1})})
+    ref = _reference_stages(local, local.data_root)
+    for lang in ("en", "de"):
+        entry = manifest["stages"]["scores"][lang]
+        assert entry["key"] == Path(ref["scores"][lang]).parent.name and entry["rows"] == 3 * 4
+        for part in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
+            assert s3_bytes(f"{prefix}/scores/{entry['key']}/lang={lang}/{part}") == \
+                storage.read_bytes(storage.join(ref["scores"][lang], part)), (lang, part)
+    pairs = manifest["stages"]["pairs"]["all"]
+    assert pairs["key"] == Path(ref["pairs"]).name
+    for table in ("dpo/lang=en", "dpo/lang=de", "sft/lang=en", "sft/lang=de"):
+        assert s3_bytes(f"{prefix}/pairs/{pairs['key']}/{table}/data.parquet") == \
+            storage.read_bytes(storage.join(ref["pairs"], table, "data.parquet")), table

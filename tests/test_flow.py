@@ -140,6 +140,179 @@ def test_deleted_outputs_are_recomputed_despite_the_cache(prefect_harness, tiny_
     assert storage.is_complete(second["stages"]["pairs"]["all"])
 
 
+def _parquet_bytes(uri: str) -> dict[str, bytes]:
+    return {p: storage.read_bytes(storage.join(uri, p)) for p in storage.list_dir(uri)
+            if p.endswith(".parquet")}
+
+
+def test_shard_groups_give_the_tables_and_pairs_of_one_task_per_language(
+        prefect_harness, tiny_config, tmp_path, calls):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import croco_pipeline
+
+    common = {"languages": ["en", "de"], "generation.shard_size": 1}  # 3 shards a language
+    one = croco_pipeline(config=tiny_config(data_root=str(tmp_path / "one"), **common),
+                         stages=["prompts", "generate", "score", "pair"])
+    calls.clear()
+    three = croco_pipeline(config=tiny_config(data_root=str(tmp_path / "three"), **common,
+                                              **{"orchestration.shards_per_language": 3}),
+                           stages=["prompts", "generate", "score", "pair"])
+    # one call per (language, shard group), each group one shard
+    assert calls == Counter({("run_prompts", "en"): 1, ("run_prompts", "de"): 1,
+                             ("run_generate", "en"): 3, ("run_generate", "de"): 3,
+                             ("run_score", "en"): 3, ("run_score", "de"): 3,
+                             ("run_pairs", "all"): 1})
+    for stage in ("generations", "scores"):
+        for lang in ("en", "de"):
+            a, b = one["stages"][stage][lang], three["stages"][stage][lang]
+            assert Path(a).relative_to(tmp_path / "one") == Path(b).relative_to(
+                tmp_path / "three")  # same content key
+            assert storage.is_complete(b)
+            parts = _parquet_bytes(b)
+            assert sorted(parts) == ["part-00000.parquet", "part-00001.parquet",
+                                     "part-00002.parquet"]
+            assert parts == _parquet_bytes(a)
+            assert storage.read_json(storage.join(b, storage.SUCCESS))["rows"] == 3 * 4
+    a, b = one["stages"]["pairs"]["all"], three["stages"]["pairs"]["all"]
+    assert Path(a).name == Path(b).name
+    for table in ("dpo", "sft"):
+        assert storage.read_parquet(storage.join(b, table)).equals(
+            storage.read_parquet(storage.join(a, table)))
+    with get_client(sync_client=True) as client:
+        names = {t.name for t in client.read_task_runs()}
+    assert {"generate-en-0", "generate-en-2", "generate-de-1", "seal-generate-de",
+            "score-en-1", "score-de-2", "seal-score-en"} <= names
+
+
+def test_a_killed_shard_group_keeps_the_other_shards_and_the_rerun_writes_the_missing(
+        prefect_harness, tiny_config, calls, monkeypatch, tmp_path):
+    from flows.pipeline import croco_pipeline
+
+    cfg = tiny_config(**{"languages": ["en", "de"], "generation.shard_size": 1,
+                         "orchestration.shards_per_language": 2})  # groups: shards 0-1, 2
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_first(i):
+        raise Crash(f"killed after shard {i}")
+
+    generate = stages.run_generate
+    written: list[tuple[str, int]] = []
+
+    def run_generate(prompts_uri, lang, *args, shards=None, **kwargs):
+        crash = crashing and lang == "en" and shards == range(2)
+        hook = crash_after_first if crash else (lambda i: written.append((lang, i)))
+        return generate(prompts_uri, lang, *args, shards=shards, on_shard=hook, **kwargs)
+
+    monkeypatch.setattr(stages, "run_generate", run_generate)
+    crashing = True
+    with pytest.raises(Crash, match="killed after shard 0"):
+        croco_pipeline(config=cfg)
+    (en,) = Path(cfg.data_root, "generations").glob("*/lang=en")
+    assert sorted(p.name for p in en.iterdir()) == ["part-00000.parquet", "part-00002.parquet"]
+    assert not storage.is_complete(str(en))
+    before = {p.name: p.stat().st_mtime_ns for p in en.iterdir()}
+
+    crashing, written[:] = False, []
+    result = croco_pipeline(config=cfg)
+    assert written == [("en", 1)]  # only the shard the killed group had not written
+    assert {p: (en / p).stat().st_mtime_ns for p in before} == before
+    assert result["stages"]["generations"]["en"] == str(en)
+    assert storage.read_parquet(str(en)).height == 3 * 4
+    assert storage.is_complete(result["stages"]["pairs"]["all"])
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """Rows sampled from the policy and rows scored, per (what, lang): the model work done
+    (rows read back from the sample and score stores are not counted)."""
+    import croco.generation
+    import croco.reward
+
+    counter: Counter = Counter()
+
+    def counting(what, original):
+        def wrapper(frame, *args, **kwargs):
+            out = original(frame, *args, **kwargs)
+            counter.update((what, lang) for lang in out["lang"].to_list())
+            return out
+        return wrapper
+
+    monkeypatch.setattr(croco.generation, "generate_frame",
+                        counting("generated", croco.generation.generate_frame))
+    # score_frame(generations, ...): counted by the generation rows it scores
+    monkeypatch.setattr(croco.reward, "score_frame", counting("scored", croco.reward.score_frame))
+    return counter
+
+
+def _rows(uri: str) -> pl.DataFrame:
+    return storage.read_parquet(uri).sort("prompt_id", "sample_idx")
+
+
+def test_a_grown_or_edited_prompt_file_samples_and_scores_only_the_new_prompts(
+        prefect_harness, tiny_config, tmp_path, prompt_file, sampled):
+    from flows.pipeline import croco_pipeline
+
+    source = tmp_path / "prompts.jsonl"
+    shutil.copy(prompt_file, source)
+    cfg = tiny_config(**{"prompts.path": str(source), "prompts.limit": None,
+                         "languages": ["en", "de"]})  # 4 train prompts a language, k 4
+    upto = ["prompts", "generate", "score", "pair"]
+    first = croco_pipeline(config=cfg, stages=upto)
+    assert sampled == Counter({("generated", "en"): 16, ("generated", "de"): 16,
+                               ("scored", "en"): 16, ("scored", "de"): 16})
+    with source.open("a") as f:
+        for pid in ("q6", "q7"):
+            f.write(json.dumps({"prompt_id": pid, "lang": "en", "prompt": f"Question {pid}?",
+                                "split": "train", "source": "test"}) + "\n")
+    sampled.clear()
+    second = croco_pipeline(config=cfg, stages=upto)
+    assert sampled == Counter({("generated", "en"): 2 * 4, ("scored", "en"): 2 * 4})
+    for stage in ("generations", "scores"):
+        before, after = (_rows(r["stages"][stage]["en"]) for r in (first, second))
+        assert after["prompt_id"].unique().sort().to_list() == [
+            "q0", "q1", "q2", "q3", "q6", "q7"]
+        assert after.filter(pl.col("prompt_id").is_in(["q0", "q1", "q2", "q3"])).equals(before)
+        assert _rows(second["stages"][stage]["de"]).equals(_rows(first["stages"][stage]["de"]))
+    stats = storage.read_parquet(storage.join(second["stages"]["pairs"]["all"], "stats.parquet"))
+    assert (stats["pairs"] + stats["skipped"]).to_list() == [4, 6]  # de, en pools
+
+    # a removed prompt is in no table, and nothing is sampled or scored
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    rows = [r for r in rows if (r["lang"], r["prompt_id"]) != ("en", "q1")]
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    sampled.clear()
+    third = croco_pipeline(config=cfg, stages=upto)
+    assert sampled == Counter()
+    kept = ["q0", "q2", "q3", "q6", "q7"]
+    for stage in ("generations", "scores"):
+        after = _rows(third["stages"][stage]["en"])
+        assert after["prompt_id"].unique().sort().to_list() == kept
+        assert after.equals(_rows(second["stages"][stage]["en"]).filter(
+            pl.col("prompt_id").is_in(kept)))
+    pairs = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "dpo"))
+    assert "q1" not in pairs.filter(pl.col("prompt_lang") == "en")["prompt_id"].to_list()
+    stats = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "stats.parquet"))
+    assert (stats["pairs"] + stats["skipped"]).to_list() == [4, 5]
+
+    # an edited prompt is a new one: sampled and scored again, the others read back
+    for r in rows:
+        if (r["lang"], r["prompt_id"]) == ("en", "q2"):
+            r["prompt"] = "Give two tips for sleep."
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    sampled.clear()
+    fourth = croco_pipeline(config=cfg, stages=upto)
+    assert sampled == Counter({("generated", "en"): 4, ("scored", "en"): 4})
+    gens, before = (_rows(r["stages"]["generations"]["en"]) for r in (fourth, third))
+    same = ["q0", "q3", "q6", "q7"]
+    assert gens.filter(pl.col("prompt_id").is_in(same)).equals(
+        before.filter(pl.col("prompt_id").is_in(same)))
+    assert gens.filter(pl.col("prompt_id") == "q2")["response"].to_list() != \
+        before.filter(pl.col("prompt_id") == "q2")["response"].to_list()
+
+
 def test_stages_option_stops_early(prefect_harness, tiny_config, calls):
     from flows.pipeline import croco_pipeline
 

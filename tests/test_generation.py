@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import polars as pl
 import pytest
 
@@ -123,3 +125,67 @@ def test_held_out_answers_of_every_language_are_generated_and_scored_together(
     monkeypatch.setattr("croco.reward.score_frame", no_model)
     assert run_generate_languages(prompts, policy, gen, pcfg, root) == gens
     assert run_score_languages(gens, prompts, reward, root) == scores
+
+
+def test_shard_groups_are_contiguous_and_cover_every_shard_once():
+    from croco.stages import shard_group
+
+    assert [shard_group(7, g, 3) for g in range(3)] == [range(3), range(3, 5), range(5, 7)]
+    assert [shard_group(6, g, 3) for g in range(3)] == [range(2), range(2, 4), range(4, 6)]
+    # more groups than shards: the last groups are empty
+    assert [list(shard_group(2, g, 3)) for g in range(3)] == [[0], [1], []]
+    with pytest.raises(ValueError, match="groups are 0..2"):
+        shard_group(7, 3, 3)
+
+
+def test_shard_groups_write_the_same_bytes_as_one_call_and_seal_when_all_are_there(
+        tiny_lm, prompt_file, tmp_path):
+    from croco.stages import seal_generations, shard_group
+
+    pcfg = PromptsConfig(path=str(prompt_file), limit=4)
+    policy = PolicyConfig(model=tiny_lm)
+    gen = GenerationConfig(k=2, max_new_tokens=4, batch_size=4, shard_size=1)
+    whole_root, grouped_root = str(tmp_path / "whole"), str(tmp_path / "grouped")
+    whole = run_generate(run_prompts(pcfg, "de", whole_root), "de", policy, gen, pcfg,
+                         whole_root)
+    prompts_uri = run_prompts(pcfg, "de", grouped_root)
+    # groups run in any order; the output is complete only once the last shard is written
+    out = run_generate(prompts_uri, "de", policy, gen, pcfg, grouped_root,
+                       shards=shard_group(4, 2, 3))
+    assert storage.list_dir(out) == ["part-00003.parquet"] and not storage.is_complete(out)
+    with pytest.raises(RuntimeError, match=r"3 of 4 shards are missing \(part-00000.parquet, "
+                                           r"part-00001.parquet, part-00002.parquet\)"):
+        seal_generations(prompts_uri, "de", policy, gen, pcfg, grouped_root)
+    run_generate(prompts_uri, "de", policy, gen, pcfg, grouped_root, shards=shard_group(4, 0, 3))
+    assert not storage.is_complete(out)
+    run_generate(prompts_uri, "de", policy, gen, pcfg, grouped_root, shards=shard_group(4, 1, 3))
+    assert storage.is_complete(out)  # the last group to finish sealed it
+    assert seal_generations(prompts_uri, "de", policy, gen, pcfg, grouped_root) == out
+    assert out.removeprefix(grouped_root) == whole.removeprefix(whole_root)  # same key
+    for part in storage.list_dir(whole):
+        if part.endswith(".parquet"):
+            assert storage.read_bytes(storage.join(out, part)) == \
+                storage.read_bytes(storage.join(whole, part)), part
+    assert storage.read_json(storage.join(out, storage.SUCCESS))["rows"] == 4 * 2
+
+
+def test_a_reused_shard_deleted_from_the_store_fails_naming_the_plan_to_delete(
+        tiny_lm, prompt_file, tmp_path):
+    from croco.stages import generation_plan, generation_uri, plan_uri
+
+    root = str(tmp_path)
+    pcfg = PromptsConfig(path=str(prompt_file), limit=4)
+    policy = PolicyConfig(model=tiny_lm)
+    gen = GenerationConfig(k=2, max_new_tokens=4, batch_size=4, shard_size=2)
+    prompts_uri = run_prompts(pcfg, "fr", root)
+    run_generate(prompts_uri, "fr", policy, gen, pcfg, root)
+    # a second prompt set that keeps q0 only of the first shard (q0, q1)
+    fewer = PromptsConfig(path=str(prompt_file), limit=1)
+    plan = generation_plan(prompts_uri, "fr", policy, gen, fewer, root)
+    (part,) = plan["parts"]
+    assert part["prompt_ids"] == ["q0"]
+    storage.remove(storage.join(plan["store"], f"{part['shard']}.prompts.parquet"))
+    out = generation_uri(prompts_uri, "fr", policy, gen, fewer, root)
+    with pytest.raises(RuntimeError, match=r"stored shard .* prompts q0, is gone; delete "
+                                           + re.escape(plan_uri(out))):
+        run_generate(prompts_uri, "fr", policy, gen, fewer, root)

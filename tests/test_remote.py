@@ -123,6 +123,58 @@ def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_pat
     assert flow_stages.Stages(cfg, local=True).deployments == {}
 
 
+def test_shard_groups_send_one_call_per_language_and_group_then_seal_here(monkeypatch,
+                                                                          tmp_path):
+    """With shards_per_language 3, each language's generate is 3 flow runs of the
+    deployment (group 0..2 of 3, labelled generate-<lang>-<group>); the plan before them and
+    the seal after them run in the pipeline's process, which gets one URI per language."""
+    from flows import stages as flow_stages
+
+    sent, planned, sealed = [], [], []
+
+    class FakeFuture:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    class FakeTask:
+        def __init__(self, log, answer):
+            self.log, self.answer = log, answer
+
+        def submit(self, **kw):
+            self.log.append(kw)
+            return FakeFuture(self.answer(kw))
+
+        def with_options(self, **_):
+            return self
+
+    out = f"{tmp_path}/generations/k"
+    monkeypatch.setattr(flow_stages, "trigger_task", FakeTask(sent, lambda kw: {
+        "uri": f"{out}/lang={kw['parameters']['lang']}", "parts": []}))
+    monkeypatch.setattr(flow_stages, "seal_generate_task",
+                        FakeTask(sealed, lambda kw: f"{out}/lang={kw['lang']}"))
+    monkeypatch.setattr(flow_stages, "plan_generate_task",
+                        FakeTask(planned, lambda kw: f"{out}/_plans/lang={kw['lang']}.json"))
+    monkeypatch.setattr(flow_stages.storage, "is_complete", lambda uri: True)
+    monkeypatch.setattr(flow_stages.storage, "exists", lambda uri: True)
+    cfg = config_from_dict({"data_root": str(tmp_path), "languages": ["en", "da"],
+                            "orchestration": {"shards_per_language": 3, "deployments": {
+                                "generate": "croco-generate/gpu"}}})
+    gens, _ = flow_stages.Stages(cfg).generate_and_score(["p-en", "p-da"], cfg.policy,
+                                                         score=False)
+    assert gens == {"en": f"{out}/lang=en", "da": f"{out}/lang=da"}
+    assert [s["label"] for s in sent] == ["generate-en-0", "generate-en-1", "generate-en-2",
+                                          "generate-da-0", "generate-da-1", "generate-da-2"]
+    assert [(s["parameters"]["group"], s["parameters"]["groups"]) for s in sent] == \
+        [(0, 3), (1, 3), (2, 3)] * 2
+    # the parts are planned once per language before any group starts
+    assert [c["lang"] for c in planned] == ["en", "da"]
+    assert [(c["lang"], c["prompts_uri"]) for c in sealed] == [("en", "p-en"), ("da", "p-da")]
+    assert "group" not in sealed[0]
+
+
 def test_pull_step_moves_into_the_project(tmp_path, monkeypatch):
     from flows.deploy import PROJECT_DIR, use_project_dir
 
