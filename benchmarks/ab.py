@@ -103,6 +103,17 @@ def notes(results: list[Result]) -> list[str]:
     return [f"{r.case.name}: {r.note}" for r in results if r.note]
 
 
+def run_and_print(cases: list[Case], reps: int = 3) -> list[Result]:
+    """A benchmark script's main: run every case A/B interleaved, then print the table, the
+    notes and the machine."""
+    results = [run_case(c, reps=reps) for c in cases]
+    print(table(results))
+    for line in notes(results):
+        print(f"- {line}")
+    print(f"machine: {machine()}")
+    return results
+
+
 def machine() -> str:
     """One line: CPU or GPU, cores, memory, and the library versions that matter."""
     import torch

@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: the repository root is the imp
 import polars as pl
 import torch
 
-from benchmarks.ab import Case, machine, notes, run_case, table
+from benchmarks.ab import Case, run_and_print
 from benchmarks.tiny import tiny_llama
 from croco.config import EMBEDDED_POLICY
 
@@ -163,13 +163,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small sizes, a tiny random model")
     a = ap.parse_args()
-    results = [run_case(c, reps=a.reps) for c in cases(
+    run_and_print(cases(
         a.quick, model=a.model, pairs=a.pairs, steps=a.steps, batch=a.batch,
-        max_length=a.max_length)]
-    print(table(results))
-    for line in notes(results):
-        print(f"- {line}")
-    print(f"machine: {machine()}")
+        max_length=a.max_length), reps=a.reps)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: the repository root is the imp
 
 import torch
 
-from benchmarks.ab import Case, machine, notes, run_case, table
+from benchmarks.ab import Case, run_and_print
 from croco.config import EMBEDDED_POLICY
 
 #: Sizes (prompts, k, new tokens, words per prompt): full, and --quick (seconds per rep).
@@ -131,13 +131,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small sizes (defaults of --quick)")
     a = ap.parse_args()
-    results = [run_case(c, reps=a.reps) for c in cases(
+    run_and_print(cases(
         a.quick, model=a.model, prompts=a.prompts, k=a.k, max_new_tokens=a.max_new_tokens,
-        prompt_words=a.prompt_words)]
-    print(table(results))
-    for line in notes(results):
-        print(f"- {line}")
-    print(f"machine: {machine()}")
+        prompt_words=a.prompt_words), reps=a.reps)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the repository root is the import root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ab import Case, machine, notes, run_case, table
+from benchmarks.ab import Case, run_and_print
 from benchmarks.tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,13 +119,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     a = ap.parse_args()
-    results = [run_case(c, reps=a.reps) for c in cases(
+    run_and_print(cases(
         a.quick, languages=a.languages, prompts=a.prompts, k=a.k,
-        max_new_tokens=a.max_new_tokens)]
-    print(table(results))
-    for line in notes(results):
-        print(f"- {line}")
-    print(f"machine: {machine()}")
+        max_new_tokens=a.max_new_tokens), reps=a.reps)
 
 
 if __name__ == "__main__":

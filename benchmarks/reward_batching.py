@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: the repository root is the imp
 import numpy as np
 import polars as pl
 
-from benchmarks.ab import Case, machine, notes, run_case, table
+from benchmarks.ab import Case, run_and_print
 from benchmarks.tiny import tiny_llama
 from croco.config import EMBEDDED_POLICY
 
@@ -161,13 +161,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small sizes, tiny classifier")
     a = ap.parse_args()
-    results = [run_case(c, reps=a.reps) for c in cases(
+    run_and_print(cases(
         a.quick, batch_size=a.batch_size, prompts=a.prompts, k=a.k,
-        max_new_tokens=a.max_new_tokens)]
-    print(table(results))
-    for line in notes(results):
-        print(f"- {line}")
-    print(f"machine: {machine()}")
+        max_new_tokens=a.max_new_tokens), reps=a.reps)
 
 
 if __name__ == "__main__":
