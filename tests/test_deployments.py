@@ -77,6 +77,17 @@ class Stack:
                 time.sleep(1)
         raise AssertionError(f"prefect server not healthy after {timeout}s:\n{self.tail()}")
 
+    def boot(self) -> None:
+        """The server, the `croco-cpu` and `croco-gpu` process pools, and `croco deploy`."""
+        self.start("server", [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                              "--port", str(self.port)])
+        self.wait_healthy()
+        for pool in ("croco-cpu", "croco-gpu"):
+            self.cli(PY, "-m", "prefect", "work-pool", "create", pool, "--type", "process",
+                     "--overwrite")
+        res = self.cli(PY, "-m", "flows.cli", "deploy", timeout=600)
+        assert "croco-pipeline/scale-out" in res.stdout + res.stderr
+
     def tail(self, n: int = 60) -> str:
         out = []
         for log in self.logs:
@@ -133,14 +144,7 @@ def stack(tmp_path_factory, s3_server):
                         aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET)
     s.s3.create_bucket(Bucket=s.bucket)
     try:
-        s.start("server", [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                           "--port", str(s.port)])
-        s.wait_healthy()
-        for pool in ("croco-cpu", "croco-gpu"):
-            s.cli(PY, "-m", "prefect", "work-pool", "create", pool, "--type", "process",
-                  "--overwrite")
-        res = s.cli(PY, "-m", "flows.cli", "deploy", timeout=600)
-        assert "croco-pipeline/scale-out" in res.stdout + res.stderr
+        s.boot()
         s.env.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
         s.cli(PY, "-m", "flows.cli", "blocks", "--bucket", s.bucket, "--name", BLOCK,
               "--endpoint-url", s3_server)

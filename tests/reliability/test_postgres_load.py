@@ -90,14 +90,7 @@ def pg_stack(tmp_path_factory, postgres):
                 "AWS_ENDPOINT_URL", "CROCO_S3_ENDPOINT_URL"):
         s.env.pop(var, None)
     try:
-        s.start("server", [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                           "--port", str(s.port)])
-        s.wait_healthy()
-        for pool in ("croco-cpu", "croco-gpu"):
-            s.cli(PY, "-m", "prefect", "work-pool", "create", pool, "--type", "process",
-                  "--overwrite")
-        res = s.cli(PY, "-m", "flows.cli", "deploy", timeout=600)
-        assert "croco-pipeline/scale-out" in res.stdout + res.stderr
+        s.boot()
         # Every pipeline run at once on the CPU pool; GPU_SLOTS stage runs at a time on the
         # GPU one (the runs' global `gpu` limit has as many slots).
         s.start("worker-cpu", [PY, "-m", "prefect", "worker", "start", "--pool", "croco-cpu",

@@ -19,14 +19,14 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import polars as pl
 import psutil
 import pytest
+
+from tests.reliability.conftest import Process, croco_env, start_croco
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +42,6 @@ RERUN_BOUND_S = 600.0
 SEED = 20261130
 
 
-def _croco() -> str:
-    return str(Path(sys.executable).with_name("croco"))
-
-
 def _config(tiny_config_maker, root: Path) -> str:
     import yaml
 
@@ -56,38 +52,24 @@ def _config(tiny_config_maker, root: Path) -> str:
     return str(path)
 
 
-def _env(prefect_home: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(prefect_home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
-    return env
+def _start(config: str, env: dict, log_dir: Path, name: str) -> Process:
+    return start_croco(["run", config, "--until", "train"], env, log_dir, name)
 
 
-def _start(config: str, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([_croco(), "run", config, "--until", "train"], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+def _run(config: str, env: dict, log_dir: Path, name: str) -> float:
+    """The plain command to its end; returns its wall time (fails the test unless exit 0)."""
+    done = _start(config, env, log_dir, name).wait(RERUN_BOUND_S)
+    assert done.rc == 0 and not done.timed_out, done.output[-3000:]
+    return done.seconds
 
 
-def _run(config: str, env: dict, log: Path, timeout: float) -> tuple[int, float]:
-    t0 = time.monotonic()
-    proc = _start(config, env, log)
-    try:
-        rc = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"croco run did not finish within {timeout:.0f} s; log: {log.read_text()[-3000:]}")
-    return rc, time.monotonic() - t0
-
-
-def _wait_for(proc: subprocess.Popen, log: Path, marker: str, timeout: float = 300) -> bool:
+def _wait_for(proc: Process, marker: str, timeout: float = 300) -> bool:
+    """Until `marker` is in the run's output (True) or the run ended (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if marker in log.read_text(errors="replace"):
+        if any(marker in p.read_text(errors="replace") for p in (proc.out_path, proc.err_path)):
             return True
-        if proc.poll() is not None:
+        if proc.proc.poll() is not None:
             return False
         time.sleep(0.1)
     return False
@@ -149,9 +131,7 @@ def _assert_same(got: dict, ref: dict) -> None:
 def reference(tmp_path_factory, tiny_config_maker):
     """One uninterrupted run: the outputs every interrupted run must end up with."""
     root = tmp_path_factory.mktemp("reference")
-    config = _config(tiny_config_maker, root)
-    rc, _ = _run(config, _env(root / "prefect"), root / "log.txt", RERUN_BOUND_S)
-    assert rc == 0, (root / "log.txt").read_text()[-3000:]
+    _run(_config(tiny_config_maker, root), croco_env(root / "prefect"), root, "reference")
     return _outputs(root / "data")
 
 
@@ -161,31 +141,27 @@ def _interrupt_trial(tmp_path, tiny_config_maker, reference, trial: int, how: st
     delay = rng.uniform(0.0, 2.0)
     config = _config(tiny_config_maker, tmp_path)
     prefect_home = tmp_path / "prefect"
-    env = _env(prefect_home)
-    log = tmp_path / "interrupted.txt"
-    proc = _start(config, env, log)
-    reached = _wait_for(proc, log, STAGE_MARKERS[stage])
+    env = croco_env(prefect_home)
+    proc = _start(config, env, tmp_path, "interrupted")
+    reached = _wait_for(proc, STAGE_MARKERS[stage])
     time.sleep(delay)
     t0 = time.monotonic()
-    if proc.poll() is not None:  # it finished before the chosen moment: nothing to stop
+    if proc.proc.poll() is not None:  # it finished before the chosen moment: nothing to stop
         pass
     elif how == "SIGKILL":
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.signal(signal.SIGKILL)
     elif how == "SIGINT":
-        os.killpg(proc.pid, signal.SIGINT)
+        proc.signal(signal.SIGINT)
     else:
         os.kill(proc.pid, signal.SIGTERM)
-    try:
-        rc = proc.wait(STOP_BOUND_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"{how} during {stage}: still running after {STOP_BOUND_S:.0f} s")
+    # Not reaped: whatever of the run outlives it must be found below, not killed here.
+    stopped = proc.wait(STOP_BOUND_S, reap=False)
+    assert not stopped.timed_out, f"{how} during {stage}: still running after {STOP_BOUND_S:.0f} s"
+    rc = stopped.rc
     stopped_in = time.monotonic() - t0
     left = _wait_gone(proc.pid, prefect_home)
     assert not left, f"{how} during {stage}: processes left behind: {left}"
-    rc2, rerun_s = _run(config, env, tmp_path / "rerun.txt", RERUN_BOUND_S)
-    assert rc2 == 0, (tmp_path / "rerun.txt").read_text()[-3000:]
+    rerun_s = _run(config, env, tmp_path, "rerun")
     _assert_same(_outputs(tmp_path / "data"), reference)
     return {"stage": stage, "reached": reached, "rc": rc, "stopped_in": stopped_in,
             "rerun_s": rerun_s}
