@@ -351,7 +351,8 @@ def deploy(name: Annotated[Optional[list[str]], typer.Option(
            = "infra/prefect.yaml",
            gpu_slots: Annotated[Optional[int], typer.Option(
                min=1, help="create or resize the global 'gpu' limit to this many slots (the "
-                           "GPUs of every worker together); runs never resize it")] = None
+                           "GPUs of every worker together; without it a missing limit is "
+                           "created with 1); runs never resize it")] = None
            ) -> None:
     """Create or update croco's Prefect deployments (infra/prefect.yaml) on the current
     Prefect API (PREFECT_API_URL); the same as `prefect --no-prompt deploy --all
@@ -363,11 +364,16 @@ def deploy(name: Annotated[Optional[list[str]], typer.Option(
     rc = run_deploy(prefect_file, name)
     if rc:
         _fail(f"prefect deploy exited {rc}", code=rc)
-    if gpu_slots is not None:
-        from tasks.stages import resize_gpu_limit
+    # The global limit exists before any stage run starts: runs that start together then
+    # never race to create it (the loser's insert is a server error on PostgreSQL).
+    from tasks.stages import ensure_gpu_limit, resize_gpu_limit
 
+    if gpu_slots is not None:
         resize_gpu_limit(gpu_slots)
         console.print(f"global 'gpu' concurrency limit: [bold]{gpu_slots}[/] slots")
+    elif ensure_gpu_limit(1):
+        console.print("global 'gpu' concurrency limit: created with [bold]1[/] slot; size it "
+                      "to your GPUs with [cyan]croco deploy --gpu-slots N[/]")
 
 
 @app.command()

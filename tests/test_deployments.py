@@ -77,15 +77,17 @@ class Stack:
                 time.sleep(1)
         raise AssertionError(f"prefect server not healthy after {timeout}s:\n{self.tail()}")
 
-    def boot(self) -> None:
-        """The server, the `croco-cpu` and `croco-gpu` process pools, and `croco deploy`."""
+    def boot(self, gpu_slots: int | None = None) -> None:
+        """The server, the `croco-cpu` and `croco-gpu` process pools, and `croco deploy`
+        (with `--gpu-slots` when given)."""
         self.start("server", [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                               "--port", str(self.port)])
         self.wait_healthy()
         for pool in ("croco-cpu", "croco-gpu"):
             self.cli(PY, "-m", "prefect", "work-pool", "create", pool, "--type", "process",
                      "--overwrite")
-        res = self.cli(PY, "-m", "flows.cli", "deploy", timeout=600)
+        res = self.cli(PY, "-m", "flows.cli", "deploy",
+                       *(["--gpu-slots", str(gpu_slots)] if gpu_slots else []), timeout=600)
         assert "croco-pipeline/scale-out" in res.stdout + res.stderr
 
     def tail(self, n: int = 60) -> str:
@@ -194,6 +196,10 @@ def test_deployments_in_the_yaml_exist_on_the_server(stack):
                  "croco-score/gpu", "croco-train/gpu", "croco-evaluate/gpu"):
         flow, dep = name.split("/")
         assert flow in listed and dep in listed, listed
+    # `croco deploy` created the global `gpu` limit (1 slot without --gpu-slots), so runs
+    # that start together never race to create it.
+    res = stack.cli(PY, "-m", "prefect", "gcl", "inspect", "gpu", "--output", "json")
+    assert json.loads(res.stdout)["limit"] == 1, res.stdout
 
 
 def test_scale_out_run_from_the_cli_fans_out_on_the_gpu_pool(stack, tiny_yaml):

@@ -90,9 +90,9 @@ def pg_stack(tmp_path_factory, postgres):
                 "AWS_ENDPOINT_URL", "CROCO_S3_ENDPOINT_URL"):
         s.env.pop(var, None)
     try:
-        s.boot()
+        s.boot(gpu_slots=GPU_SLOTS)
         # Every pipeline run at once on the CPU pool; GPU_SLOTS stage runs at a time on the
-        # GPU one (the runs' global `gpu` limit has as many slots).
+        # GPU one (`croco deploy --gpu-slots` gave the global `gpu` limit as many slots).
         s.start("worker-cpu", [PY, "-m", "prefect", "worker", "start", "--pool", "croco-cpu",
                                "--type", "process", "--limit", str(RUNS)])
         s.start("worker-gpu", [PY, "-m", "prefect", "worker", "start", "--pool", "croco-gpu",
