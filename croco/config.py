@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from croco.errors import UserError
+from croco.identity import EXECUTION_ONLY, LABEL, PATH_INPUT
 from croco.languages import check_language
 
 #: The embedded default policy: SmolLM2-135M-Instruct shipped as GGUF by the
@@ -73,11 +74,11 @@ class _Strict(BaseModel):
 class TranslateConfig(_Strict):
     """Translate one source-language prompt set into every target language (greedy)."""
 
-    model: str = EMBEDDED_POLICY
+    model: str = Field(EMBEDDED_POLICY, **PATH_INPUT)
     source_lang: str = "en"
     template: str = DEFAULT_TRANSLATE_TEMPLATE
     max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, **EXECUTION_ONLY)
 
 
 class PromptsConfig(_Strict):
@@ -88,7 +89,7 @@ class PromptsConfig(_Strict):
     dataset id / saved dataset path (`hf:<id>` or a `load_from_disk` folder).
     """
 
-    path: str = "builtin:demo"
+    path: str = Field("builtin:demo", **PATH_INPUT)
     split: Literal["train", "heldout", "all"] = "train"
     limit: int | None = Field(None, ge=1, description="max prompts per language (None: all)")
     dataset_split: str = "train"
@@ -98,10 +99,10 @@ class PromptsConfig(_Strict):
 class PolicyConfig(_Strict):
     """The model that generates (and, by default, is later trained)."""
 
-    model: str = EMBEDDED_POLICY
-    adapter: str | None = None
+    model: str = Field(EMBEDDED_POLICY, **PATH_INPUT)
+    adapter: str | None = Field(None, **PATH_INPUT)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
+    device: str = Field("auto", **EXECUTION_ONLY)
 
 
 class GenerationConfig(_Strict):
@@ -111,11 +112,12 @@ class GenerationConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(4096, ge=1)
     seed: int = 0
-    batch_size: int = Field(64, ge=1, description="sequences decoded together")
+    batch_size: int = Field(64, ge=1, description="sequences decoded together",
+                            **EXECUTION_ONLY)
     shard_size: int = Field(16, ge=1, description="prompts per output shard")
     respond_in_language: bool = False
     instruction_template: str = "Respond in {language}."
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm only")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm only", **EXECUTION_ONLY)
 
 
 class ClassifierScorer(_Strict):
@@ -123,16 +125,16 @@ class ClassifierScorer(_Strict):
 
     type: Literal["classifier"] = "classifier"
     name: str = "rm"
-    model: str = "Skywork/Skywork-Reward-V2-Qwen3-8B"
+    model: str = Field("Skywork/Skywork-Reward-V2-Qwen3-8B", **PATH_INPUT)
     weight: float = 1.0
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, **EXECUTION_ONLY)
     max_length: int = Field(4096, ge=8)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["transformers", "vllm"] = "transformers"
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm only")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm only", **EXECUTION_ONLY)
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="vllm only: the share of GPU memory this scorer's "
-        "engine may take (lower it when two vllm scorers share a GPU)")
+        "engine may take (lower it when two vllm scorers share a GPU)", **EXECUTION_ONLY)
 
 
 class JudgeScorer(_Strict):
@@ -140,19 +142,19 @@ class JudgeScorer(_Strict):
 
     type: Literal["judge"] = "judge"
     name: str = "judge"
-    model: str = EMBEDDED_POLICY
+    model: str = Field(EMBEDDED_POLICY, **PATH_INPUT)
     weight: float = 1.0
     template: str = DEFAULT_JUDGE_TEMPLATE
     yes_token: str = "Yes"
     no_token: str = "No"
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, **EXECUTION_ONLY)
     max_length: int = Field(2048, ge=8)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["transformers", "vllm"] = "transformers"
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm only")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm only", **EXECUTION_ONLY)
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="vllm only: the share of GPU memory this scorer's "
-        "engine may take (lower it when two vllm scorers share a GPU)")
+        "engine may take (lower it when two vllm scorers share a GPU)", **EXECUTION_ONLY)
 
 
 class LangIdScorer(_Strict):
@@ -171,7 +173,7 @@ class RewardConfig(_Strict):
         default_factory=lambda: [ClassifierScorer(), LangIdScorer()],
         description="combined reward = sum of weight * score",
     )
-    device: str = "auto"
+    device: str = Field("auto", **EXECUTION_ONLY)
 
     @field_validator("scorers")
     @classmethod
@@ -222,16 +224,16 @@ class TrainingConfig(_Strict):
     warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
     effective_batch_size: int = Field(64, ge=1)
-    per_device_batch_size: int = Field(8, ge=1)
+    per_device_batch_size: int = Field(8, ge=1, **EXECUTION_ONLY)
     max_length: int = Field(4096, ge=16)
     beta: float = Field(0.1, gt=0)
     heldout_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    save_steps: int = Field(50, ge=1)
-    logging_steps: int = Field(1, ge=1)
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", **EXECUTION_ONLY)
+    save_steps: int = Field(50, ge=1, **EXECUTION_ONLY)
+    logging_steps: int = Field(1, ge=1, **EXECUTION_ONLY)
     seed: int = 42
-    device: str = "auto"
+    device: str = Field("auto", **EXECUTION_ONLY)
     merge: bool = False
     push_to_hub: str | None = Field(None, description="hub repo id; off by default")
 
@@ -248,10 +250,10 @@ class VariantConfig(_Strict):
     any training key for this variant (e.g. beta, learning_rate).
     """
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", **LABEL)
     method: Literal["dpo", "sft", "online_dpo"] = "dpo"
     pairing: dict[str, Any] = Field(default_factory=dict)
-    generation_policy: str | None = None
+    generation_policy: str | None = Field(None, **PATH_INPUT)
     rounds: int = Field(1, ge=1)
     per_language: bool = False
     training: dict[str, Any] = Field(default_factory=dict)
@@ -272,7 +274,7 @@ class JudgeEvalConfig(_Strict):
     """The pairwise judge of the open-ended evaluation (paper: temperature 0.7)."""
 
     enabled: bool = True
-    model: str = EMBEDDED_POLICY
+    model: str = Field(EMBEDDED_POLICY, **PATH_INPUT)
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="generate mode only; logprob mode uses transformers")
     mode: Literal["generate", "logprob"] = "generate"
@@ -281,7 +283,7 @@ class JudgeEvalConfig(_Strict):
     template: str | None = Field(None, description="None: croco's default judge template")
     temperature: float = Field(0.7, ge=0.0)
     max_new_tokens: int = Field(512, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, **EXECUTION_ONLY)
     n_bootstrap: int = Field(1000, ge=10)
     seed: int = 0
 
@@ -299,9 +301,9 @@ class StructuredEvalConfig(_Strict):
     enabled: bool = True
     backend: Literal["hf", "vllm", "euroeval"] = "hf"
     tasks: dict[str, list[str]] = Field(default_factory=dict)
-    local_mc: str | None = None
+    local_mc: str | None = Field(None, **PATH_INPUT)
     limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, **EXECUTION_ONLY)
     euroeval_datasets: list[str] | None = Field(
         None, description="euroeval backend: EuroEval dataset names (e.g. scala-de); None: "
         "every official EuroEval dataset in the run's languages")
@@ -332,7 +334,7 @@ class EvaluationConfig(_Strict):
     structured: StructuredEvalConfig = Field(default_factory=StructuredEvalConfig)
     reward_check: str | None = Field(
         None, description="preference set for the reward check (lang, prompt, chosen, "
-        "rejected); builtin:demo_preferences is shipped")
+        "rejected); builtin:demo_preferences is shipped", **PATH_INPUT)
 
 
 class OrchestrationConfig(_Strict):
@@ -370,11 +372,14 @@ class OrchestrationConfig(_Strict):
 class CrocoConfig(_Strict):
     """One run of the pipeline."""
 
-    run_name: str = "croco"
-    data_root: str = "./croco-data"
+    # Where and how the run works, never what it computes: in no stage identity (a new
+    # data_root is a new place, which holds none of the outputs of the old one).
+    run_name: str = Field("croco", **LABEL)
+    data_root: str = Field("./croco-data", **EXECUTION_ONLY)
     storage_block: str | None = Field(
         None, description="a saved Prefect block whose credentials reach data_root: "
-        "'aws-credentials/<name>' or 's3-bucket/<name>'; None: the environment's")
+        "'aws-credentials/<name>' or 's3-bucket/<name>'; None: the environment's",
+        **EXECUTION_ONLY)
     languages: list[str] = Field(default_factory=lambda: list(PAPER_LANGUAGES))
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
@@ -388,7 +393,8 @@ class CrocoConfig(_Strict):
         "with the base; the default is one DPO run on the run's pairs",
     )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig,
+                                               **EXECUTION_ONLY)
 
     @field_validator("experiments")
     @classmethod

@@ -14,7 +14,6 @@ field, and nothing is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -234,18 +233,6 @@ def _load_hf(path: str, dataset_split: str) -> pl.DataFrame:
             ds = ds[dataset_split]
     rows = [_normalize_row(f"{path} row {i + 1}", r, None) for i, r in enumerate(ds)]
     return _frame(rows).sort("lang", "prompt_id")
-
-
-def source_fingerprint(path: str) -> str:
-    """A hash of the prompt source's content (files) or identity (hub dataset ids)."""
-    if path.startswith("hf:"):
-        return hashlib.sha256(path.encode()).hexdigest()[:16]
-    files = [BUILTIN[path]] if path in BUILTIN else _files(Path(path))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.name).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def select_for_generation(

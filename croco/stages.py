@@ -60,6 +60,7 @@ from croco.config import (
     TrainingConfig,
     stable_hash,
 )
+from croco.identity import identity, path_identity
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,11 @@ def _done_info(uri: str) -> dict:
 
 
 def prompts_key(cfg: PromptsConfig) -> str:
-    from croco.prompts import source_fingerprint
-
-    return stable_hash({
-        "stage": "prompts", "v": STAGE_VERSIONS["prompts"],
-        "source": source_fingerprint(cfg.path), "dataset_split": cfg.dataset_split,
-        "translate": cfg.translate.model_dump() if cfg.translate else None,
-    })
+    """The source by content, its split and translation; not which prompts a stage takes
+    (`split`, `limit`: generation's choice)."""
+    ident = identity(cfg)
+    return stable_hash({"stage": "prompts", "v": STAGE_VERSIONS["prompts"],
+                        **{k: v for k, v in ident.items() if k not in ("split", "limit")}})
 
 
 def run_prompts(cfg: PromptsConfig, lang: str, data_root: str, *, device: str = "auto") -> str:
@@ -139,8 +138,8 @@ def generation_key(prompts_uri: str, policy: PolicyConfig, gen: GenerationConfig
                    prompts_cfg: PromptsConfig) -> str:
     return stable_hash({
         "stage": "generations", "v": STAGE_VERSIONS["generations"],
-        "prompts": key_of(prompts_uri), "policy": policy.model_dump(),
-        "generation": gen.model_dump(exclude={"batch_size"}),
+        "prompts": key_of(prompts_uri), "policy": identity(policy),
+        "generation": identity(gen),
         "split": prompts_cfg.split, "limit": prompts_cfg.limit,
         "samples": STAGE_VERSIONS["samples"],
     })
@@ -159,8 +158,9 @@ def sample_store_uri(policy: PolicyConfig, gen: GenerationConfig, lang: str,
     set asked for them: `samples/<key>/lang=xx/<shard>.parquet`. How prompts are grouped
     into shards (`shard_size`) and batched is left out: a shard names its own prompts."""
     key = stable_hash({"stage": "samples", "v": STAGE_VERSIONS["samples"],
-                       "policy": policy.model_dump(),
-                       "generation": gen.model_dump(exclude={"batch_size", "shard_size"})})
+                       "policy": identity(policy),
+                       "generation": {k: v for k, v in identity(gen).items()
+                                      if k != "shard_size"}})
     return storage.join(data_root, "samples", key, f"lang={lang}")
 
 
@@ -402,7 +402,7 @@ def languages_generation_key(prompts_uris: dict[str, str], policy: PolicyConfig,
     return stable_hash({
         "stage": "generations", "v": STAGE_VERSIONS["generations"], "languages_together": True,
         "prompts": {lang: key_of(u) for lang, u in sorted(prompts_uris.items())},
-        "policy": policy.model_dump(), "generation": gen.model_dump(exclude={"batch_size"}),
+        "policy": identity(policy), "generation": identity(gen),
         "split": prompts_cfg.split, "limit": prompts_cfg.limit,
     })
 
@@ -455,20 +455,8 @@ def run_generate_languages(prompts_uris: dict[str, str], policy: PolicyConfig,
 def score_key(generations_uri: str, reward: RewardConfig) -> str:
     return stable_hash({
         "stage": "scores", "v": STAGE_VERSIONS["scores"], "generations": key_of(generations_uri),
-        "reward": [_scorer_identity(s) for s in reward.scorers],
+        "reward": identity(reward),
     })
-
-
-_EXECUTION_ONLY = {"batch_size", "tensor_parallel_size", "gpu_memory_utilization"}
-
-
-def _scorer_identity(scorer) -> dict:
-    """What decides a scorer's numbers: not how it is batched or sharded. The default
-    (transformers) backend is left out so keys written before backends existed still hold."""
-    data = scorer.model_dump(exclude=_EXECUTION_ONLY)
-    if data.get("backend") == "transformers":
-        del data["backend"]
-    return data
 
 
 def score_uri(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
@@ -538,7 +526,7 @@ def scored_store_uri(store: str, lang: str, reward: RewardConfig, data_root: str
     `scored/<key>/lang=xx/<shard>.parquet`, each the scores of the whole stored shard."""
     key = stable_hash({"stage": "scores", "v": STAGE_VERSIONS["scores"],
                        "samples": key_of(store),
-                       "reward": [_scorer_identity(s) for s in reward.scorers]})
+                       "reward": identity(reward)})
     return storage.join(data_root, "scored", key, f"lang={lang}")
 
 
@@ -573,6 +561,14 @@ def seal_scores(generations_uri: str, lang: str, reward: RewardConfig, data_root
     return out
 
 
+def languages_score_key(generations_uris: dict[str, str], reward: RewardConfig) -> str:
+    return stable_hash({"stage": "scores", "v": STAGE_VERSIONS["scores"],
+                        "languages_together": True,
+                        "generations": {lang: key_of(u)
+                                        for lang, u in sorted(generations_uris.items())},
+                        "reward": identity(reward)})
+
+
 def run_score_languages(generations_uris: dict[str, str], prompts_uris: dict[str, str],
                         reward: RewardConfig, data_root: str) -> dict[str, str]:
     """Score the generations of every language together (full batches, each scorer loaded
@@ -580,11 +576,7 @@ def run_score_languages(generations_uris: dict[str, str], prompts_uris: dict[str
     from croco.reward import score_frame
 
     t0 = time.perf_counter()
-    key = stable_hash({"stage": "scores", "v": STAGE_VERSIONS["scores"],
-                       "languages_together": True,
-                       "generations": {lang: key_of(u)
-                                       for lang, u in sorted(generations_uris.items())},
-                       "reward": [_scorer_identity(s) for s in reward.scorers]})
+    key = languages_score_key(generations_uris, reward)
     outs = {lang: storage.join(data_root, "scores", key, f"lang={lang}")
             for lang in sorted(generations_uris)}
     if all(storage.is_complete(u) for u in outs.values()):
@@ -614,7 +606,7 @@ def pairs_key(score_uris: dict[str, str], prompts_uris: dict[str, str],
         "stage": "pairs", "v": STAGE_VERSIONS["pairs"],
         "scores": {lang: key_of(u) for lang, u in sorted(score_uris.items())},
         "prompts": {lang: key_of(u) for lang, u in sorted(prompts_uris.items())},
-        "pairing": pairing.model_dump(),
+        "pairing": identity(pairing),
     })
 
 
@@ -653,10 +645,26 @@ def training_key(pairs_uri: str, variant_name: str, method: str, policy: PolicyC
                  training: TrainingConfig, lang: str | None, off_policy: bool) -> str:
     return stable_hash({
         "stage": "training", "v": STAGE_VERSIONS["training"], "pairs": key_of(pairs_uri),
-        "method": method, "policy": policy.model_dump(), "lang": lang,
-        "training": training.model_dump(exclude={"save_steps", "logging_steps", "device"}),
+        "method": method, "policy": identity(policy), "lang": lang,
+        "training": identity(training),
         "off_policy": off_policy,
     })
+
+
+def train_output_key(pairs_uri: str, variant_name: str, method: str, policy: PolicyConfig,
+                     training: TrainingConfig, lang: str | None, generation_policy: str | None,
+                     reward: RewardConfig | None, prompts_uris: dict[str, str] | None,
+                     prompts_cfg: PromptsConfig | None, max_new_tokens: int) -> str:
+    """The key of `run_train`'s output (online DPO adds its reward and prompts)."""
+    off_policy = generation_policy is not None and generation_policy != policy.model
+    key = training_key(pairs_uri, variant_name, method, policy, training, lang, off_policy)
+    if method == "online_dpo":
+        key = stable_hash({"base": key, "reward": identity(reward) if reward else None,
+                           "prompts": sorted(key_of(u) for u in (prompts_uris or {}).values()),
+                           "split": prompts_cfg.split if prompts_cfg else None,
+                           "limit": prompts_cfg.limit if prompts_cfg else None,
+                           "max_new_tokens": max_new_tokens})
+    return key
 
 
 def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyConfig,
@@ -675,13 +683,8 @@ def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyC
 
     t0 = time.perf_counter()
     off_policy = generation_policy is not None and generation_policy != policy.model
-    key = training_key(pairs_uri, variant_name, method, policy, training, lang, off_policy)
-    if method == "online_dpo":
-        key = stable_hash({"base": key, "reward": reward.model_dump() if reward else None,
-                           "prompts": sorted(key_of(u) for u in (prompts_uris or {}).values()),
-                           "split": prompts_cfg.split if prompts_cfg else None,
-                           "limit": prompts_cfg.limit if prompts_cfg else None,
-                           "max_new_tokens": max_new_tokens})
+    key = train_output_key(pairs_uri, variant_name, method, policy, training, lang,
+                           generation_policy, reward, prompts_uris, prompts_cfg, max_new_tokens)
     out = storage.join(data_root, "training", key)
     if storage.is_complete(out):
         return out
@@ -693,9 +696,8 @@ def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyC
         metrics = train_dpo(data, policy=policy.model, adapter=policy.adapter, cfg=training,
                             out_uri=out, ref_uri=ref_uri, callbacks=callbacks)
     elif method == "online_dpo":
-        from croco.training.online import train_online_dpo
-
         from croco.prompts import select_for_generation
+        from croco.training.online import train_online_dpo
 
         if reward is None or not prompts_uris:
             raise ValueError(f"variant {variant_name!r}: online_dpo needs the reward scorers "
@@ -755,18 +757,6 @@ def adapter_path(training_uri: str) -> str:
     if not (local / "adapter_config.json").exists():
         fs.get(path, str(local), recursive=True)
     return str(local)
-
-
-def adapter_identity(adapter: str) -> str:
-    """The training key behind an adapter path: `<root>/training/<key>/adapter` locally,
-    `<cache>/adapters/<key>` when fetched from remote storage; any other path as given."""
-    path = adapter.rstrip("/")
-    head, name = posixpath.split(path)
-    if name == "adapter":
-        return posixpath.basename(head)
-    if posixpath.basename(head) == "adapters":
-        return name
-    return path
 
 
 def export_merged(training_uri: str, policy: str) -> str:
@@ -841,7 +831,7 @@ def judge_key(candidate: dict[str, str], baseline: dict[str, str], judge) -> str
         "stage": "judgments", "v": STAGE_VERSIONS["judgments"],
         "candidate": {k: key_of(u) for k, u in sorted(candidate.items())},
         "baseline": {k: key_of(u) for k, u in sorted(baseline.items())},
-        "judge": judge.model_dump(exclude={"batch_size"}),
+        "judge": identity(judge),
     })
 
 
@@ -893,6 +883,12 @@ def run_judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
 STAGE_VERSIONS["structured"] = 1
 
 
+def structured_key(policy: PolicyConfig, structured, langs: list[str]) -> str:
+    return stable_hash({"stage": "structured", "v": STAGE_VERSIONS["structured"],
+                        "policy": identity(policy), "langs": sorted(langs),
+                        "cfg": identity(structured)})
+
+
 def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root: str) -> str:
     """Multiple-choice accuracy of one model per language and task (lm-eval);
     writes `results.parquet` (lang, task, metric, value, n)."""
@@ -900,11 +896,7 @@ def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root
     from croco.models import pick_device, resolve_model
 
     t0 = time.perf_counter()
-    adapter_key = adapter_identity(policy.adapter) if policy.adapter else None
-    key = stable_hash({"stage": "structured", "v": STAGE_VERSIONS["structured"],
-                       "model": policy.model, "adapter": adapter_key, "langs": sorted(langs),
-                       "cfg": structured.model_dump(exclude={"batch_size"})})
-    out = storage.join(data_root, "structured", key)
+    out = storage.join(data_root, "structured", structured_key(policy, structured, langs))
     if storage.is_complete(out):
         return out
     device = pick_device(policy.device)
@@ -932,21 +924,17 @@ def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root
 STAGE_VERSIONS["reward_check"] = 1
 
 
-def preference_set_fingerprint(path: str) -> str:
-    """A hash of a preference set's content."""
-    from croco.evaluation.reward_check import preference_set_path
-
-    return stable_hash(preference_set_path(path).read_bytes().decode("utf-8", "replace"))
+def reward_check_key(path: str, reward: RewardConfig, langs: list[str]) -> str:
+    return stable_hash({"stage": "reward_check", "v": STAGE_VERSIONS["reward_check"],
+                        "set": path_identity(path), "langs": sorted(langs),
+                        "reward": identity(reward)})
 
 
 def run_reward_check(path: str, reward: RewardConfig, langs: list[str], data_root: str) -> str:
     """Ranking accuracy of the run's reward per language; writes `accuracy.parquet`."""
     from croco.evaluation.reward_check import load_preference_set, ranking_accuracy
 
-    key = stable_hash({"stage": "reward_check", "v": STAGE_VERSIONS["reward_check"],
-                       "set": preference_set_fingerprint(path), "langs": sorted(langs),
-                       "reward": [s.model_dump(exclude={"batch_size"}) for s in reward.scorers]})
-    out = storage.join(data_root, "reward_check", key)
+    out = storage.join(data_root, "reward_check", reward_check_key(path, reward, langs))
     if storage.is_complete(out):
         return out
     prefs = load_preference_set(path).filter(pl.col("lang").is_in(langs))

@@ -24,7 +24,6 @@ from prefect.artifacts import create_table_artifact
 from croco import storage
 from croco.config import CrocoConfig, apply_overrides, config_from_dict, load_config
 from croco.preflight import STAGES
-from croco.prompts import source_fingerprint
 from croco.stages import STAGE_VERSIONS
 from flows.stages import Stages, resolve
 from tasks import manifest_task, prompts_task, report_task
@@ -86,9 +85,8 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
                         "see it (a shared filesystem); on a cluster use s3://...", root)
     out: dict[str, dict[str, str]] = {}
 
-    source = source_fingerprint(config.prompts.path)
     prompt_uris = resolve(prompts_task, [
-        dict(cfg=config.prompts, lang=lang, data_root=root, source=source,
+        dict(cfg=config.prompts, lang=lang, data_root=root,
              code_version=STAGE_VERSIONS["prompts"]) for lang in langs
     ])
     out["prompts"] = dict(zip(langs, prompt_uris))

@@ -36,7 +36,8 @@ from croco.config import (
     RewardConfig,
     VariantConfig,
 )
-from croco.stages import STAGE_VERSIONS, adapter_path, preference_set_fingerprint
+from croco.identity import path_identity
+from croco.stages import STAGE_VERSIONS, adapter_path
 from tasks import (
     generate_group_task,
     generate_languages_task,
@@ -346,7 +347,7 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
     if ev.reward_check:
         (out.setdefault("reward_check", {})["all"],) = resolve(reward_check_task, [
             dict(path=ev.reward_check, reward=config.reward, langs=langs, data_root=root,
-                 source=preference_set_fingerprint(ev.reward_check),
+                 source=path_identity(ev.reward_check),
                  code_version=STAGE_VERSIONS["reward_check"])])
     st = ev.structured
     if st.enabled and (st.local_mc or st.tasks or st.backend == "euroeval"):

@@ -1,8 +1,12 @@
 """Prefect tasks around the library stages.
 
-Caching: `INPUTS + TASK_SOURCE`, with the stage's code version (`croco.stages.STAGE_VERSIONS`)
-and its resolved config among the inputs, so an unchanged rerun is served from Prefect's
-cache, a changed pairing config re-pairs only, and a new language runs only that language.
+Caching: `StageInputs + TASK_SOURCE`: the task's inputs as stage identities
+(`croco.identity`: config objects without their execution-only settings, inputs named by
+a path by their content), with the stage's code version (`croco.stages.STAGE_VERSIONS`)
+among them. So an unchanged rerun is served from Prefect's cache, a changed batch size or
+device reruns nothing, an edited prompt file or retrained local model folder reruns what
+depends on it, a changed pairing config re-pairs only, and a new language runs only that
+language.
 The library stage also skips any output that is already complete, so a deleted cache or a
 crash never redoes finished work. Retries (with backoff) are for transient errors only:
 I/O, network, object storage; bad input fails at once.
@@ -14,12 +18,14 @@ import logging
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
+from prefect.utilities.hashing import hash_objects
 
 from croco import stages, storage
 from croco.config import (
@@ -33,9 +39,23 @@ from croco.config import (
     TrainingConfig,
 )
 from croco.errors import UserError
+from croco.identity import identity
 from croco.manifest import write_manifest
 
-STAGE_CACHE = INPUTS + TASK_SOURCE
+
+@dataclass
+class StageInputs(CachePolicy):
+    """Prefect's input cache policy with every input taken by its stage identity. Not a
+    subclass of Prefect's `Inputs`, which a compound policy would replace by a plain one."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        if not inputs:
+            return None
+        return hash_objects({k: identity(v) for k, v in inputs.items()},
+                            raise_on_failure=True)
+
+
+STAGE_CACHE = StageInputs() + TASK_SOURCE
 GPU_LIMIT = "gpu"
 
 _TRANSIENT = (OSError, ConnectionError, TimeoutError)
@@ -226,10 +246,9 @@ class _ProgressArtifact:
 
 
 @task(name="prompts", task_run_name="prompts-{lang}", **_common)
-def prompts_task(cfg: PromptsConfig, lang: str, data_root: str, code_version: int,
-                 source: str = "") -> str:
-    """`source`: the prompt source's content fingerprint, so that an edited prompt file
-    is a new input to the cache (the config names it only by its path)."""
+def prompts_task(cfg: PromptsConfig, lang: str, data_root: str, code_version: int) -> str:
+    """One language's prompts; an edited prompt file is a new input (`cfg.path` enters
+    the cache key by its content)."""
     with gpu_slot(f"prompts-{lang}") if cfg.translate else nullcontext():
         return stages.run_prompts(cfg, lang, data_root)
 
@@ -477,8 +496,9 @@ def structured_task(policy: PolicyConfig, structured: StructuredEvalConfig, lang
 
 @task(name="reward-check", **_common)
 def reward_check_task(path: str, reward: RewardConfig, langs: list[str], data_root: str,
-                      code_version: int, source: str = "") -> str:
-    """`source`: the preference set's content fingerprint (see prompts_task)."""
+                      code_version: int, source: dict | str | None = None) -> str:
+    """`source`: the preference set's identity (`croco.identity.path_identity`), so an
+    edited set is a new input to the cache (`path` names it only by its path)."""
     from prefect.artifacts import create_table_artifact
 
     with gpu_slot("reward-check"):

@@ -69,10 +69,22 @@ def test_normalize_root(uri, expected, tmp_path):
         assert out.endswith("rel/dir") and out.startswith("/")
 
 
-def test_adapter_identity_is_the_training_key_wherever_the_adapter_lives():
-    from croco.stages import adapter_identity
+def test_adapter_identity_is_the_training_key_wherever_the_adapter_lives(tmp_path, monkeypatch):
+    from croco.identity import path_identity, training_key_of_adapter
 
-    assert adapter_identity("/data/training/abc123/adapter") == "abc123"
-    assert adapter_identity("/root/.cache/croco/adapters/abc123") == "abc123"
-    assert adapter_identity("/root/.cache/croco/adapters/def456/") == "def456"
-    assert adapter_identity("/somewhere/my-lora") == "/somewhere/my-lora"
+    monkeypatch.setenv("CROCO_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "adapters"
+    assert training_key_of_adapter("/data/training/abc123/adapter") == "abc123"
+    assert training_key_of_adapter(str(cache / "abc123")) == "abc123"
+    assert training_key_of_adapter(f"{cache}/def456/") == "def456"
+    assert path_identity("s3://bucket/training/abc123/adapter") == {"training": "abc123"}
+    # Any other adapter folder is itself: by its content when it exists, else by name.
+    assert training_key_of_adapter("/somewhere/adapters/my-lora") is None
+    assert path_identity("/somewhere/my-lora") == "/somewhere/my-lora"
+    mine = tmp_path / "my-lora"
+    mine.mkdir()
+    (mine / "adapter_config.json").write_text("{}")
+    first = path_identity(str(mine))
+    assert first["path"] == str(mine)
+    (mine / "adapter_config.json").write_text('{"r": 8}')
+    assert path_identity(str(mine)) != first

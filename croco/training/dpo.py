@@ -61,8 +61,14 @@ def to_conversational(pairs: pl.DataFrame):
 
 
 def ref_logps_uri(pairs_uri: str, policy: str, adapter: str | None, max_length: int) -> str:
-    key = stable_hash({"pairs": pairs_uri.rstrip("/").split("/")[-1], "policy": policy,
-                       "adapter": adapter, "max_length": max_length, "v": 1})
+    """Where the reference log-probs of one (pair set, reference model, max length) live:
+    the model and adapter by identity (`croco.identity.path_identity`), so a local model
+    folder retrained in place gets new ones."""
+    from croco.identity import path_identity
+
+    key = stable_hash({"pairs": pairs_uri.rstrip("/").split("/")[-1],
+                       "policy": path_identity(policy), "adapter": path_identity(adapter),
+                       "max_length": max_length, "v": 1})
     return storage.join(pairs_uri, "ref_logps", key)
 
 
