@@ -309,7 +309,7 @@ def old_build_pairs(scores: pl.DataFrame, prompts: pl.DataFrame, *, scope: str =
                 reject_target: str = "mean_minus_2sigma", prompt_source: str = "chosen",
                 seed: int = 42, min_gap: float = 0.0, drop_truncated: bool = False,
                 drop_wrong_lang: bool = False, normalize: str = "none") -> pl.DataFrame:
-    """DPO pairs (DESIGN.md columns), one per pool that has a strictly lower sample."""
+    """DPO pairs (the columns of docs/architecture.md), one per pool that has a strictly lower sample."""
     if prompt_source not in PROMPT_SOURCES:
         raise ValueError(f"prompt_source {prompt_source!r}: use one of {PROMPT_SOURCES}")
     pools = old_select_pools(scores, scope=scope, reject_target=reject_target, seed=seed,

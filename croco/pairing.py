@@ -368,7 +368,7 @@ def build_pairs(scores: pl.DataFrame, prompts: pl.DataFrame, *, scope: str = "in
                 reject_target: str = "mean_minus_2sigma", prompt_source: str = "chosen",
                 seed: int = 42, min_gap: float = 0.0, drop_truncated: bool = False,
                 drop_wrong_lang: bool = False, normalize: str = "none") -> pl.DataFrame:
-    """DPO pairs (DESIGN.md columns), one per pool that has a strictly lower sample."""
+    """DPO pairs (the columns of docs/architecture.md), one per pool that has a strictly lower sample."""
     opts = _options(scope, reject_target, seed, min_gap, drop_truncated, drop_wrong_lang,
                     normalize)
     texts = _texts_of(scores)

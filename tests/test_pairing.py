@@ -1,4 +1,4 @@
-"""The pairing rule of DESIGN.md, as a specification."""
+"""The pairing rule of docs/architecture.md, as a specification."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Two backends share one contract, `generate(conversations, k=..., ...) ->
 list[list[Completion]]` (one list of k completions per conversation):
 `transformers` (CPU and GPU, always available) and `vllm` (GPU, optional extra).
-`generate_frame` turns a prompts table into the generations table of DESIGN.md.
+`generate_frame` turns a prompts table into the generations table of docs/architecture.md.
 """
 
 from __future__ import annotations

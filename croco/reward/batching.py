@@ -3,7 +3,8 @@
 Sequences are sorted by length so each batch pads little; padding goes on the left with
 explicit position ids, so every sequence ends at the last position and sees the same
 positions as it would alone. In float32 a score is then independent of its batch mates
-to ~1e-5; in bf16, expect differences of a few hundredths (see DESIGN.md).
+to ~1e-5; in bf16, expect differences of a few hundredths (README, "Models and
+backends").
 """
 
 from __future__ import annotations
