@@ -35,6 +35,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+#: Every stage's code version, in its identity: bump one when the stage's output for the
+#: same inputs changes. generations 2: the samples come from the sample store, seeded per
+#: stored shard; pairs 2: the tie rule for distances equal up to rounding, pools.parquet
+#: without the texts.
+STAGE_VERSIONS = {"prompts": 1, "samples": 1, "generations": 2, "scores": 1, "pairs": 2,
+                  "training": 1, "judgments": 1, "structured": 1, "reward_check": 1}
+
 #: Field marks (`Field(..., **EXECUTION_ONLY)`), read by `identity`.
 EXECUTION_ONLY = {"json_schema_extra": {"execution_only": True}}
 LABEL = {"json_schema_extra": {"label": True}}

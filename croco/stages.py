@@ -60,14 +60,10 @@ from croco.config import (
     TrainingConfig,
     stable_hash,
 )
-from croco.identity import identity, path_identity
+from croco.identity import STAGE_VERSIONS, identity, path_identity
 
 log = logging.getLogger(__name__)
 
-#: Bump a stage's version when its output for the same inputs changes. generations 2: the
-#: samples come from the sample store, seeded per stored shard; pairs 2: the tie rule for
-#: distances equal up to rounding, pools.parquet without the texts.
-STAGE_VERSIONS = {"prompts": 1, "generations": 2, "scores": 1, "pairs": 2, "samples": 1}
 
 Progress = Callable[[int, int], None]
 
@@ -638,9 +634,6 @@ def completion_info(uri: str) -> dict:
 
 # --------------------------------------------------------------------------- training
 
-STAGE_VERSIONS["training"] = 1
-
-
 def training_key(pairs_uri: str, variant_name: str, method: str, policy: PolicyConfig,
                  training: TrainingConfig, lang: str | None, off_policy: bool) -> str:
     return stable_hash({
@@ -823,9 +816,6 @@ def run_heldout_summary(score_uris: dict[str, dict[str, str]], data_root: str,
 
 # --------------------------------------------------------------------- judge win rates
 
-STAGE_VERSIONS["judgments"] = 1
-
-
 def judge_key(candidate: dict[str, str], baseline: dict[str, str], judge) -> str:
     return stable_hash({
         "stage": "judgments", "v": STAGE_VERSIONS["judgments"],
@@ -880,9 +870,6 @@ def run_judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
 
 # ------------------------------------------------------------------ structured tasks
 
-STAGE_VERSIONS["structured"] = 1
-
-
 def structured_key(policy: PolicyConfig, structured, langs: list[str]) -> str:
     return stable_hash({"stage": "structured", "v": STAGE_VERSIONS["structured"],
                         "policy": identity(policy), "langs": sorted(langs),
@@ -920,9 +907,6 @@ def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root
 
 
 # ----------------------------------------------------------------------- reward check
-
-STAGE_VERSIONS["reward_check"] = 1
-
 
 def reward_check_key(path: str, reward: RewardConfig, langs: list[str]) -> str:
     return stable_hash({"stage": "reward_check", "v": STAGE_VERSIONS["reward_check"],
