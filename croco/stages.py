@@ -81,6 +81,19 @@ def _done_info(uri: str) -> dict:
         return {}
 
 
+def run_once(out: str, work: Callable[[], dict]) -> str:
+    """The stage runner: `out` as it is when complete; otherwise `work()` writes the
+    stage's files under `out` (each atomically) and returns what `_SUCCESS` records (rows,
+    ...), which is written last, with the seconds the work took. Sharded stages
+    (generation, scoring) resume shard by shard and seal themselves (`_seal`)."""
+    if storage.is_complete(out):
+        return out
+    t0 = time.perf_counter()
+    info = work()
+    storage.mark_complete(out, {**info, "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
 # --------------------------------------------------------------------------- prompts
 
 
@@ -94,12 +107,13 @@ def prompts_key(cfg: PromptsConfig) -> str:
 
 def run_prompts(cfg: PromptsConfig, lang: str, data_root: str, *, device: str = "auto") -> str:
     """Validate the prompt source and write the prompts of one language."""
+    out = storage.join(data_root, "prompts", prompts_key(cfg), f"lang={lang}")
+    return run_once(out, lambda: _write_prompts(cfg, lang, out, device))
+
+
+def _write_prompts(cfg: PromptsConfig, lang: str, out: str, device: str) -> dict:
     from croco.prompts import PromptError, load_prompts, translate_prompts
 
-    t0 = time.perf_counter()
-    out = storage.join(data_root, "prompts", prompts_key(cfg), f"lang={lang}")
-    if storage.is_complete(out):
-        return out
     table = load_prompts(cfg.path, dataset_split=cfg.dataset_split)
     if cfg.translate is not None:
         src = cfg.translate.source_lang
@@ -123,8 +137,7 @@ def run_prompts(cfg: PromptsConfig, lang: str, data_root: str, *, device: str = 
                 "prompts.translate to translate from one language"
             )
     storage.write_parquet(df, storage.join(out, "data.parquet"))
-    storage.mark_complete(out, {"rows": df.height, "seconds": round(time.perf_counter() - t0, 3)})
-    return out
+    return {"rows": df.height}
 
 
 # ------------------------------------------------------------------------ generation
@@ -830,13 +843,16 @@ def run_judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
               device: str = "auto") -> str:
     """Judge the candidate's held-out answers against the baseline's, both orders; write
     `judgments.parquet` and `win_rates.parquet` (see croco.evaluation.winrate)."""
+    out = storage.join(data_root, "judgments", judge_key(candidate_scores, baseline_scores, judge))
+    return run_once(out, lambda: _judge(candidate_scores, baseline_scores, prompts_uris, judge,
+                                        out, device))
+
+
+def _judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
+           prompts_uris: dict[str, str], judge, out: str, device: str) -> dict:
     from croco.evaluation.judge import judge_pairs
     from croco.evaluation.winrate import JUDGE_TEMPLATE, win_rates
 
-    t0 = time.perf_counter()
-    out = storage.join(data_root, "judgments", judge_key(candidate_scores, baseline_scores, judge))
-    if storage.is_complete(out):
-        return out
     langs = sorted(candidate_scores)
 
     def answers(uris: dict[str, str], name: str) -> pl.DataFrame:
@@ -858,14 +874,11 @@ def run_judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
     storage.write_parquet(judgments, storage.join(out, "judgments.parquet"))
     storage.write_parquet(rates, storage.join(out, "win_rates.parquet"))
     valid = judgments.filter(pl.col("verdict").is_not_null())
-    storage.mark_complete(out, {"rows": judgments.height,
-                                "invalid": int(judgments["verdict"].null_count()),
-                                # share of verdicts for whichever answer was shown first:
-                                # far from 0.5 means the judge has a position bias
-                                "first_position_share": (float((valid["verdict"] == "1").mean())
-                                                         if valid.height else None),
-                                "seconds": round(time.perf_counter() - t0, 3)})
-    return out
+    return {"rows": judgments.height, "invalid": int(judgments["verdict"].null_count()),
+            # share of verdicts for whichever answer was shown first: far from 0.5 means
+            # the judge has a position bias
+            "first_position_share": (float((valid["verdict"] == "1").mean())
+                                     if valid.height else None)}
 
 
 # ------------------------------------------------------------------ structured tasks
@@ -879,13 +892,14 @@ def structured_key(policy: PolicyConfig, structured, langs: list[str]) -> str:
 def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root: str) -> str:
     """Multiple-choice accuracy of one model per language and task (lm-eval);
     writes `results.parquet` (lang, task, metric, value, n)."""
+    out = storage.join(data_root, "structured", structured_key(policy, structured, langs))
+    return run_once(out, lambda: _structured(policy, structured, langs, out))
+
+
+def _structured(policy: PolicyConfig, structured, langs: list[str], out: str) -> dict:
     from croco.evaluation.structured import evaluate_euroeval, evaluate_structured
     from croco.models import pick_device, resolve_model
 
-    t0 = time.perf_counter()
-    out = storage.join(data_root, "structured", structured_key(policy, structured, langs))
-    if storage.is_complete(out):
-        return out
     device = pick_device(policy.device)
     if structured.backend == "euroeval":
         df = evaluate_euroeval(
@@ -902,8 +916,7 @@ def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root
             batch_size=structured.batch_size, limit=structured.limit, device=str(device),
             dtype="bfloat16" if device.type == "cuda" else "float32")
     storage.write_parquet(df, storage.join(out, "results.parquet"))
-    storage.mark_complete(out, {"rows": df.height, "seconds": round(time.perf_counter() - t0, 3)})
-    return out
+    return {"rows": df.height}
 
 
 # ----------------------------------------------------------------------- reward check
@@ -919,10 +932,11 @@ def run_reward_check(path: str, reward: RewardConfig, langs: list[str], data_roo
     from croco.evaluation.reward_check import load_preference_set, ranking_accuracy
 
     out = storage.join(data_root, "reward_check", reward_check_key(path, reward, langs))
-    if storage.is_complete(out):
-        return out
-    prefs = load_preference_set(path).filter(pl.col("lang").is_in(langs))
-    table = ranking_accuracy(prefs, reward.scorers, device=reward.device)
-    storage.write_parquet(table, storage.join(out, "accuracy.parquet"))
-    storage.mark_complete(out, {"rows": table.height})
-    return out
+
+    def work() -> dict:
+        prefs = load_preference_set(path).filter(pl.col("lang").is_in(langs))
+        table = ranking_accuracy(prefs, reward.scorers, device=reward.device)
+        storage.write_parquet(table, storage.join(out, "accuracy.parquet"))
+        return {"rows": table.height}
+
+    return run_once(out, work)
