@@ -4,7 +4,7 @@ the command (lower is better), interleaved `--reps` times.
 
 Each rep's first run gets a fresh data root and a fresh PREFECT_HOME (Prefect builds its
 database there: part of a first run's cost); its rerun reuses both. Every run is
-`python -m flows.cli run` in a subprocess with this checkout first on PYTHONPATH: the demo
+`python -m croco.flows.cli run` in a subprocess with this checkout first on PYTHONPATH: the demo
 config with `--set` overrides, `--stages pair`, on a tiny random 2-layer Llama (hidden
 size 32, SmolLM2's tokenizer) written to a temporary folder as policy and judge, so the
 figure is croco's and Prefect's own cost, not a model's. A rerun must report every stage
@@ -55,7 +55,7 @@ def croco_run(overrides: list[str], data_root: Path, prefect_home: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(prefect_home),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--stages", "pair",
+    cmd = [sys.executable, "-m", "croco.flows.cli", "run", "--stages", "pair",
            "--set", f"data_root={data_root}"]
     for item in overrides:
         cmd += ["--set", item]

@@ -151,7 +151,7 @@ def run_identities(cfg: CrocoConfig) -> dict[str, set[str]]:
 
 
 def _variant(cfg, variant: VariantConfig, scores, prompts, generate_and_score, ids, uri):
-    """The identities `flows.stages._train_variant` produces for one variant."""
+    """The identities `croco.flows.stages._train_variant` produces for one variant."""
     from croco import stages as st
 
     pairing, training = cfg.variant_pairing(variant), cfg.variant_training(variant)
@@ -183,7 +183,7 @@ def _variant(cfg, variant: VariantConfig, scores, prompts, generate_and_score, i
 
 
 def _evaluation(cfg: CrocoConfig, prompts, finals, ids, uri) -> None:
-    """The identities `flows.stages.croco_evaluate` produces."""
+    """The identities `croco.flows.stages.croco_evaluate` produces."""
     from croco import stages as st
 
     ev = cfg.evaluation

@@ -199,13 +199,13 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
         # Every input, model path and the data root, before Prefect starts or a model loads
         # (a deployment's run reads them on its workers, which this machine cannot see).
         preflight.check(cfg, config_path=config, stages=wanted)
-    from flows.local import TemporaryAPI, run_until_stopped, wants_temporary_api
+    from croco.flows.local import TemporaryAPI, run_until_stopped, wants_temporary_api
 
     api = None
     if not deployment and wants_temporary_api():
         api = TemporaryAPI().start()  # boots while the pipeline's modules import
     try:
-        from flows.pipeline import croco_pipeline, new_run_id
+        from croco.flows.pipeline import croco_pipeline, new_run_id
 
         _quiet_prefect_tracebacks()
         if deployment:
@@ -357,7 +357,7 @@ def deploy(name: Annotated[Optional[list[str]], typer.Option(
     """Create or update croco's Prefect deployments (infra/prefect.yaml) on the current
     Prefect API (PREFECT_API_URL); the same as `prefect --no-prompt deploy --all
     --prefect-file infra/prefect.yaml` run from the project directory."""
-    from flows.deploy import PROJECT_DIR, deploy as run_deploy
+    from croco.flows.deploy import PROJECT_DIR, deploy as run_deploy
 
     if not (PROJECT_DIR / prefect_file).is_file():
         _fail(f"{PROJECT_DIR / prefect_file} not found: deploy from a croco checkout")
@@ -366,7 +366,7 @@ def deploy(name: Annotated[Optional[list[str]], typer.Option(
         _fail(f"prefect deploy exited {rc}", code=rc)
     # The global limit exists before any stage run starts: runs that start together then
     # never race to create it (the loser's insert is a server error on PostgreSQL).
-    from tasks.stages import ensure_gpu_limit, resize_gpu_limit
+    from croco.tasks.stages import ensure_gpu_limit, resize_gpu_limit
 
     if gpu_slots is not None:
         resize_gpu_limit(gpu_slots)
@@ -388,7 +388,7 @@ def blocks(bucket: Annotated[str, typer.Option(help="the bucket croco's data liv
     """Save Prefect blocks for a cluster from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY:
     aws-credentials/NAME (set the config's storage_block to it) and s3-bucket/NAME (set
     PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK to it on every worker)."""
-    from flows.deploy import create_storage_blocks
+    from croco.flows.deploy import create_storage_blocks
 
     try:
         slugs = create_storage_blocks(name, bucket, endpoint_url=endpoint_url, region=region,

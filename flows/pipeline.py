@@ -25,9 +25,9 @@ from croco import storage
 from croco.config import CrocoConfig, apply_overrides, config_from_dict, load_config
 from croco.preflight import STAGES
 from croco.stages import STAGE_VERSIONS
-from flows.stages import Stages, resolve
-from tasks import manifest_task, prompts_task, report_task
-from tasks.remote import prepare_run
+from croco.flows.stages import Stages, resolve
+from croco.tasks import manifest_task, prompts_task, report_task
+from croco.tasks.remote import prepare_run
 
 
 def new_run_id() -> str:

@@ -8,7 +8,7 @@
 
 The pipeline calls them through `Stages`: as cached tasks and subflows in its own process,
 or, for the stages named in `orchestration.deployments`, as flow runs of those deployments
-(`tasks.remote.trigger_task`). The code that runs is the same either way; inside a stage's
+(`croco.tasks.remote.trigger_task`). The code that runs is the same either way; inside a stage's
 flow run every stage runs in that process, so a GPU worker never waits on another one.
 Stage flows persist their (small, JSON) return values so the pipeline can read them.
 
@@ -38,7 +38,7 @@ from croco.config import (
 )
 from croco.identity import path_identity
 from croco.stages import STAGE_VERSIONS, adapter_path
-from tasks import (
+from croco.tasks import (
     generate_group_task,
     generate_languages_task,
     generate_task,
@@ -55,7 +55,7 @@ from tasks import (
     structured_task,
     train_task,
 )
-from tasks.remote import prepare_run, trigger_task
+from croco.tasks.remote import prepare_run, trigger_task
 
 _persist = dict(persist_result=True, result_serializer="json")
 

@@ -2,7 +2,7 @@
 concurrency, artifacts and logging. Every task returns URI strings (a shard group:
 `{"uri", "parts"}`, the shard files it wrote into that output)."""
 
-from tasks.stages import (  # noqa: F401
+from croco.tasks.stages import (  # noqa: F401
     STAGE_CACHE,
     configure_gpu_slots,
     ensure_gpu_limit,

@@ -19,7 +19,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from croco import storage
-from tasks.stages import retry_transient
+from croco.tasks.stages import retry_transient
 
 
 class StageRunFailed(RuntimeError):
@@ -53,8 +53,8 @@ def load_storage_block(slug: str) -> None:
 
 def prepare_run(storage_block: str | None, gpu_slots: int, gpu_limit: str = "auto") -> None:
     """What every croco flow run does first: storage credentials, how GPU work is bounded
-    (`tasks.stages.configure_gpu_slots`)."""
-    from tasks.stages import configure_gpu_slots
+    (`croco.tasks.stages.configure_gpu_slots`)."""
+    from croco.tasks.stages import configure_gpu_slots
 
     if storage_block:
         load_storage_block(storage_block)

@@ -4,7 +4,7 @@ import polars as pl
 from typer.testing import CliRunner
 
 from croco import storage
-from flows.cli import app
+from croco.flows.cli import app
 
 runner = CliRunner()
 

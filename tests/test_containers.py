@@ -101,7 +101,7 @@ def test_image_holds_the_repository_at_opt_croco(dockerfile):
             words = [w for w in args.split() if not w.startswith("--")]
             sources.update(words[:-1])
     assert {"pyproject.toml", "croco", "tasks", "flows", "configs", "infra"} <= sources
-    # The deployments' pull step (flows.deploy.use_project_dir) moves there through it.
+    # The deployments' pull step (croco.flows.deploy.use_project_dir) moves there through it.
     env = " ".join(args for op, args in steps if op == "ENV").split()
     assert "CROCO_WORKDIR=/opt/croco" in env
 

@@ -86,7 +86,7 @@ class Stack:
         for pool in ("croco-cpu", "croco-gpu"):
             self.cli(PY, "-m", "prefect", "work-pool", "create", pool, "--type", "process",
                      "--overwrite")
-        res = self.cli(PY, "-m", "flows.cli", "deploy",
+        res = self.cli(PY, "-m", "croco.flows.cli", "deploy",
                        *(["--gpu-slots", str(gpu_slots)] if gpu_slots else []), timeout=600)
         assert "croco-pipeline/scale-out" in res.stdout + res.stderr
 
@@ -148,7 +148,7 @@ def stack(tmp_path_factory, s3_server):
     try:
         s.boot()
         s.env.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
-        s.cli(PY, "-m", "flows.cli", "blocks", "--bucket", s.bucket, "--name", BLOCK,
+        s.cli(PY, "-m", "croco.flows.cli", "blocks", "--bucket", s.bucket, "--name", BLOCK,
               "--endpoint-url", s3_server)
         del s.env["AWS_ACCESS_KEY_ID"], s.env["AWS_SECRET_ACCESS_KEY"]
         s.env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = f"s3-bucket/{BLOCK}"
@@ -247,7 +247,7 @@ def test_a_failed_stage_run_fails_the_pipeline_and_says_which(stack, tiny_yaml, 
     path, cfg = tiny_yaml
     params = {"config_file": str(path), "stages": ["prompts", "generate"],
               "overrides": [f"policy.model={tmp_path / 'no-such-model'}", "languages=[en]"]}
-    res = stack.cli(PY, "-m", "flows.cli", "run", "--deployment", "croco-pipeline/scale-out",
+    res = stack.cli(PY, "-m", "croco.flows.cli", "run", "--deployment", "croco-pipeline/scale-out",
                     *[f"--set={o}" for o in params["overrides"]], str(path),
                     "--stages", "prompts,generate", timeout=600, check=False)
     assert res.returncode == 1, res.stdout + res.stderr
@@ -281,7 +281,7 @@ def test_shard_groups_on_the_cluster_match_one_run_per_language(stack, tiny_yaml
     from croco import storage
 
     path, cfg = tiny_yaml
-    res = stack.cli(PY, "-m", "flows.cli", "run", "--deployment", "croco-pipeline/scale-out",
+    res = stack.cli(PY, "-m", "croco.flows.cli", "run", "--deployment", "croco-pipeline/scale-out",
                     "--set", "generation.shard_size=1",  # 3 shards a language, one a group
                     "--set", "orchestration.shards_per_language=3", str(path),
                     "--stages", "prompts,generate,score,pair", "--run-id", "sharded",

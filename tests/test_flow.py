@@ -42,7 +42,7 @@ def by_stage(counter: Counter) -> dict[str, int]:
 
 
 def test_full_run_writes_contract_tables_and_manifest(prefect_harness, tiny_config, calls):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     cfg = tiny_config()
     result = croco_pipeline(config=cfg, run_id="first")
@@ -73,7 +73,7 @@ def test_full_run_writes_contract_tables_and_manifest(prefect_harness, tiny_conf
 
 
 def test_unchanged_rerun_is_served_from_cache(prefect_harness, tiny_config, calls):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     cfg = tiny_config()
     first = croco_pipeline(config=cfg)
@@ -84,7 +84,7 @@ def test_unchanged_rerun_is_served_from_cache(prefect_harness, tiny_config, call
 
 
 def test_changing_only_pairing_repairs_without_regenerating(prefect_harness, tiny_config, calls):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     first = croco_pipeline(config=tiny_config())
     calls.clear()
@@ -98,7 +98,7 @@ def test_changing_only_pairing_repairs_without_regenerating(prefect_harness, tin
 
 
 def test_adding_a_language_runs_only_that_language(prefect_harness, tiny_config, calls):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     croco_pipeline(config=tiny_config())
     calls.clear()
@@ -109,7 +109,7 @@ def test_adding_a_language_runs_only_that_language(prefect_harness, tiny_config,
 
 def test_a_prompt_file_edited_in_place_is_read_again(prefect_harness, tiny_config, calls,
                                                      tmp_path, prompt_file):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     edited = tmp_path / "prompts.jsonl"
     shutil.copy(prompt_file, edited)
@@ -128,7 +128,7 @@ def test_a_prompt_file_edited_in_place_is_read_again(prefect_harness, tiny_confi
 
 
 def test_deleted_outputs_are_recomputed_despite_the_cache(prefect_harness, tiny_config, calls):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     cfg = tiny_config()
     first = croco_pipeline(config=cfg)
@@ -149,7 +149,7 @@ def test_shard_groups_give_the_tables_and_pairs_of_one_task_per_language(
         prefect_harness, tiny_config, tmp_path, calls):
     from prefect.client.orchestration import get_client
 
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     common = {"languages": ["en", "de"], "generation.shard_size": 1}  # 3 shards a language
     one = croco_pipeline(config=tiny_config(data_root=str(tmp_path / "one"), **common),
@@ -187,7 +187,7 @@ def test_shard_groups_give_the_tables_and_pairs_of_one_task_per_language(
 
 def test_a_killed_shard_group_keeps_the_other_shards_and_the_rerun_writes_the_missing(
         prefect_harness, tiny_config, calls, monkeypatch, tmp_path):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     cfg = tiny_config(**{"languages": ["en", "de"], "generation.shard_size": 1,
                          "orchestration.shards_per_language": 2})  # groups: shards 0-1, 2
@@ -253,7 +253,7 @@ def _rows(uri: str) -> pl.DataFrame:
 
 def test_a_grown_or_edited_prompt_file_samples_and_scores_only_the_new_prompts(
         prefect_harness, tiny_config, tmp_path, prompt_file, sampled):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     source = tmp_path / "prompts.jsonl"
     shutil.copy(prompt_file, source)
@@ -314,7 +314,7 @@ def test_a_grown_or_edited_prompt_file_samples_and_scores_only_the_new_prompts(
 
 
 def test_stages_option_stops_early(prefect_harness, tiny_config, calls):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     result = croco_pipeline(config=tiny_config(), stages=["prompts", "generate"])
     assert set(result["stages"]) == {"prompts", "generations"}
@@ -323,7 +323,7 @@ def test_stages_option_stops_early(prefect_harness, tiny_config, calls):
 
 def test_bad_prompt_file_fails_the_run_and_writes_nothing(prefect_harness, tiny_config,
                                                           tmp_path):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
     from croco.prompts import PromptError
 
     bad = tmp_path / "bad.jsonl"
@@ -337,7 +337,7 @@ def test_bad_prompt_file_fails_the_run_and_writes_nothing(prefect_harness, tiny_
 
 
 def test_pipeline_on_s3(prefect_harness, tiny_config, s3_bucket):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     cfg = tiny_config(data_root=f"s3://{s3_bucket}/croco", languages=["en", "de"])
     result = croco_pipeline(config=cfg)
@@ -352,7 +352,7 @@ def test_pipeline_on_s3(prefect_harness, tiny_config, s3_bucket):
 
 def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, tiny_lm_other,
                                                   calls):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     cfg = tiny_config(**{
         "training.enabled": True,
@@ -417,7 +417,7 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
 
 
 def test_second_dpo_variant_reuses_stored_reference_logps(prefect_harness, tiny_config):
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     cfg = tiny_config(**{"training.enabled": True, "evaluation.enabled": False,
                          "experiments": [{"name": "beta1", "method": "dpo"},

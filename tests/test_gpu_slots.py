@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import tasks.stages as ts
+import croco.tasks.stages as ts
 
 
 def _read_limit():

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from croco import storage
 from croco.config import PairingConfig
 from croco.pairing import build_pairs, build_sft
-from flows.cli import app
+from croco.flows.cli import app
 
 runner = CliRunner()
 

@@ -414,7 +414,7 @@ def test_root_user_error_walks_the_chain():
 
 
 def _retry(exc, run_count=1, retries=2):
-    from tasks.stages import retry_transient
+    from croco.tasks.stages import retry_transient
 
     state = SimpleNamespace(result=lambda raise_on_failure: exc)
     return retry_transient(SimpleNamespace(retries=retries),

@@ -12,7 +12,7 @@ import pytest
 from prefect.states import Cancelled, Completed, Crashed, Failed, Running
 
 from croco.config import ConfigError, config_from_dict
-from tasks import remote
+from croco.tasks import remote
 
 
 def _flow_run(state):
@@ -84,7 +84,7 @@ def test_deployments_config_names_stages_and_rejects_unknown_ones():
 def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_path):
     """The parameters each generate child gets: its language's inputs, JSON-ready, with the
     runtime (data root, storage block, GPU slots)."""
-    from flows import stages as flow_stages
+    from croco.flows import stages as flow_stages
 
     sent = []
 
@@ -128,7 +128,7 @@ def test_shard_groups_send_one_call_per_language_and_group_then_seal_here(monkey
     """With shards_per_language 3, each language's generate is 3 flow runs of the
     deployment (group 0..2 of 3, labelled generate-<lang>-<group>); the plan before them and
     the seal after them run in the pipeline's process, which gets one URI per language."""
-    from flows import stages as flow_stages
+    from croco.flows import stages as flow_stages
 
     sent, planned, sealed = [], [], []
 
@@ -176,20 +176,20 @@ def test_shard_groups_send_one_call_per_language_and_group_then_seal_here(monkey
 
 
 def test_pull_step_moves_into_the_project(tmp_path, monkeypatch):
-    from flows.deploy import PROJECT_DIR, use_project_dir
+    from croco.flows.deploy import PROJECT_DIR, use_project_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CROCO_WORKDIR", raising=False)
     assert use_project_dir() == {"directory": str(PROJECT_DIR)}
     assert os.getcwd() == str(PROJECT_DIR)
     with pytest.raises(FileNotFoundError, match="CROCO_WORKDIR"):
-        monkeypatch.setattr("flows.deploy.PROJECT_DIR", tmp_path)
+        monkeypatch.setattr("croco.flows.deploy.PROJECT_DIR", tmp_path)
         monkeypatch.chdir(tmp_path)
         use_project_dir(str(tmp_path / "nowhere"))
 
 
 def test_deploy_command_deploys_all_or_the_named():
-    from flows.deploy import deploy_command
+    from croco.flows.deploy import deploy_command
 
     assert deploy_command()[1:] == ["-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
                                     "infra/prefect.yaml", "--all"]
@@ -201,7 +201,7 @@ def test_deploy_command_deploys_all_or_the_named():
 def test_prefect_yaml_declares_every_stage_deployment():
     import yaml
 
-    from flows.deploy import PROJECT_DIR
+    from croco.flows.deploy import PROJECT_DIR
 
     spec = yaml.safe_load((PROJECT_DIR / "infra" / "prefect.yaml").read_text())
     entry = {(d["entrypoint"], d["name"]): d for d in spec["deployments"]}
@@ -221,4 +221,4 @@ def test_prefect_yaml_declares_every_stage_deployment():
     assert resolved.orchestration.deployments == {
         "generate": "croco-generate/gpu", "score": "croco-score/gpu",
         "train": "croco-train/gpu", "evaluate": "croco-evaluate/gpu"}
-    assert spec["pull"] == [{"flows.deploy.use_project_dir": {}}]
+    assert spec["pull"] == [{"croco.flows.deploy.use_project_dir": {}}]

@@ -27,7 +27,7 @@ def blocks(prefect_harness, s3_server, monkeypatch):
     from prefect_aws import AwsCredentials, S3Bucket
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from croco.flows.cli import app
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "AWS_ENDPOINT_URL", "CROCO_S3_ENDPOINT_URL"):
@@ -63,7 +63,7 @@ def test_whole_pipeline_on_s3_with_blocks_and_result_storage(blocks, tiny_config
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, temporary_settings
 
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     bucket, name = blocks["bucket"], blocks["name"]
     cfg = tiny_config(**{"data_root": f"s3://{bucket}/croco", "languages": ["en", "de"],

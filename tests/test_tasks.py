@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from croco.prompts import PromptError
-from tasks.stages import _is_transient
+from croco.tasks.stages import _is_transient
 
 
 @pytest.mark.parametrize("exc,expected", [

@@ -210,7 +210,7 @@ def test_the_pipeline_writes_exactly_what_the_identities_say(
     `plan.run_identities` names; then, one change at a time (a field of every config
     section, and each kind of input edited in place under the same path), a rerun writes
     new outputs for exactly the stages the identities say and reads every other back."""
-    from flows.pipeline import croco_pipeline
+    from croco.flows.pipeline import croco_pipeline
 
     model = tmp_path / "model"
     shutil.copytree(tiny_lm, model)

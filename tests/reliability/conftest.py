@@ -32,7 +32,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-CROCO = [PY, "-m", "flows.cli"]
+CROCO = [PY, "-m", "croco.flows.cli"]
 
 # The local S3 server logs every request; the tests read the bucket instead.
 logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -36,7 +36,7 @@ GOOD_PROMPTS = [
 def croco_command() -> list[str]:
     """The installed `croco` script next to this Python, else the same app as a module."""
     script = Path(sys.executable).parent / "croco"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "croco.flows.cli"]
 
 
 class Workspace:
@@ -298,7 +298,7 @@ def test_s3_no_such_bucket_creates_no_bucket(tmp_path, s3_server):
 VANISHING_MODEL = """
 import shutil, sys
 from croco import preflight
-from flows.cli import app
+from croco.flows.cli import app
 
 checked = preflight.check
 

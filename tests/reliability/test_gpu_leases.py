@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 HOLD = """
 import sys, time
-import tasks.stages as ts
+import croco.tasks.stages as ts
 ts.WAIT_LOG_SECONDS = float(sys.argv[1])
 ts.configure_gpu_slots(1, "global")
 t0 = time.monotonic()
