@@ -35,8 +35,9 @@ from croco.config import (
     PromptsConfig,
     RewardConfig,
     VariantConfig,
+    stable_hash,
 )
-from croco.identity import path_identity
+from croco.identity import identity, path_identity
 from croco.stages import STAGE_VERSIONS, adapter_path
 from croco.tasks import (
     generate_group_task,
@@ -128,7 +129,8 @@ class Stages:
     def _remote(self, stage: str, calls: list[dict], labels: list[str],
                 cached: bool = True, complete=_complete) -> list:
         triggers = [dict(deployment=self.deployments[stage], label=label, timeout=self.timeout,
-                         parameters=_jsonable(dict(call, runtime=self.runtime)))
+                         parameters=_jsonable(dict(call, runtime=self.runtime)),
+                         identity=stable_hash({"call": identity(call), "root": self.root}))
                     for call, label in zip(calls, labels)]
         if cached:
             return resolve(trigger_task, triggers, complete)

@@ -94,13 +94,16 @@ def run_stage_deployment(deployment: str, parameters: dict[str, Any], label: str
             "pipeline the same result storage (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK)") from None
 
 
-@task(name="run-deployment", task_run_name="{label}", cache_policy=INPUTS - "label" - "timeout",
+@task(name="run-deployment", task_run_name="{label}",
+      cache_policy=INPUTS - "label" - "timeout" - "parameters",
       retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=retry_transient)
-def trigger_task(deployment: str, parameters: dict[str, Any], label: str,
+def trigger_task(deployment: str, parameters: dict[str, Any], label: str, identity: str,
                  timeout: float | None = None) -> Any:
-    """A stage's flow run on a deployment; cached on the deployment and its parameters, so an
-    unchanged rerun starts nothing (the caller checks the outputs still exist). Stages whose
-    outputs belong to one run (evaluation) use it with `cache_policy=NO_CACHE`."""
+    """A stage's flow run on a deployment; cached on the deployment and `identity` (the
+    stage identity of its parameters, `croco.identity`, and the data root), so an unchanged
+    rerun, or one that changes only execution-only settings, starts nothing (the caller
+    checks the outputs still exist). Stages whose outputs belong to one run (evaluation)
+    use it with `cache_policy=NO_CACHE`."""
     get_run_logger().info("%s -> deployment %s", label, deployment)
     return run_stage_deployment(deployment, parameters, label, timeout)

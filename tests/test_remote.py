@@ -122,6 +122,28 @@ def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_pat
     # Inside a stage's own flow run everything runs locally: no deployment is named.
     assert flow_stages.Stages(cfg, local=True).deployments == {}
 
+    # A trigger is cached on its call's stage identity and the data root: execution-only
+    # settings leave it as it is (no flow run is started again), another data root not.
+    def identities(**changes) -> list[str]:
+        sent.clear()
+        data = cfg.model_dump(mode="json")
+        for key, value in changes.items():
+            section, field = key.split(".")
+            data[section][field] = value
+        c = config_from_dict(data)
+        flow_stages.Stages(c).generate_and_score(["p-en", "p-da"], c.policy, score=False)
+        return [s["identity"] for s in sent]
+
+    first = identities()
+    assert len(set(first)) == 2
+    assert identities(**{"generation.batch_size": 7, "orchestration.gpu_slots": 8,
+                         "policy.device": "cpu"}) == first
+    assert identities(**{"generation.seed": 5}) != first
+    sent.clear()
+    other = config_from_dict(dict(cfg.model_dump(mode="json"), data_root=str(tmp_path / "b")))
+    flow_stages.Stages(other).generate_and_score(["p-en", "p-da"], other.policy, score=False)
+    assert [s["identity"] for s in sent] != first
+
 
 def test_shard_groups_send_one_call_per_language_and_group_then_seal_here(monkeypatch,
                                                                           tmp_path):
