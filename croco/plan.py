@@ -214,6 +214,18 @@ def _evaluation(cfg: CrocoConfig, prompts, finals, ids, uri) -> None:
                                 for name in finals)
 
 
+def output_uris(cfg: CrocoConfig) -> list[tuple[str, str]]:
+    """(stage, URI under `cfg.data_root`) of every output a full run of `cfg` produces."""
+    root = storage.normalize_root(cfg.data_root)
+    out = []
+    for s in STAGES:
+        for ident in sorted(run_identities(cfg)[s.name]):
+            key, _, lang = ident.partition("/")
+            out.append((s.name, storage.join(root, s.folder, key,
+                                             *([f"lang={lang}"] if lang else []))))
+    return out
+
+
 def reruns(before: dict[str, set[str]], after: dict[str, set[str]]) -> set[str]:
     """The stages with an output `after` that `before` did not produce."""
     return {name for name in after if after[name] - before.get(name, set())}

@@ -456,6 +456,30 @@ def config_show(config: ConfigArg = None, set_: SetOpt = None) -> None:
     sys.stdout.write(dump_config(cfg))
 
 
+@config_app.command("plan")
+@_clean_errors
+def config_plan(config: ConfigArg = None, set_: SetOpt = None) -> None:
+    """What `croco run` would do with this config, without running anything: each stage's
+    outputs, and how many are already complete under data_root (read back) or would be
+    computed. A changed batch size or device computes nothing; see
+    docs/what-a-change-reruns.md."""
+    from croco import storage
+    from croco.plan import STAGES, output_uris
+
+    cfg = _load(config, set_)
+    by_stage: dict[str, list[bool]] = {}
+    for stage, uri in output_uris(cfg):
+        by_stage.setdefault(stage, []).append(storage.is_complete(uri))
+    table = Table(title=f"croco run plan ({cfg.data_root})", title_justify="left")
+    for col in ("stage", "outputs", "complete", "to compute"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in STAGES:
+        done = by_stage.get(s.name, [])
+        if done:
+            table.add_row(s.name, str(len(done)), str(sum(done)), str(len(done) - sum(done)))
+    console.print(table)
+
+
 @pairs_app.command("show")
 @_clean_errors
 def pairs_show(uri: Annotated[str, typer.Argument(help="a pairs output URI")],

@@ -9,6 +9,18 @@ from croco.flows.cli import app
 runner = CliRunner()
 
 
+def test_config_plan_lists_what_a_run_would_compute(tmp_path):
+    result = runner.invoke(app, ["config", "plan", "--set", f"data_root={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    rows = {r[0].strip(): [int(x) for x in r[1:]] for r in (
+        line.strip("│ ").split("│") for line in result.output.splitlines()
+        if line.startswith("│"))}
+    # The demo: 7 languages; nothing is there yet, so everything is to compute.
+    assert rows["prompts"] == [7, 0, 7] and rows["generations"] == [7, 0, 7]
+    assert rows["pairs"] == [1, 0, 1] and rows["structured"] == [2, 0, 2]
+    assert not list(tmp_path.iterdir())  # a plan writes nothing
+
+
 def test_config_show_prints_the_resolved_config():
     result = runner.invoke(app, ["config", "show", "--set", "generation.k=5"])
     assert result.exit_code == 0

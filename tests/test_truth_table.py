@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
-from croco import plan
+from croco import plan, storage
+from croco.flows.cli import app
 from croco.identity import BUILTIN_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +235,16 @@ def test_the_pipeline_writes_exactly_what_the_identities_say(
     croco_pipeline(config=cfg, run_id="t0")
     ids = plan.run_identities(cfg)
     assert on_disk(root) == by_folder(ids)  # every output the plan names, and no other
+    assert all(storage.is_complete(uri) for _, uri in plan.output_uris(cfg))
+    # `croco config plan` says the same: every output complete, nothing to compute.
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["config", "plan", str(yaml_file)])
+    assert result.exit_code == 0, result.output
+    rows = [line.strip("│ ").split("│") for line in result.output.splitlines()
+            if line.startswith("│")]
+    assert {r[0].strip() for r in rows} == {s.name for s in plan.STAGES}
+    assert [int(r[3]) for r in rows] == [0] * len(rows), result.output
 
     scorers = cfg.model_dump(mode="json")["reward"]["scorers"]
     steps = [
