@@ -30,6 +30,7 @@ See docs/architecture.md ("What a change reruns").
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,22 +123,39 @@ def training_key_of_adapter(ref: str) -> str | None:
     return None
 
 
+_fingerprints: dict[tuple, str] = {}
+
+
 def fingerprint(path: Path) -> str:
-    """A hash of a local file's or folder's content (see the module docstring)."""
-    h = hashlib.sha256()
+    """A hash of a local file's or folder's content (see the module docstring). Every
+    call lists and stats the files; their bytes are read again only when a file's size or
+    mtime changed since this process last read them (a cache key is computed per task,
+    and a prompt folder or model can be large)."""
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+    stats = []
     for f in files:
         st = f.stat()
-        rel = "." if f == path else f.relative_to(path).as_posix()
-        h.update(f"{rel}\0{st.st_size}\0".encode())
-        if st.st_size <= HASH_LIMIT:
+        stats.append(("." if f == path else f.relative_to(path).as_posix(), st.st_size,
+                      st.st_mtime_ns))
+    memo = (str(path.resolve()), HASH_LIMIT, tuple(stats))
+    if memo in _fingerprints:
+        return _fingerprints[memo]
+    h = hashlib.sha256()
+    for f, (rel, size, mtime_ns) in zip(files, stats):
+        h.update(f"{rel}\0{size}\0".encode())
+        if size <= HASH_LIMIT:
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
         else:
-            h.update(str(st.st_mtime_ns).encode())
-    return h.hexdigest()[:16]
+            h.update(str(mtime_ns).encode())
+    digest = h.hexdigest()[:16]
+    # A file written in the last 2 s could be rewritten with the same size and mtime
+    # (timestamps are coarse): its bytes are read again next time ("racy" entries).
+    if all(time.time_ns() - mtime_ns > 2_000_000_000 for _, _, mtime_ns in stats):
+        _fingerprints[memo] = digest
+    return digest
 
 
 def _hidden(rel: Path) -> bool:
