@@ -36,7 +36,9 @@ from croco.config import (
     RewardConfig,
     VariantConfig,
 )
-from croco.stages import STAGE_VERSIONS, adapter_path, preference_set_fingerprint
+from croco.stages import STAGE_VERSIONS, preference_set_fingerprint
+from croco.training.run import adapter_path
+from croco.training.spec import TRAINING_VERSION, variant_spec
 from tasks import (
     generate_group_task,
     generate_languages_task,
@@ -276,10 +278,14 @@ def croco_train(config: CrocoConfig, variant: VariantConfig, prompt_uris: list, 
 
 def _train_variant(stages: Stages, variant: VariantConfig, prompt_uris: list, scores: dict,
                    out: dict) -> str | None:
-    config, root = stages.config, stages.root
+    """The variant's training runs, round by round: round r starts from adapter r-1. DPO and
+    SFT train on pairs from the round's scores (round r > 1 samples, scores and pairs anew
+    from adapter r-1); online DPO samples its own pairs while it trains, so it reads the
+    training prompts in every round and nothing is generated, scored or paired for it."""
+    config = stages.config
     pairing = config.variant_pairing(variant)
-    training = config.variant_training(variant)
     prompts_by_lang = dict(zip(config.languages, prompt_uris))
+    online = variant.method == "online_dpo"
     if variant.generation_policy:
         gen_policy = PolicyConfig(model=variant.generation_policy, device=config.policy.device)
         _, scores = stages.generate_and_score(prompt_uris, gen_policy)
@@ -287,30 +293,28 @@ def _train_variant(stages: Stages, variant: VariantConfig, prompt_uris: list, sc
     policy = config.policy
     last = None
     for rnd in range(1, variant.rounds + 1):
+        round_name = f"{variant.name}:round{rnd}" if variant.rounds > 1 else variant.name
         if rnd > 1:
-            # Round r samples from the policy with adapter r-1: new on-policy data.
             policy = config.policy.model_copy(update={"adapter": adapter_path(last)})
-            _, scores = stages.generate_and_score(prompt_uris, policy)
-            out[f"scores:{variant.name}:round{rnd}"] = scores
-        pairs_uri = stages.pair(scores, prompts_by_lang, pairing)
-        out.setdefault("pairs", {})[f"{variant.name}:round{rnd}" if variant.rounds > 1
-                                    else variant.name] = pairs_uri
-        common = dict(pairs_uri=pairs_uri, variant_name=variant.name, method=variant.method,
-                      policy=policy, training=training, data_root=root,
-                      code_version=STAGE_VERSIONS["training"],
-                      generation_policy=variant.generation_policy)
-        if variant.method == "online_dpo":
-            common.update(reward=config.reward, prompts_uris=prompts_by_lang,
-                          prompts_cfg=config.prompts,
-                          max_new_tokens=config.generation.max_new_tokens)
+        pairs_uri = None
+        if not online:
+            if rnd > 1:
+                # Round r samples from the policy with adapter r-1: new on-policy data.
+                _, scores = stages.generate_and_score(prompt_uris, policy)
+                out[f"scores:{variant.name}:round{rnd}"] = scores
+            pairs_uri = stages.pair(scores, prompts_by_lang, pairing)
+            out.setdefault("pairs", {})[round_name] = pairs_uri
+        langs = config.languages if variant.per_language else [None]
+        uris = resolve(train_task, [dict(
+            spec=variant_spec(config, variant, policy=policy, pairs_uri=pairs_uri,
+                              prompts_uris=prompts_by_lang, lang=lang),
+            code_version=TRAINING_VERSION) for lang in langs])
         if variant.per_language:
-            uris = resolve(train_task, [dict(common, lang=lang) for lang in config.languages])
-            for lang, u in zip(config.languages, uris):
+            for lang, u in zip(langs, uris):
                 out.setdefault("training", {})[f"{variant.name}:{lang}"] = u
             return None
-        (last,) = resolve(train_task, [common])
-        name = f"{variant.name}:round{rnd}" if variant.rounds > 1 else variant.name
-        out.setdefault("training", {})[name] = last
+        (last,) = uris
+        out.setdefault("training", {})[round_name] = last
     return last
 
 
