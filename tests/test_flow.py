@@ -416,6 +416,29 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
     assert again["stages"]["training"] == training
 
 
+def test_online_dpo_rounds_continue_the_adapter_without_sampling_between_rounds(
+        prefect_harness, tiny_config, calls):
+    """Online DPO samples as it trains: round 2 continues round 1's adapter on the training
+    prompts, and the pipeline generates, scores and pairs nothing for either round."""
+    from croco.training.run import adapter_path
+    from flows.pipeline import croco_pipeline
+
+    cfg = tiny_config(**{"training.enabled": True, "evaluation.enabled": False,
+                         "experiments": [{"name": "on", "method": "online_dpo", "rounds": 2}]})
+    result = croco_pipeline(config=cfg)
+    # the run's own samples, scores and pairs only: none for the rounds
+    assert by_stage(calls) == {"run_prompts": 3, "run_generate": 3, "run_score": 3,
+                               "run_pairs": 1}
+    training = result["stages"]["training"]
+    assert set(training) == {"on:round1", "on:round2"}
+    assert training["on:round1"] != training["on:round2"]
+    m1, m2 = (storage.read_json(storage.join(training[r], "metrics.json"))
+              for r in ("on:round1", "on:round2"))
+    assert m1["init_adapter"] is None
+    assert m2["init_adapter"] == adapter_path(training["on:round1"])
+    assert m1["method"] == m2["method"] == "online_dpo"
+
+
 def test_second_dpo_variant_reuses_stored_reference_logps(prefect_harness, tiny_config):
     from flows.pipeline import croco_pipeline
 

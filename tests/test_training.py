@@ -325,6 +325,42 @@ def test_runs_of_one_key_on_two_buckets_keep_separate_local_work_folders(tmp_pat
         tmp_path / "root" / "training" / "5f3a" / "work")
 
 
+def test_online_dpo_round_two_continues_round_one_adapter(tiny_lm, tiny_rm, prompt_file,
+                                                          tmp_path):
+    """Round 2 loads round 1's adapter and trains it on (with a learning rate too small to
+    move it, it ends where round 1 ended; a fresh LoRA would start with zero `lora_B`)."""
+    from safetensors.torch import load_file
+
+    from croco.config import ClassifierScorer, PromptsConfig, RewardConfig
+    from croco.stages import run_prompts
+    from croco.training.run import adapter_path
+
+    pcfg = PromptsConfig(path=str(prompt_file), limit=2)
+    first = OnlineDPOSpec(
+        variant_name="online", policy=PolicyConfig(model=tiny_lm),
+        training=TrainingConfig(max_steps=2, **FAST), data_root=str(tmp_path),
+        reward=RewardConfig(scorers=[ClassifierScorer(name="rm", model=tiny_rm)]),
+        prompts_uris={"en": run_prompts(pcfg, "en", str(tmp_path))}, prompts_limit=2,
+        max_new_tokens=4)
+    uri1 = run_train(first)
+    second = first.model_copy(update={
+        "policy": PolicyConfig(model=tiny_lm, adapter=adapter_path(uri1)),
+        "training": TrainingConfig(max_steps=1, **{**FAST, "learning_rate": 1e-12})})
+    uri2 = run_train(second)
+    assert second.key() != first.key() and uri2 != uri1
+    m = storage.read_json(storage.join(uri2, "metrics.json"))
+    assert m["init_adapter"] == adapter_path(uri1)
+    recorded = storage.read_json(storage.join(uri2, "training_config.json"))
+    assert recorded["policy"]["adapter"] == adapter_path(uri1)
+    w1 = load_file(str(Path(uri1) / "adapter" / "adapter_model.safetensors"))
+    w2 = load_file(str(Path(uri2) / "adapter" / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    lora_b = [k for k in w1 if "lora_B" in k]
+    assert lora_b and max(w1[k].abs().max().item() for k in lora_b) > 1e-4  # round 1 trained
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-6, k
+
+
 def _dpo_spec(**changes) -> DPOSpec:
     spec = DPOSpec(pairs_uri="/d/pairs/k1", variant_name="dpo",
                    policy=PolicyConfig(model="m"), training=TrainingConfig(), data_root="/d")
