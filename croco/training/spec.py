@@ -67,8 +67,10 @@ class _Spec(BaseModel):
                 "training": self.training.model_dump(exclude=set(EXECUTION_ONLY))}
 
     def key(self) -> str:
-        """The training key: a hash of what decides the trained adapter (not the variant's
-        name, the data root or `EXECUTION_ONLY` settings)."""
+        """The training key: a hash of what decides the trained adapter, not the variant's
+        name, the data root or the `EXECUTION_ONLY` settings. Of those, `per_device_batch_size`
+        and `gradient_checkpointing` are left out because `effective_batch_size` (which is
+        in) fixes the optimization; a rerun that only changes them reuses the output."""
         return stable_hash(self._identity())
 
     def uri(self) -> str:
@@ -109,7 +111,8 @@ class OnlineDPOSpec(_Spec):
     scores them with `reward`, and takes a DPO step on them. `prompts_uris` (lang -> the
     prompts output) narrowed by `prompts_split` / `prompts_limit` (the run's prompt
     selection) are its data; `max_new_tokens` bounds each sampled answer. No pairs, so
-    never off-policy."""
+    never off-policy, and no pairs in its key (keys from before the specs hashed the pairs
+    output the pipeline made for it, unread; such runs train again once)."""
 
     method: Literal["online_dpo"] = "online_dpo"
     reward: RewardConfig
