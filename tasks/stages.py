@@ -32,7 +32,7 @@ from croco.config import (
     StructuredEvalConfig,
 )
 from croco.errors import UserError
-from croco.manifest import write_manifest
+from croco.manifest import RunOutputs, write_manifest
 from croco.training.spec import TrainSpec
 
 STAGE_CACHE = INPUTS + TASK_SOURCE
@@ -369,9 +369,9 @@ def pairs_task(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing
 
 @task(name="manifest", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=retry_transient)
-def manifest_task(data_root: str, run_id: str, config: dict, stage_uris: dict,
+def manifest_task(data_root: str, run_id: str, config: dict, outputs: RunOutputs[str],
                   wall_seconds: float | None = None) -> str:
-    return write_manifest(data_root, run_id, config, stage_uris, wall_seconds=wall_seconds)
+    return write_manifest(data_root, run_id, config, outputs, wall_seconds=wall_seconds)
 
 
 logging.getLogger("croco").setLevel(logging.INFO)
