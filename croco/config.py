@@ -245,7 +245,8 @@ class VariantConfig(_Strict):
     training prompts, two fresh samples per prompt per step, scored by the run's reward). `pairing` overrides the run's pairing
     (e.g. scope all_lang). `generation_policy` makes the variant off-policy: its pairs come
     from that model's samples, training still starts from `policy`. `rounds` > 1 makes it
-    iterative on-policy: round r samples from adapter r-1, scores, pairs and trains adapter r.
+    iterative on-policy: round r samples from adapter r-1, scores, pairs and trains adapter r
+    (online_dpo, which samples as it trains, only continues adapter r-1 in round r).
     `per_language` trains one model per language (in_lang pairs only). `training` overrides
     any training key for this variant (e.g. beta, learning_rate).
     """
@@ -468,7 +469,7 @@ def _override_problems(base: BaseModel, overrides: dict[str, Any], where: str) -
 def _method_problems(v: VariantConfig, run: dict) -> list[str]:
     """Combinations of a variant with the run's settings that cannot do what they say."""
     where = f"experiments[{v.name}]"
-    gen, policy, training = run.get("generation"), run.get("policy"), run.get("training")
+    gen, training = run.get("generation"), run.get("training")
     problems = []
     if (v.method == "dpo" and gen is not None and gen.k < 2
             and (training is None or training.enabled)):
@@ -476,21 +477,12 @@ def _method_problems(v: VariantConfig, run: dict) -> list[str]:
             f"{where}: method dpo needs pairs, but generation.k is {gen.k}: a pool of one "
             "sample has no rejected answer, so no pair can be built; set generation.k to 2 "
             "or more (the paper uses 64)")
-    if v.method == "online_dpo":
-        # TRL's online DPO samples its own two answers per prompt from policy.model.
-        if v.generation_policy:
-            problems.append(
-                f"{where}: online_dpo samples its own pairs from the policy, so "
-                "generation_policy would be generated and scored for nothing; remove "
-                "generation_policy, or use method dpo for off-policy pairs")
-        if v.rounds > 1:
-            problems.append(
-                f"{where}: online_dpo trains from policy.model in every round (it cannot "
-                "continue the previous round's adapter); set rounds: 1")
-        if policy is not None and policy.adapter:
-            problems.append(
-                f"{where}: online_dpo starts from policy.model and cannot continue "
-                "policy.adapter; remove policy.adapter or use method dpo")
+    if v.method == "online_dpo" and v.generation_policy:
+        # TRL's online DPO samples its own two answers per prompt from the policy.
+        problems.append(
+            f"{where}: online_dpo samples its own pairs from the policy, so "
+            "generation_policy would be generated and scored for nothing; remove "
+            "generation_policy, or use method dpo for off-policy pairs")
     return problems
 
 

@@ -108,7 +108,8 @@ def load_tokenizer(name: str, *, padding_side: str = "left"):
     return tok
 
 
-def _load(kind: str, name: str, adapter: str | None, device: torch.device, dtype: torch.dtype):
+def _load(kind: str, name: str, adapter: str | None, device: torch.device,
+          dtype: torch.dtype | str):
     import transformers
 
     path = resolve_model(name)
@@ -153,6 +154,24 @@ def load_model(
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
         return model, tok
+
+
+def merge_adapter(model: str, adapter: str, folder: str | Path, *, device: str = "cpu",
+                  dtype: str | None = None) -> str:
+    """Save `model` with `adapter` merged into its weights, and its tokenizer, to `folder`:
+    a plain transformers folder (what EuroEval, vLLM or a hub upload loads), with the
+    weights croco's own generation runs (the merge of `load_model`). `dtype` None keeps the
+    checkpoint's own dtype. Loaded outside the model cache and freed before returning, so
+    whatever loads the folder next has the memory."""
+    dev = pick_device(device)
+    merged = _load("causal", model, adapter, dev,
+                   "auto" if dtype is None else pick_dtype(dtype, dev))
+    merged.save_pretrained(folder)
+    load_tokenizer(model).save_pretrained(folder)
+    del merged
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return str(folder)
 
 
 def clear_model_cache() -> None:

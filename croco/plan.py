@@ -153,8 +153,10 @@ def run_identities(cfg: CrocoConfig) -> dict[str, set[str]]:
 def _variant(cfg, variant: VariantConfig, scores, prompts, generate_and_score, ids, uri):
     """The identities `croco.flows.stages._train_variant` produces for one variant."""
     from croco import stages as st
+    from croco.training.spec import variant_spec
 
-    pairing, training = cfg.variant_pairing(variant), cfg.variant_training(variant)
+    pairing = cfg.variant_pairing(variant)
+    online = variant.method == "online_dpo"
     if variant.generation_policy:
         scores = generate_and_score(PolicyConfig(model=variant.generation_policy,
                                                  device=cfg.policy.device))
@@ -162,23 +164,19 @@ def _variant(cfg, variant: VariantConfig, scores, prompts, generate_and_score, i
     for rnd in range(1, variant.rounds + 1):
         if rnd > 1:
             policy = cfg.policy.model_copy(update={"adapter": storage.join(last, "adapter")})
-            scores = generate_and_score(policy)
-        pairs = uri("pairs", st.pairs_key(scores, prompts, pairing))
-        ids["pairs"].add(st.key_of(pairs))
-        online = variant.method == "online_dpo"
-        common = dict(pairs_uri=pairs, variant_name=variant.name, method=variant.method,
-                      policy=policy, training=training,
-                      generation_policy=variant.generation_policy,
-                      reward=cfg.reward if online else None,
-                      prompts_uris=prompts if online else None,
-                      prompts_cfg=cfg.prompts if online else None,
-                      max_new_tokens=cfg.generation.max_new_tokens if online else 64)
+        pairs = None
+        if not online:
+            if rnd > 1:
+                scores = generate_and_score(policy)
+            pairs = uri("pairs", st.pairs_key(scores, prompts, pairing))
+            ids["pairs"].add(st.key_of(pairs))
+        langs = cfg.languages if variant.per_language else [None]
+        keys = [variant_spec(cfg, variant, policy=policy, pairs_uri=pairs, prompts_uris=prompts,
+                             lang=lang).key() for lang in langs]
+        ids["training"].update(keys)
         if variant.per_language:
-            ids["training"].update(st.train_output_key(lang=lang, **common)
-                                   for lang in cfg.languages)
             return None
-        last = uri("training", st.train_output_key(lang=None, **common))
-        ids["training"].add(st.key_of(last))
+        last = uri("training", keys[0])
     return last
 
 

@@ -57,21 +57,15 @@ from croco.config import (
     PolicyConfig,
     PromptsConfig,
     RewardConfig,
-    TrainingConfig,
     stable_hash,
 )
 from croco.identity import STAGE_VERSIONS, identity, path_identity
+from croco.storage import key_of
 
 log = logging.getLogger(__name__)
 
 
 Progress = Callable[[int, int], None]
-
-
-def key_of(uri: str) -> str:
-    """The content key of a stage output URI (`.../<stage>/<key>[/lang=xx]`)."""
-    parts = uri.rstrip("/").replace("\\", "/").split("/")
-    return parts[-2] if parts[-1].startswith("lang=") else parts[-1]
 
 
 def _done_info(uri: str) -> dict:
@@ -647,154 +641,7 @@ def completion_info(uri: str) -> dict:
 
 # --------------------------------------------------------------------------- training
 
-def training_key(pairs_uri: str, variant_name: str, method: str, policy: PolicyConfig,
-                 training: TrainingConfig, lang: str | None, off_policy: bool) -> str:
-    return stable_hash({
-        "stage": "training", "v": STAGE_VERSIONS["training"], "pairs": key_of(pairs_uri),
-        "method": method, "policy": identity(policy), "lang": lang,
-        "training": identity(training),
-        "off_policy": off_policy,
-    })
-
-
-def train_output_key(pairs_uri: str, variant_name: str, method: str, policy: PolicyConfig,
-                     training: TrainingConfig, lang: str | None, generation_policy: str | None,
-                     reward: RewardConfig | None, prompts_uris: dict[str, str] | None,
-                     prompts_cfg: PromptsConfig | None, max_new_tokens: int) -> str:
-    """The key of `run_train`'s output (online DPO adds its reward and prompts)."""
-    off_policy = generation_policy is not None and generation_policy != policy.model
-    key = training_key(pairs_uri, variant_name, method, policy, training, lang, off_policy)
-    if method == "online_dpo":
-        key = stable_hash({"base": key, "reward": identity(reward) if reward else None,
-                           "prompts": sorted(key_of(u) for u in (prompts_uris or {}).values()),
-                           "split": prompts_cfg.split if prompts_cfg else None,
-                           "limit": prompts_cfg.limit if prompts_cfg else None,
-                           "max_new_tokens": max_new_tokens})
-    return key
-
-
-def run_train(pairs_uri: str, *, variant_name: str, method: str, policy: PolicyConfig,
-              training: TrainingConfig, data_root: str, lang: str | None = None,
-              generation_policy: str | None = None, callbacks: list | None = None,
-              reward: RewardConfig | None = None, prompts_uris: dict[str, str] | None = None,
-              prompts_cfg: PromptsConfig | None = None, max_new_tokens: int = 64) -> str:
-    """Train one variant (DPO on `dpo/`, SFT on `sft/`) and write
-    `<data_root>/training/<key>/{adapter/, metrics.json, training_config.json}`.
-
-    `policy.adapter`, when set, is continued (iterative rounds); `lang` restricts the
-    training data to one language (per-language models); `generation_policy` records that
-    the pairs came from another model's samples (off-policy)."""
-    from croco.training.dpo import ref_logps_uri, train_dpo
-    from croco.training.sft import train_sft
-
-    t0 = time.perf_counter()
-    off_policy = generation_policy is not None and generation_policy != policy.model
-    key = train_output_key(pairs_uri, variant_name, method, policy, training, lang,
-                           generation_policy, reward, prompts_uris, prompts_cfg, max_new_tokens)
-    out = storage.join(data_root, "training", key)
-    if storage.is_complete(out):
-        return out
-    if method == "dpo":
-        data = storage.read_parquet(storage.join(pairs_uri, "dpo"))
-        if lang:
-            data = data.filter(pl.col("prompt_lang") == lang)
-        ref_uri = ref_logps_uri(pairs_uri, policy.model, policy.adapter, training.max_length)
-        metrics = train_dpo(data, policy=policy.model, adapter=policy.adapter, cfg=training,
-                            out_uri=out, ref_uri=ref_uri, callbacks=callbacks)
-    elif method == "online_dpo":
-        from croco.prompts import select_for_generation
-        from croco.training.online import train_online_dpo
-
-        if reward is None or not prompts_uris:
-            raise ValueError(f"variant {variant_name!r}: online_dpo needs the reward scorers "
-                             "and the training prompts")
-        prompts = pl.concat([storage.read_parquet(storage.join(u, "data.parquet"))
-                             for lang_, u in sorted(prompts_uris.items())
-                             if lang is None or lang_ == lang])
-        if prompts_cfg is not None:
-            prompts = select_for_generation(prompts, split=prompts_cfg.split,
-                                            limit=prompts_cfg.limit)
-        metrics = train_online_dpo(prompts, policy=policy.model, scorer_cfgs=reward.scorers,
-                                   cfg=training, out_uri=out, max_new_tokens=max_new_tokens)
-    elif method == "sft":
-        data = storage.read_parquet(storage.join(pairs_uri, "sft"))
-        if lang:
-            data = data.filter(pl.col("lang") == lang)
-        metrics = train_sft(data, policy=policy.model, adapter=policy.adapter, cfg=training,
-                            out_uri=out, callbacks=callbacks)
-    else:
-        raise ValueError(f"variant {variant_name!r}: unknown method {method!r}")
-    metrics.update({"variant": variant_name, "lang": lang,
-                    "pairs_uri": (storage.join(out, "online_pairs") if method == "online_dpo"
-                                  else pairs_uri),
-                    "policy": policy.model, "init_adapter": policy.adapter,
-                    "generation_policy": generation_policy or policy.model,
-                    "off_policy": off_policy})
-    from croco.training.common import is_main_process
-
-    if not is_main_process():
-        return out  # a distributed run's other processes: the main one writes the outputs
-    if training.merge:
-        metrics["merged"] = export_merged(out, policy.model)
-    if training.push_to_hub:
-        metrics["pushed_to"] = push_adapter(out, training.push_to_hub)
-    storage.write_json(storage.join(out, "metrics.json"), metrics)
-    storage.write_json(storage.join(out, "training_config.json"),
-                       {"variant": variant_name, "method": method, "lang": lang,
-                        "policy": policy.model_dump(), "training": training.model_dump(),
-                        "pairs_uri": pairs_uri, "off_policy": off_policy})
-    storage.mark_complete(out, {"rows": metrics.get("pairs_train", metrics.get(
-        "rows_train", metrics.get("pairs_generated"))), "method": method,
-                                "off_policy": off_policy,
-                                "generation_policy": generation_policy or policy.model,
-                                "seconds": round(time.perf_counter() - t0, 3)})
-    return out
-
-
-def adapter_path(training_uri: str) -> str:
-    """A local path to a trained adapter (downloaded from remote storage once)."""
-    uri = storage.join(training_uri, "adapter")
-    fs, path = storage.filesystem(uri)
-    if "file" in fs.protocol:
-        return path
-    from croco.models import cache_dir
-
-    local = cache_dir() / "adapters" / key_of(training_uri)
-    if not (local / "adapter_config.json").exists():
-        fs.get(path, str(local), recursive=True)
-    return str(local)
-
-
-def export_merged(training_uri: str, policy: str) -> str:
-    """Merge the adapter into the base weights and store them under `merged/`."""
-    import tempfile
-    from pathlib import Path
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from croco.models import load_tokenizer, resolve_model
-    from croco.training.common import publish
-
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(policy))
-    merged = PeftModel.from_pretrained(base, adapter_path(training_uri)).merge_and_unload()
-    with tempfile.TemporaryDirectory() as tmp:
-        merged.save_pretrained(tmp)
-        load_tokenizer(policy).save_pretrained(tmp)
-        return publish(Path(tmp), training_uri, "merged")
-
-
-def push_adapter(training_uri: str, repo_id: str) -> str:
-    """Push the adapter to the Hugging Face hub (needs network and HF_TOKEN; HF_ENDPOINT
-    for another hub). A repository that does not exist yet is created private."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="model", private=True, exist_ok=True)
-    api.upload_folder(folder_path=adapter_path(training_uri), repo_id=repo_id,
-                      repo_type="model",
-                      commit_message=f"croco adapter, training run {key_of(training_uri)}")
-    return repo_id
+# The training stage lives in croco.training.run (a spec in, `training/<key>/` out).
 
 
 # ------------------------------------------------------------------ held-out summary

@@ -98,6 +98,12 @@ def join(uri: str, *parts: str) -> str:
     return f"{protocol}://{joined}"
 
 
+def key_of(uri: str) -> str:
+    """The content key of a stage output URI (`.../<stage>/<key>[/lang=xx]`)."""
+    parts = uri.rstrip("/").replace("\\", "/").split("/")
+    return parts[-2] if parts[-1].startswith("lang=") else parts[-1]
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)

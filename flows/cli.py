@@ -235,19 +235,20 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
     finally:
         if api:
             api.stop()
-    stage_uris = result["stages"]
-    if "pairs" in stage_uris:
-        pairs_uri = stage_uris["pairs"]["all"]
+    outputs = result["outputs"]
+    if outputs.pairs:
+        pairs_uri = outputs.pairs
         stats = storage.read_parquet(storage.join(pairs_uri, "stats.parquet"))
         console.print(stats_table(stats, f"pairs ({cfg.pairing.scope}, "
                                          f"{cfg.pairing.reject_target})"))
         console.print(f"DPO pairs: [green]{storage.join(pairs_uri, 'dpo')}[/]")
         console.print(f"SFT rows:  [green]{storage.join(pairs_uri, 'sft')}[/]")
-    else:
-        last = list(stage_uris)[-1]
-        for lang, uri in stage_uris[last].items():
+    else:  # the last stage that ran
+        last = next(name for name in ("scores", "generations", "prompts")
+                    if getattr(outputs, name))
+        for lang, uri in getattr(outputs, last).items():
             console.print(f"{last} {lang}: [green]{uri}[/]")
-    for name, uri in stage_uris.get("training", {}).items():
+    for name, uri in outputs.training_runs().items():
         m = storage.read_json(storage.join(uri, "metrics.json"))
         acc = m.get("rewards/accuracies")
         console.print(
@@ -256,23 +257,23 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
             f"{_fmt(m.get('final_loss'))}" + (f", reward accuracy {acc:.0%}" if acc is not None
                                               else "")
             + f"; adapter [green]{storage.join(uri, 'adapter')}[/]", highlight=False)
-    if "heldout" in stage_uris:
-        console.print(heldout_table(storage.read_parquet(stage_uris["heldout"]["all"])))
-    if "reward_check" in stage_uris:
-        acc = storage.read_parquet(storage.join(stage_uris["reward_check"]["all"],
-                                                "accuracy.parquet"))
+    ev = outputs.evaluation
+    if ev is not None:
+        console.print(heldout_table(storage.read_parquet(ev.heldout)))
+    if ev is not None and ev.reward_check:
+        acc = storage.read_parquet(storage.join(ev.reward_check, "accuracy.parquet"))
         console.print("reward check, ranking accuracy per language: " + ", ".join(
             f"{r['lang']} {r['accuracy']:.0%}" for r in acc.to_dicts()), highlight=False)
-    if "structured" in stage_uris:
+    if ev is not None and ev.structured:
         import polars as pl
 
         frames = []
-        for name, uri in stage_uris["structured"].items():
+        for name, uri in ev.structured.items():
             r = storage.read_parquet(storage.join(uri, "results.parquet"))
             frames.append(r.with_columns(pl.lit(name).alias("model")))
         console.print(structured_table(pl.concat(frames)))
-    if "judgments" in stage_uris:
-        for name, uri in stage_uris["judgments"].items():
+    if ev is not None:
+        for name, uri in ev.judgments.items():
             rates = storage.read_parquet(storage.join(uri, "win_rates.parquet"))
             console.print(winrate_table(rates, name))
     console.print(f"manifest:  [green]{result['manifest']}[/]")

@@ -23,6 +23,7 @@ from prefect.artifacts import create_table_artifact
 
 from croco import storage
 from croco.config import CrocoConfig, apply_overrides, config_from_dict, load_config
+from croco.manifest import RunOutputs
 from croco.preflight import STAGES
 from croco.stages import STAGE_VERSIONS
 from croco.flows.stages import Stages, resolve
@@ -46,7 +47,9 @@ def _flow_run_name() -> str:
 def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = None,
                    overrides: list[str] | None = None, stages: list[str] | None = None,
                    run_id: str | None = None) -> dict:
-    """Run CroCo for every configured language and return the stage URIs.
+    """Run CroCo for every configured language; returns the run id, the manifest's URI and
+    the run's outputs (`croco.manifest.RunOutputs`, URIs), plus the report's URI when the
+    evaluation ran.
 
     The config is `config`, or the YAML file `config_file` (a path relative to the flow's
     working directory, or a URI such as s3://bucket/croco.yaml), with `overrides`
@@ -83,44 +86,32 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
         if "://" not in root:
             log.warning("data_root %s is a local path: every worker running a stage must "
                         "see it (a shared filesystem); on a cluster use s3://...", root)
-    out: dict[str, dict[str, str]] = {}
+    out = RunOutputs[str]()
 
     prompt_uris = resolve(prompts_task, [
         dict(cfg=config.prompts, lang=lang, data_root=root,
              code_version=STAGE_VERSIONS["prompts"]) for lang in langs
     ])
-    out["prompts"] = dict(zip(langs, prompt_uris))
+    out.prompts = dict(zip(langs, prompt_uris))
     if last >= STAGES.index("generate"):
-        gens, scores = run.generate_and_score(prompt_uris, config.policy,
-                                              score=last >= STAGES.index("score"))
-        out["generations"] = gens
-        if scores:
-            out["scores"] = scores
+        out.generations, out.scores = run.generate_and_score(
+            prompt_uris, config.policy, score=last >= STAGES.index("score"))
     if last >= STAGES.index("pair"):
-        pairs_uri = run.pair(out["scores"], out["prompts"], config.pairing)
-        out["pairs"] = {"all": pairs_uri}
-        stats = storage.read_parquet(storage.join(pairs_uri, "stats.parquet"))
+        out.pairs = run.pair(out.scores, out.prompts, config.pairing)
+        stats = storage.read_parquet(storage.join(out.pairs, "stats.parquet"))
         create_table_artifact(stats.to_dicts(), key="pair-stats",
                               description=f"per-language pair statistics, run {run_id}")
-    finals: dict[str, str] = {}
     if last >= STAGES.index("train"):
         for variant in config.experiments:
-            produced = dict(run.train(variant, prompt_uris, out["scores"]))
-            final = produced.pop("final")
-            for stage, entries in produced.items():
-                if isinstance(entries, dict) and stage in ("pairs", "training"):
-                    out.setdefault(stage, {}).update(entries)
-                else:
-                    out[stage] = entries
-            if final:
-                finals[variant.name] = final
+            out.variants[variant.name] = run.train(variant, prompt_uris, out.scores)
     if last >= STAGES.index("evaluate") and config.evaluation.enabled:
-        out.update(run.evaluate(prompt_uris, finals, run_id))
+        finals = {name: v.final for name, v in out.variants.items() if v.final}
+        out.evaluation = run.evaluate(prompt_uris, finals, run_id)
     manifest_uri = manifest_task(root, run_id, config.model_dump(mode="json"), out,
                                  wall_seconds=round(time.perf_counter() - t0, 2))
     log.info("manifest: %s", manifest_uri)
-    result = {"run_id": run_id, "manifest": manifest_uri, "stages": out}
-    if "heldout" in out:
+    result = {"run_id": run_id, "manifest": manifest_uri, "outputs": out}
+    if out.evaluation is not None:
         result["report"] = report_task(root, run_id)
         log.info("report: %s", result["report"])
     return result

@@ -38,7 +38,10 @@ from croco.config import (
     stable_hash,
 )
 from croco.identity import identity, path_identity
-from croco.stages import STAGE_VERSIONS, adapter_path
+from croco.manifest import EvaluationOutputs, RoundOutputs, VariantOutputs
+from croco.stages import STAGE_VERSIONS
+from croco.training.run import adapter_path
+from croco.training.spec import variant_spec
 from croco.tasks import (
     generate_group_task,
     generate_languages_task,
@@ -186,24 +189,27 @@ class Stages:
                                            code_version=STAGE_VERSIONS["pairs"])])
         return uri
 
-    def train(self, variant: VariantConfig, prompt_uris: list, scores: dict) -> dict:
+    def train(self, variant: VariantConfig, prompt_uris: list,
+              scores: dict) -> VariantOutputs[str]:
         """One variant: a `croco-train` subflow, or a flow run of the train deployment."""
         if "train" in self.deployments:
             (out,) = self._remote("train", [dict(config=self.config, variant=variant,
                                                  prompt_uris=prompt_uris, scores=scores)],
                                   [f"train-{variant.name}"])
-            return out
-        return croco_train(config=self.config, variant=variant, prompt_uris=prompt_uris,
-                           scores=scores, runtime=self.runtime)
+        else:
+            out = croco_train(config=self.config, variant=variant, prompt_uris=prompt_uris,
+                              scores=scores, runtime=self.runtime)
+        return VariantOutputs[str].model_validate(out)
 
-    def evaluate(self, prompt_uris: list, finals: dict, run_id: str) -> dict:
+    def evaluate(self, prompt_uris: list, finals: dict, run_id: str) -> EvaluationOutputs[str]:
         if "evaluate" in self.deployments:
             (out,) = self._remote("evaluate", [dict(config=self.config, prompt_uris=prompt_uris,
                                                     finals=finals, run_id=run_id)],
                                   ["evaluate"], cached=False)
-            return out
-        return croco_evaluate(config=self.config, prompt_uris=prompt_uris, finals=finals,
-                              run_id=run_id, runtime=self.runtime)
+        else:
+            out = croco_evaluate(config=self.config, prompt_uris=prompt_uris, finals=finals,
+                                 run_id=run_id, runtime=self.runtime)
+        return EvaluationOutputs[str].model_validate(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,70 +274,67 @@ def croco_score(generations_uri: str, prompts_uri: str, lang: str, reward: Rewar
 def croco_train(config: CrocoConfig, variant: VariantConfig, prompt_uris: list, scores: dict,
                 runtime: Runtime | None = None) -> dict:
     """One variant of the experiment grid: its pairs (re-paired, off-policy or per round) and
-    its training run(s). Returns the URIs it produced, and under `final` the training URI
-    whose adapter is evaluated (none for per-language models)."""
+    its training run(s). Returns its `VariantOutputs` (URIs) as JSON."""
     _runtime(runtime, config.data_root)
     stages = Stages(config, local=True)
-    out: dict = {}
-    out["final"] = _train_variant(stages, variant, prompt_uris, scores, out)
-    return out
+    return _train_variant(stages, variant, prompt_uris, scores).model_dump(mode="json")
 
 
-def _train_variant(stages: Stages, variant: VariantConfig, prompt_uris: list, scores: dict,
-                   out: dict) -> str | None:
-    config, root = stages.config, stages.root
+def _train_variant(stages: Stages, variant: VariantConfig, prompt_uris: list,
+                   scores: dict) -> VariantOutputs[str]:
+    """The variant's training runs, round by round: round r starts from adapter r-1. DPO and
+    SFT train on pairs from the round's scores (round r > 1 samples, scores and pairs anew
+    from adapter r-1); online DPO samples its own pairs while it trains, so it reads the
+    training prompts in every round and nothing is generated, scored or paired for it."""
+    config = stages.config
     pairing = config.variant_pairing(variant)
-    training = config.variant_training(variant)
     prompts_by_lang = dict(zip(config.languages, prompt_uris))
+    online = variant.method == "online_dpo"
+    out = VariantOutputs[str]()
     if variant.generation_policy:
         gen_policy = PolicyConfig(model=variant.generation_policy, device=config.policy.device)
         _, scores = stages.generate_and_score(prompt_uris, gen_policy)
-        out[f"scores:{variant.name}"] = scores
+        out.scores = scores
     policy = config.policy
-    last = None
     for rnd in range(1, variant.rounds + 1):
         if rnd > 1:
-            # Round r samples from the policy with adapter r-1: new on-policy data.
-            policy = config.policy.model_copy(update={"adapter": adapter_path(last)})
-            _, scores = stages.generate_and_score(prompt_uris, policy)
-            out[f"scores:{variant.name}:round{rnd}"] = scores
-        pairs_uri = stages.pair(scores, prompts_by_lang, pairing)
-        out.setdefault("pairs", {})[f"{variant.name}:round{rnd}" if variant.rounds > 1
-                                    else variant.name] = pairs_uri
-        common = dict(pairs_uri=pairs_uri, variant_name=variant.name, method=variant.method,
-                      policy=policy, training=training, data_root=root,
-                      code_version=STAGE_VERSIONS["training"],
-                      generation_policy=variant.generation_policy)
-        if variant.method == "online_dpo":
-            common.update(reward=config.reward, prompts_uris=prompts_by_lang,
-                          prompts_cfg=config.prompts,
-                          max_new_tokens=config.generation.max_new_tokens)
+            policy = config.policy.model_copy(update={
+                "adapter": adapter_path(out.rounds[-1].training)})
+        this = RoundOutputs[str]()
+        out.rounds.append(this)
+        if not online:
+            if rnd > 1:
+                # Round r samples from the policy with adapter r-1: new on-policy data.
+                _, scores = stages.generate_and_score(prompt_uris, policy)
+                this.scores = scores
+            this.pairs = stages.pair(scores, prompts_by_lang, pairing)
+        langs = config.languages if variant.per_language else [None]
+        uris = resolve(train_task, [dict(
+            spec=variant_spec(config, variant, policy=policy, pairs_uri=this.pairs,
+                              prompts_uris=prompts_by_lang, lang=lang),
+            code_version=STAGE_VERSIONS["training"]) for lang in langs])
         if variant.per_language:
-            uris = resolve(train_task, [dict(common, lang=lang) for lang in config.languages])
-            for lang, u in zip(config.languages, uris):
-                out.setdefault("training", {})[f"{variant.name}:{lang}"] = u
-            return None
-        (last,) = resolve(train_task, [common])
-        name = f"{variant.name}:round{rnd}" if variant.rounds > 1 else variant.name
-        out.setdefault("training", {})[name] = last
-    return last
+            this.training_by_lang = dict(zip(langs, uris))
+            break  # the config rejects per_language with rounds > 1
+        (this.training,) = uris
+    return out
 
 
 @flow(name="croco-evaluate", flow_run_name="evaluate-{run_id}", **_persist)
 def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id: str,
                    runtime: Runtime | None = None) -> dict:
     """Held-out answers of the base and each variant (generated and scored), their summary,
-    the reward check, structured tasks and the pairwise judge. Returns the stage URIs."""
+    the reward check, structured tasks and the pairwise judge. Returns its
+    `EvaluationOutputs` (URIs) as JSON."""
     _runtime(runtime, config.data_root)
     stages = Stages(config, local=True)
     root, langs, ev = stages.root, config.languages, config.evaluation
-    out: dict = {}
+    out = EvaluationOutputs[str]()
     eval_prompts = config.prompts.model_copy(update={"split": ev.split, "limit": ev.limit})
     # Held-out sets are small: every language of a model is sampled in one batched pass.
     eval_gen = config.generation.model_copy(update={
         "k": ev.k, "temperature": ev.temperature, "shard_size": 256,
         "max_new_tokens": ev.max_new_tokens or config.generation.max_new_tokens})
-    eval_scores = {}
     models = {"base": config.policy}
     models.update({name: config.policy.model_copy(update={"adapter": adapter_path(uri)})
                    for name, uri in finals.items()})
@@ -343,11 +346,10 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
         (scores,) = resolve(score_languages_task, [dict(
             generations_uris=gens, prompts_uris=prompts_by_lang, reward=config.reward,
             data_root=root, model_name=name, code_version=STAGE_VERSIONS["scores"])])
-        eval_scores[name] = scores
-        out[f"eval-scores:{name}"] = scores
-    out["heldout"] = {"all": heldout_task(eval_scores, root, run_id, STAGE_VERSIONS["scores"])}
+        out.scores[name] = scores
+    out.heldout = heldout_task(out.scores, root, run_id, STAGE_VERSIONS["scores"])
     if ev.reward_check:
-        (out.setdefault("reward_check", {})["all"],) = resolve(reward_check_task, [
+        (out.reward_check,) = resolve(reward_check_task, [
             dict(path=ev.reward_check, reward=config.reward, langs=langs, data_root=root,
                  source=path_identity(ev.reward_check),
                  code_version=STAGE_VERSIONS["reward_check"])])
@@ -358,13 +360,13 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
                  code_version=STAGE_VERSIONS["structured"])
             for name, policy in models.items()
         ])
-        out["structured"] = dict(zip(models, done))
+        out.structured = dict(zip(models, done))
     if ev.judge.enabled and finals:
         judged = resolve(judge_task, [
-            dict(candidate_scores=eval_scores[name], baseline_scores=eval_scores["base"],
+            dict(candidate_scores=out.scores[name], baseline_scores=out.scores["base"],
                  prompts_uris=prompts_by_lang, judge=ev.judge, data_root=root,
                  variant_name=name, code_version=STAGE_VERSIONS["judgments"])
             for name in finals
         ])
-        out["judgments"] = dict(zip(finals, judged))
-    return out
+        out.judgments = dict(zip(finals, judged))
+    return out.model_dump(mode="json")

@@ -36,11 +36,11 @@ from croco.config import (
     PromptsConfig,
     RewardConfig,
     StructuredEvalConfig,
-    TrainingConfig,
 )
 from croco.errors import UserError
 from croco.identity import identity
-from croco.manifest import write_manifest
+from croco.manifest import RunOutputs, write_manifest
+from croco.training.spec import TrainSpec
 
 
 @dataclass
@@ -388,9 +388,9 @@ def pairs_task(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing
 
 @task(name="manifest", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=retry_transient)
-def manifest_task(data_root: str, run_id: str, config: dict, stage_uris: dict,
+def manifest_task(data_root: str, run_id: str, config: dict, outputs: RunOutputs[str],
                   wall_seconds: float | None = None) -> str:
-    return write_manifest(data_root, run_id, config, stage_uris, wall_seconds=wall_seconds)
+    return write_manifest(data_root, run_id, config, outputs, wall_seconds=wall_seconds)
 
 
 logging.getLogger("croco").setLevel(logging.INFO)
@@ -402,32 +402,26 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@task(name="train", task_run_name="train-{variant_name}", **_common)
-def train_task(pairs_uri: str, variant_name: str, method: str, policy: PolicyConfig,
-               training: TrainingConfig, data_root: str, code_version: int,
-               lang: str | None = None, generation_policy: str | None = None,
-               reward: RewardConfig | None = None, prompts_uris: dict | None = None,
-               prompts_cfg: PromptsConfig | None = None, max_new_tokens: int = 64) -> str:
+@task(name="train", task_run_name="train-{spec.variant_name}", **_common)
+def train_task(spec: TrainSpec, code_version: int) -> str:
+    """One training run (`croco.training.run.run_train`); on a machine with several GPUs,
+    DPO and SFT train data parallel on all of them."""
     from prefect.artifacts import create_table_artifact
+
+    from croco.training.run import run_train
 
     log = get_run_logger()
     n_gpus = _gpu_count()
+    variant_name, lang = spec.variant_name, spec.lang
     with gpu_slot(f"train-{variant_name}"):
-        if n_gpus > 1 and method in ("dpo", "sft"):
+        if n_gpus > 1 and spec.method in ("dpo", "sft"):
             # Every GPU of this machine, data parallel, through accelerate.
             from croco.training.launch import run_train_distributed
 
             log.info("training %s on %d GPUs with accelerate", variant_name, n_gpus)
-            uri = run_train_distributed(
-                n_gpus, pairs_uri=pairs_uri, variant_name=variant_name, method=method,
-                policy=policy, training=training, data_root=data_root, lang=lang,
-                generation_policy=generation_policy)
+            uri = run_train_distributed(n_gpus, spec)
         else:
-            uri = stages.run_train(pairs_uri, variant_name=variant_name, method=method,
-                                   policy=policy, training=training, data_root=data_root,
-                                   lang=lang, generation_policy=generation_policy, reward=reward,
-                                   prompts_uris=prompts_uris, prompts_cfg=prompts_cfg,
-                                   max_new_tokens=max_new_tokens)
+            uri = run_train(spec)
     metrics = storage.read_json(storage.join(uri, "metrics.json"))
     keys = ["method", "pairs_train", "rows_train", "steps", "first_loss", "final_loss",
             "rewards/accuracies", "rewards/margins", "eval_loss", "tokens_per_second",

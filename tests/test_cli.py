@@ -123,16 +123,12 @@ def test_training_launcher_runs_one_variant(tiny_config, tmp_path, monkeypatch):
     from croco.training import launch
 
     seen = {}
-
-    def fake_run_train(pairs_uri, **kwargs):
-        seen.update(kwargs, pairs_uri=pairs_uri)
-        return "uri"
-
-    monkeypatch.setattr(launch, "run_train", fake_run_train)
+    monkeypatch.setattr(launch, "run_train", lambda spec: seen.update(spec=spec) or "uri")
     cfg = tiny_config(experiments=[{"name": "b2", "method": "dpo", "training": {"beta": 0.2}}])
     path = _write_config(tmp_path / "c.yaml", cfg)
     assert launch.main(["--config", path, "--variant", "b2", "--pairs-uri", "/p/k"]) == "uri"
-    assert seen["training"].beta == 0.2 and seen["pairs_uri"] == "/p/k"
-    assert seen["method"] == "dpo" and seen["variant_name"] == "b2"
+    spec = seen["spec"]
+    assert spec.training.beta == 0.2 and spec.pairs_uri == "/p/k"
+    assert spec.method == "dpo" and spec.variant_name == "b2"
     with pytest.raises(SystemExit, match="the config has"):
         launch.main(["--config", path, "--variant", "nope", "--pairs-uri", "/p/k"])

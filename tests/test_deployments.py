@@ -234,8 +234,10 @@ def test_scale_out_run_from_the_cli_fans_out_on_the_gpu_pool(stack, tiny_yaml):
         Bucket=stack.bucket) for o in page.get("Contents", [])]
     manifest = json.loads(stack.s3.get_object(
         Bucket=stack.bucket, Key=f"{prefix}/runs/served/manifest.json")["Body"].read())
-    assert set(manifest["stages"]["generations"]) == {"en", "de"}
-    training = manifest["stages"]["training"]["dpo"]["uri"]
+    assert set(manifest["outputs"]["generations"]) == {"en", "de"}
+    from croco.manifest import read_outputs
+
+    training = read_outputs(manifest).training_runs()["dpo"].uri
     assert f"{training.split(stack.bucket + '/', 1)[1]}/adapter/adapter_config.json" in keys
     assert f"{prefix}/runs/served/report.md" in keys
     assert any(k.startswith("prefect-results/") for k in keys)
@@ -305,12 +307,12 @@ def test_shard_groups_on_the_cluster_match_one_run_per_language(stack, tiny_yaml
                                    cfg.generation.model_copy(update={"shard_size": 1})})
     ref = _reference_stages(local, local.data_root)
     for lang in ("en", "de"):
-        entry = manifest["stages"]["scores"][lang]
+        entry = manifest["outputs"]["scores"][lang]
         assert entry["key"] == Path(ref["scores"][lang]).parent.name and entry["rows"] == 3 * 4
         for part in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
             assert s3_bytes(f"{prefix}/scores/{entry['key']}/lang={lang}/{part}") == \
                 storage.read_bytes(storage.join(ref["scores"][lang], part)), (lang, part)
-    pairs = manifest["stages"]["pairs"]["all"]
+    pairs = manifest["outputs"]["pairs"]
     assert pairs["key"] == Path(ref["pairs"]).name
     for table in ("dpo/lang=en", "dpo/lang=de", "sft/lang=en", "sft/lang=de"):
         assert s3_bytes(f"{prefix}/pairs/{pairs['key']}/{table}/data.parquet") == \

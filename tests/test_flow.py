@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 from croco import stages, storage
+from croco.manifest import read_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -48,14 +49,14 @@ def test_full_run_writes_contract_tables_and_manifest(prefect_harness, tiny_conf
     result = croco_pipeline(config=cfg, run_id="first")
     assert by_stage(calls) == {"run_prompts": 3, "run_generate": 3, "run_score": 3,
                                "run_pairs": 1}
-    gens = storage.read_parquet(result["stages"]["generations"]["de"])
+    gens = storage.read_parquet(result["outputs"].generations["de"])
     assert gens.height == 3 * 4  # limit 3 prompts x k 4
-    scores = storage.read_parquet(result["stages"]["scores"]["de"])
+    scores = storage.read_parquet(result["outputs"].scores["de"])
     for col in ["prompt_id", "lang", "sample_idx", "response", "n_tokens", "finish_reason",
                 "policy", "reward", "reward_rm", "reward_judge", "reward_lang", "detected_lang",
                 "lang_prob"]:
         assert col in scores.columns
-    pairs_uri = result["stages"]["pairs"]["all"]
+    pairs_uri = result["outputs"].pairs
     pairs = storage.read_parquet(storage.join(pairs_uri, "dpo"))
     assert 0 < pairs.height <= 9
     assert (pairs["chosen_score"] > pairs["rejected_score"]).all()
@@ -67,8 +68,8 @@ def test_full_run_writes_contract_tables_and_manifest(prefect_harness, tiny_conf
     manifest = json.loads(Path(result["manifest"]).read_text())
     assert manifest["run_id"] == "first"
     assert manifest["config"]["generation"]["k"] == 4
-    assert manifest["stages"]["generations"]["de"]["rows"] == 12
-    assert manifest["stages"]["pairs"]["all"]["key"] == Path(pairs_uri).name
+    assert manifest["outputs"]["generations"]["de"]["rows"] == 12
+    assert manifest["outputs"]["pairs"]["key"] == Path(pairs_uri).name
     assert manifest["packages"]["prefect"]
 
 
@@ -80,7 +81,7 @@ def test_unchanged_rerun_is_served_from_cache(prefect_harness, tiny_config, call
     calls.clear()
     second = croco_pipeline(config=cfg)
     assert by_stage(calls) == {}
-    assert second["stages"] == first["stages"]
+    assert second["outputs"] == first["outputs"]
 
 
 def test_changing_only_pairing_repairs_without_regenerating(prefect_harness, tiny_config, calls):
@@ -91,9 +92,9 @@ def test_changing_only_pairing_repairs_without_regenerating(prefect_harness, tin
     second = croco_pipeline(config=tiny_config(**{"pairing.scope": "all_lang",
                                                   "pairing.reject_target": "q1"}))
     assert by_stage(calls) == {"run_pairs": 1}
-    assert second["stages"]["scores"] == first["stages"]["scores"]
-    assert second["stages"]["pairs"] != first["stages"]["pairs"]
-    pairs = storage.read_parquet(storage.join(second["stages"]["pairs"]["all"], "dpo"))
+    assert second["outputs"].scores == first["outputs"].scores
+    assert second["outputs"].pairs != first["outputs"].pairs
+    pairs = storage.read_parquet(storage.join(second["outputs"].pairs, "dpo"))
     assert set(pairs["scope"]) == {"all_lang"} and set(pairs["reject_target"]) == {"q1"}
 
 
@@ -122,8 +123,8 @@ def test_a_prompt_file_edited_in_place_is_read_again(prefect_harness, tiny_confi
     calls.clear()
     second = croco_pipeline(config=cfg, stages=["prompts"])
     assert by_stage(calls) == {"run_prompts": 3}
-    assert second["stages"]["prompts"]["en"] != first["stages"]["prompts"]["en"]
-    en = storage.read_parquet(storage.join(second["stages"]["prompts"]["en"], "data.parquet"))
+    assert second["outputs"].prompts["en"] != first["outputs"].prompts["en"]
+    en = storage.read_parquet(storage.join(second["outputs"].prompts["en"], "data.parquet"))
     assert sorted(en["prompt_id"]) == ["q0", "q1", "q2", "q3", "q4", "q5", "q6", "q7"]
 
 
@@ -132,12 +133,12 @@ def test_deleted_outputs_are_recomputed_despite_the_cache(prefect_harness, tiny_
 
     cfg = tiny_config()
     first = croco_pipeline(config=cfg)
-    shutil.rmtree(Path(first["stages"]["generations"]["en"]).parent)
-    shutil.rmtree(Path(first["stages"]["pairs"]["all"]))
+    shutil.rmtree(Path(first["outputs"].generations["en"]).parent)
+    shutil.rmtree(Path(first["outputs"].pairs))
     calls.clear()
     second = croco_pipeline(config=cfg)
     assert by_stage(calls)["run_generate"] == 3
-    assert storage.is_complete(second["stages"]["pairs"]["all"])
+    assert storage.is_complete(second["outputs"].pairs)
 
 
 def _parquet_bytes(uri: str) -> dict[str, bytes]:
@@ -165,7 +166,7 @@ def test_shard_groups_give_the_tables_and_pairs_of_one_task_per_language(
                              ("run_pairs", "all"): 1})
     for stage in ("generations", "scores"):
         for lang in ("en", "de"):
-            a, b = one["stages"][stage][lang], three["stages"][stage][lang]
+            a, b = getattr(one["outputs"], stage)[lang], getattr(three["outputs"], stage)[lang]
             assert Path(a).relative_to(tmp_path / "one") == Path(b).relative_to(
                 tmp_path / "three")  # same content key
             assert storage.is_complete(b)
@@ -174,7 +175,7 @@ def test_shard_groups_give_the_tables_and_pairs_of_one_task_per_language(
                                      "part-00002.parquet"]
             assert parts == _parquet_bytes(a)
             assert storage.read_json(storage.join(b, storage.SUCCESS))["rows"] == 3 * 4
-    a, b = one["stages"]["pairs"]["all"], three["stages"]["pairs"]["all"]
+    a, b = one["outputs"].pairs, three["outputs"].pairs
     assert Path(a).name == Path(b).name
     for table in ("dpo", "sft"):
         assert storage.read_parquet(storage.join(b, table)).equals(
@@ -219,9 +220,9 @@ def test_a_killed_shard_group_keeps_the_other_shards_and_the_rerun_writes_the_mi
     result = croco_pipeline(config=cfg)
     assert written == [("en", 1)]  # only the shard the killed group had not written
     assert {p: (en / p).stat().st_mtime_ns for p in before} == before
-    assert result["stages"]["generations"]["en"] == str(en)
+    assert result["outputs"].generations["en"] == str(en)
     assert storage.read_parquet(str(en)).height == 3 * 4
-    assert storage.is_complete(result["stages"]["pairs"]["all"])
+    assert storage.is_complete(result["outputs"].pairs)
 
 
 @pytest.fixture
@@ -271,12 +272,12 @@ def test_a_grown_or_edited_prompt_file_samples_and_scores_only_the_new_prompts(
     second = croco_pipeline(config=cfg, stages=upto)
     assert sampled == Counter({("generated", "en"): 2 * 4, ("scored", "en"): 2 * 4})
     for stage in ("generations", "scores"):
-        before, after = (_rows(r["stages"][stage]["en"]) for r in (first, second))
+        before, after = (_rows(getattr(r["outputs"], stage)["en"]) for r in (first, second))
         assert after["prompt_id"].unique().sort().to_list() == [
             "q0", "q1", "q2", "q3", "q6", "q7"]
         assert after.filter(pl.col("prompt_id").is_in(["q0", "q1", "q2", "q3"])).equals(before)
-        assert _rows(second["stages"][stage]["de"]).equals(_rows(first["stages"][stage]["de"]))
-    stats = storage.read_parquet(storage.join(second["stages"]["pairs"]["all"], "stats.parquet"))
+        assert _rows(getattr(second["outputs"], stage)["de"]).equals(_rows(getattr(first["outputs"], stage)["de"]))
+    stats = storage.read_parquet(storage.join(second["outputs"].pairs, "stats.parquet"))
     assert (stats["pairs"] + stats["skipped"]).to_list() == [4, 6]  # de, en pools
 
     # a removed prompt is in no table, and nothing is sampled or scored
@@ -288,13 +289,13 @@ def test_a_grown_or_edited_prompt_file_samples_and_scores_only_the_new_prompts(
     assert sampled == Counter()
     kept = ["q0", "q2", "q3", "q6", "q7"]
     for stage in ("generations", "scores"):
-        after = _rows(third["stages"][stage]["en"])
+        after = _rows(getattr(third["outputs"], stage)["en"])
         assert after["prompt_id"].unique().sort().to_list() == kept
-        assert after.equals(_rows(second["stages"][stage]["en"]).filter(
+        assert after.equals(_rows(getattr(second["outputs"], stage)["en"]).filter(
             pl.col("prompt_id").is_in(kept)))
-    pairs = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "dpo"))
+    pairs = storage.read_parquet(storage.join(third["outputs"].pairs, "dpo"))
     assert "q1" not in pairs.filter(pl.col("prompt_lang") == "en")["prompt_id"].to_list()
-    stats = storage.read_parquet(storage.join(third["stages"]["pairs"]["all"], "stats.parquet"))
+    stats = storage.read_parquet(storage.join(third["outputs"].pairs, "stats.parquet"))
     assert (stats["pairs"] + stats["skipped"]).to_list() == [4, 5]
 
     # an edited prompt is a new one: sampled and scored again, the others read back
@@ -305,7 +306,7 @@ def test_a_grown_or_edited_prompt_file_samples_and_scores_only_the_new_prompts(
     sampled.clear()
     fourth = croco_pipeline(config=cfg, stages=upto)
     assert sampled == Counter({("generated", "en"): 4, ("scored", "en"): 4})
-    gens, before = (_rows(r["stages"]["generations"]["en"]) for r in (fourth, third))
+    gens, before = (_rows(r["outputs"].generations["en"]) for r in (fourth, third))
     same = ["q0", "q3", "q6", "q7"]
     assert gens.filter(pl.col("prompt_id").is_in(same)).equals(
         before.filter(pl.col("prompt_id").is_in(same)))
@@ -317,7 +318,8 @@ def test_stages_option_stops_early(prefect_harness, tiny_config, calls):
     from croco.flows.pipeline import croco_pipeline
 
     result = croco_pipeline(config=tiny_config(), stages=["prompts", "generate"])
-    assert set(result["stages"]) == {"prompts", "generations"}
+    filled = {name for name, value in result["outputs"] if value}
+    assert filled == {"prompts", "generations"}
     assert by_stage(calls) == {"run_prompts": 3, "run_generate": 3}
 
 
@@ -341,13 +343,13 @@ def test_pipeline_on_s3(prefect_harness, tiny_config, s3_bucket):
 
     cfg = tiny_config(data_root=f"s3://{s3_bucket}/croco", languages=["en", "de"])
     result = croco_pipeline(config=cfg)
-    pairs_uri = result["stages"]["pairs"]["all"]
+    pairs_uri = result["outputs"].pairs
     assert pairs_uri.startswith(f"s3://{s3_bucket}/croco/pairs/")
     assert storage.read_parquet(storage.join(pairs_uri, "stats.parquet")).height == 2
     manifest = storage.read_bytes(result["manifest"]).decode()
     assert "testing-secret-value-123" not in manifest
     assert "testing-key-id" not in manifest
-    assert pl.DataFrame(json.loads(manifest)["stages"]["scores"]).width == 2
+    assert pl.DataFrame(json.loads(manifest)["outputs"]["scores"]).width == 2
 
 
 def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, tiny_lm_other,
@@ -366,7 +368,8 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
         ],
     })
     result = croco_pipeline(config=cfg, run_id="variants")
-    training = result["stages"]["training"]
+    outputs = result["outputs"]
+    training = outputs.training_runs()
     assert set(training) == {"dpo", "dpo-all", "sft", "offp", "iter:round1", "iter:round2"}
     metrics = {k: storage.read_json(storage.join(u, "metrics.json")) for k, u in training.items()}
     assert metrics["sft"]["method"] == "sft"
@@ -376,25 +379,26 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
     assert training["iter:round1"] == training["dpo"]
     # round 2 continues round 1's adapter on pairs sampled from it.
     assert metrics["iter:round2"]["init_adapter"].endswith("adapter")
-    assert result["stages"]["pairs"]["iter:round2"] != result["stages"]["pairs"]["all"]
+    assert outputs.variants["iter"].rounds[1].pairs != outputs.pairs
     # dpo-all: same pairs key family? no: all_lang pairs, stored ref log-probs of its own.
-    pairs_all = storage.read_parquet(storage.join(result["stages"]["pairs"]["dpo-all"], "dpo"))
+    pairs_all = storage.read_parquet(storage.join(outputs.variants["dpo-all"].rounds[0].pairs, "dpo"))
     assert set(pairs_all["scope"]) == {"all_lang"}
     # off-policy pairs come from the other model's samples
-    gens = storage.read_parquet(result["stages"]["generations"]["en"])
-    off_scores = storage.read_parquet(result["stages"]["scores:offp"]["en"])
+    gens = storage.read_parquet(result["outputs"].generations["en"])
+    off_scores = storage.read_parquet(outputs.variants["offp"].scores["en"])
     assert set(off_scores["policy"]) == {tiny_lm_other} and set(gens["policy"]) != {tiny_lm_other}
 
     manifest = json.loads(Path(result["manifest"]).read_text())
-    assert manifest["stages"]["training"]["offp"]["off_policy"] is True
-    assert manifest["stages"]["training"]["offp"]["generation_policy"] == tiny_lm_other
-    assert manifest["stages"]["training"]["dpo"]["off_policy"] is False
+    described = read_outputs(manifest).training_runs()
+    assert described["offp"].off_policy is True
+    assert described["offp"].generation_policy == tiny_lm_other
+    assert described["dpo"].off_policy is False
 
-    summary = storage.read_parquet(result["stages"]["heldout"]["all"])
+    summary = storage.read_parquet(outputs.evaluation.heldout)
     assert set(summary["model"]) == {"base", "dpo", "dpo-all", "sft", "offp", "iter"}
     assert summary.filter(pl.col("model") == "base")["answers"].to_list() == [1, 1, 1]
 
-    judged = result["stages"]["judgments"]
+    judged = outputs.evaluation.judgments
     assert set(judged) == {"dpo", "dpo-all", "sft", "offp", "iter"}
     judgments = storage.read_parquet(storage.join(judged["dpo"], "judgments.parquet"))
     assert judgments.height == 3 * 2  # one held-out prompt per language, both orders
@@ -413,7 +417,31 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
     calls.clear()
     again = croco_pipeline(config=cfg)
     assert by_stage(calls) == {}
-    assert again["stages"]["training"] == training
+    assert again["outputs"].training_runs() == training
+
+
+def test_online_dpo_rounds_continue_the_adapter_without_sampling_between_rounds(
+        prefect_harness, tiny_config, calls):
+    """Online DPO samples as it trains: round 2 continues round 1's adapter on the training
+    prompts, and the pipeline generates, scores and pairs nothing for either round."""
+    from croco.training.run import adapter_path
+    from croco.flows.pipeline import croco_pipeline
+
+    cfg = tiny_config(**{"training.enabled": True, "evaluation.enabled": False,
+                         "experiments": [{"name": "on", "method": "online_dpo", "rounds": 2}]})
+    result = croco_pipeline(config=cfg)
+    # the run's own samples, scores and pairs only: none for the rounds
+    assert by_stage(calls) == {"run_prompts": 3, "run_generate": 3, "run_score": 3,
+                               "run_pairs": 1}
+    training = result["outputs"].training_runs()
+    assert set(training) == {"on:round1", "on:round2"}
+    assert [r.pairs for r in result["outputs"].variants["on"].rounds] == [None, None]
+    assert training["on:round1"] != training["on:round2"]
+    m1, m2 = (storage.read_json(storage.join(training[r], "metrics.json"))
+              for r in ("on:round1", "on:round2"))
+    assert m1["init_adapter"] is None
+    assert m2["init_adapter"] == adapter_path(training["on:round1"])
+    assert m1["method"] == m2["method"] == "online_dpo"
 
 
 def test_second_dpo_variant_reuses_stored_reference_logps(prefect_harness, tiny_config):
@@ -424,7 +452,7 @@ def test_second_dpo_variant_reuses_stored_reference_logps(prefect_harness, tiny_
                                       {"name": "beta2", "method": "dpo",
                                        "training": {"beta": 0.5, "learning_rate": 1e-3}}]})
     result = croco_pipeline(config=cfg)
-    m1 = storage.read_json(storage.join(result["stages"]["training"]["beta1"], "metrics.json"))
-    m2 = storage.read_json(storage.join(result["stages"]["training"]["beta2"], "metrics.json"))
+    m1 = storage.read_json(storage.join(result["outputs"].training_runs()["beta1"], "metrics.json"))
+    m2 = storage.read_json(storage.join(result["outputs"].training_runs()["beta2"], "metrics.json"))
     assert m1["ref_logps"] == "computed" and m1["ref_forward_batches"] > 0
     assert m2["ref_logps"] == "stored" and m2["ref_forward_batches"] == 0

@@ -72,14 +72,19 @@ def test_whole_pipeline_on_s3_with_blocks_and_result_storage(blocks, tiny_config
     with temporary_settings({PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: f"s3-bucket/{name}"}):
         result = croco_pipeline(config=cfg, run_id="on-s3")
 
-    stages = result["stages"]
-    for stage in ("prompts", "generations", "scores", "pairs", "training", "heldout",
-                  "judgments"):
-        for uri in stages[stage].values():
+    outputs = result["outputs"]
+    ev = outputs.evaluation
+    for stage, uris in (("prompts", outputs.prompts.values()),
+                        ("generations", outputs.generations.values()),
+                        ("scores", outputs.scores.values()), ("pairs", [outputs.pairs]),
+                        ("training", outputs.training_runs().values()),
+                        ("heldout", [ev.heldout]), ("judgments", ev.judgments.values())):
+        assert uris
+        for uri in uris:
             assert uri.startswith(f"s3://{bucket}/croco/"), (stage, uri)
-    adapter = storage.join(stages["training"]["dpo"], "adapter", "adapter_config.json")
+    adapter = storage.join(outputs.training_runs()["dpo"], "adapter", "adapter_config.json")
     assert storage.exists(adapter)
-    assert storage.read_parquet(stages["heldout"]["all"])["model"].unique().sort().to_list() \
+    assert storage.read_parquet(ev.heldout)["model"].unique().sort().to_list() \
         == ["base", "dpo"]
     report = storage.read_bytes(result["report"]).decode()
     assert "dpo" in report

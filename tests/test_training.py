@@ -11,8 +11,9 @@ import pytest
 
 from croco import storage
 from croco.config import PolicyConfig, TrainingConfig
-from croco.stages import run_train
 from croco.training.dpo import ref_logps_uri, train_dpo
+from croco.training.run import run_train
+from croco.training.spec import DPOSpec, OnlineDPOSpec, SFTSpec
 
 FAST = dict(learning_rate=5e-3, effective_batch_size=4, per_device_batch_size=4, max_length=64,
             heldout_fraction=0.0, warmup_ratio=0.0, lora_r=8, lora_alpha=16, lora_dropout=0.0)
@@ -89,8 +90,8 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_lm, tmp_path
     pairs_uri = write_pairs(tmp_path, separable_pairs())
     policy = PolicyConfig(model=tiny_lm)
     with pytest.raises(KeyboardInterrupt):
-        run_train(pairs_uri, variant_name="dpo", method="dpo", policy=policy, training=cfg,
-                  data_root=str(tmp_path), callbacks=[Interrupt()])
+        run_train(DPOSpec(pairs_uri=pairs_uri, variant_name="dpo", policy=policy, training=cfg,
+                          data_root=str(tmp_path)), callbacks=[Interrupt()])
     (key,) = storage.list_dir(str(tmp_path / "training"))
     work = tmp_path / "training" / key / "work"
     assert (work / "checkpoint-2").exists()
@@ -102,8 +103,8 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_lm, tmp_path
         def on_step_end(self, args, state, control, **kwargs):
             CountSteps.steps.append(state.global_step)
 
-    uri = run_train(pairs_uri, variant_name="dpo", method="dpo", policy=policy, training=cfg,
-                    data_root=str(tmp_path), callbacks=[CountSteps()])
+    uri = run_train(DPOSpec(pairs_uri=pairs_uri, variant_name="dpo", policy=policy, training=cfg,
+                            data_root=str(tmp_path)), callbacks=[CountSteps()])
     metrics = json.loads((Path(uri) / "metrics.json").read_text())
     assert metrics["resumed_from"] == "checkpoint-2"
     assert CountSteps.steps == [3, 4]  # only the steps after the checkpoint ran again
@@ -115,8 +116,9 @@ def test_sft_trains_on_the_chosen_completions(tiny_lm, tmp_path):
     pairs_uri = write_pairs(tmp_path, separable_pairs())
     cfg = TrainingConfig(num_train_epochs=3, sft_learning_rate=5e-3,
                          **{k: v for k, v in FAST.items() if k != "learning_rate"})
-    uri = run_train(pairs_uri, variant_name="sft", method="sft", policy=PolicyConfig(model=tiny_lm),
-                    training=cfg, data_root=str(tmp_path))
+    uri = run_train(SFTSpec(pairs_uri=pairs_uri, variant_name="sft",
+                            policy=PolicyConfig(model=tiny_lm), training=cfg,
+                            data_root=str(tmp_path)))
     m = json.loads((Path(uri) / "metrics.json").read_text())
     assert m["method"] == "sft" and m["rows_train"] == 8
     assert m["final_loss"] < m["first_loss"]
@@ -125,9 +127,10 @@ def test_sft_trains_on_the_chosen_completions(tiny_lm, tmp_path):
 
 def test_off_policy_training_is_recorded(tiny_lm, tmp_path):
     pairs_uri = write_pairs(tmp_path, separable_pairs())
-    uri = run_train(pairs_uri, variant_name="offp", method="dpo",
-                    policy=PolicyConfig(model=tiny_lm), training=TrainingConfig(max_steps=1, **FAST),
-                    data_root=str(tmp_path), generation_policy="another/model")
+    uri = run_train(DPOSpec(pairs_uri=pairs_uri, variant_name="offp",
+                            policy=PolicyConfig(model=tiny_lm),
+                            training=TrainingConfig(max_steps=1, **FAST),
+                            data_root=str(tmp_path), generation_policy="another/model"))
     m = json.loads((Path(uri) / "metrics.json").read_text())
     assert m["off_policy"] is True and m["generation_policy"] == "another/model"
 
@@ -136,9 +139,10 @@ def test_merge_exports_full_weights(tiny_lm, tmp_path):
     from transformers import AutoModelForCausalLM
 
     pairs_uri = write_pairs(tmp_path, separable_pairs())
-    uri = run_train(pairs_uri, variant_name="dpo", method="dpo", policy=PolicyConfig(model=tiny_lm),
-                    training=TrainingConfig(max_steps=1, merge=True, **FAST),
-                    data_root=str(tmp_path))
+    uri = run_train(DPOSpec(pairs_uri=pairs_uri, variant_name="dpo",
+                            policy=PolicyConfig(model=tiny_lm),
+                            training=TrainingConfig(max_steps=1, merge=True, **FAST),
+                            data_root=str(tmp_path)))
     merged = AutoModelForCausalLM.from_pretrained(Path(uri) / "merged")
     assert merged.config.num_hidden_layers == 2
 
@@ -180,10 +184,11 @@ def test_online_dpo_persists_the_pairs_it_generated(tiny_lm, tiny_rm, prompt_fil
     prompts_uris = {lang: run_prompts(pcfg, lang, str(tmp_path)) for lang in ["en", "de"]}
     reward = RewardConfig(scorers=[ClassifierScorer(name="rm", model=tiny_rm),
                                    LangIdScorer(weight=0.5)])
-    uri = run_train("unused", variant_name="online", method="online_dpo",
-                    policy=PolicyConfig(model=tiny_lm),
-                    training=TrainingConfig(max_steps=2, **FAST), data_root=str(tmp_path),
-                    reward=reward, prompts_uris=prompts_uris, prompts_cfg=pcfg, max_new_tokens=4)
+    uri = run_train(OnlineDPOSpec(variant_name="online", policy=PolicyConfig(model=tiny_lm),
+                                  training=TrainingConfig(max_steps=2, **FAST),
+                                  data_root=str(tmp_path), reward=reward,
+                                  prompts_uris=prompts_uris, prompts_split=pcfg.split,
+                                  prompts_limit=pcfg.limit, max_new_tokens=4))
     m = json.loads((Path(uri) / "metrics.json").read_text())
     assert m["method"] == "online_dpo" and m["steps"] == 2
     pairs = storage.read_parquet(storage.join(uri, "online_pairs"))
@@ -216,15 +221,15 @@ def test_checkpoints_on_object_storage_survive_a_lost_local_disk(tiny_lm, tmp_pa
     cfg = TrainingConfig(max_steps=3, save_steps=1, **FAST)
     policy = PolicyConfig(model=tiny_lm)
     with pytest.raises(KeyboardInterrupt):
-        run_train(pairs_uri, variant_name="dpo", method="dpo", policy=policy, training=cfg,
-                  data_root=root, callbacks=[Interrupt()])
+        run_train(DPOSpec(pairs_uri=pairs_uri, variant_name="dpo", policy=policy, training=cfg,
+                          data_root=root), callbacks=[Interrupt()])
     (key,) = storage.list_dir(storage.join(root, "training"))
     out = storage.join(root, "training", key)
     assert "checkpoint-2" in storage.list_dir(storage.join(out, "checkpoints"))
     shutil.rmtree(tmp_path / "cache" / "training")  # the local work folder is gone
 
-    uri = run_train(pairs_uri, variant_name="dpo", method="dpo", policy=policy, training=cfg,
-                    data_root=root)
+    uri = run_train(DPOSpec(pairs_uri=pairs_uri, variant_name="dpo", policy=policy, training=cfg,
+                            data_root=root))
     metrics = storage.read_json(storage.join(uri, "metrics.json"))
     assert metrics["resumed_from"] == "checkpoint-2"
     assert "adapter_config.json" in storage.list_dir(storage.join(uri, "adapter"))
@@ -235,19 +240,23 @@ def test_distributed_launch_spec_round_trips_and_builds_the_accelerate_command(t
                                                                               monkeypatch):
     from croco.training import launch
 
-    spec = launch.write_spec(tmp_path / "spec.json", pairs_uri="/d/pairs/k", variant_name="dpo",
-                             method="dpo", policy=PolicyConfig(model="m", adapter="/a"),
-                             training=TrainingConfig(beta=0.3), data_root="/d", lang="de")
+    written = DPOSpec(pairs_uri="/d/pairs/k", variant_name="dpo",
+                      policy=PolicyConfig(model="m", adapter="/a"),
+                      training=TrainingConfig(beta=0.3), data_root="/d", lang="de")
+    spec = launch.write_spec(tmp_path / "spec.json", written)
     seen = {}
-    monkeypatch.setattr(launch, "run_train",
-                        lambda pairs_uri, **kw: seen.update(kw, pairs_uri=pairs_uri) or "/d/t/x")
-    assert launch.main(["--spec", str(spec)]) == "/d/t/x"
-    assert seen["pairs_uri"] == "/d/pairs/k" and seen["lang"] == "de"
-    assert seen["policy"].adapter == "/a" and seen["training"].beta == 0.3
-    cmd = launch.accelerate_command(spec, 4)
+    monkeypatch.setattr(launch, "run_train", lambda s: seen.update(spec=s) or "/d/t/x")
+    result = tmp_path / "result.json"
+    assert launch.main(["--spec", str(spec), "--result", str(result)]) == "/d/t/x"
+    assert json.loads(result.read_text()) == {"uri": "/d/t/x"}
+    assert seen["spec"] == written and isinstance(seen["spec"], DPOSpec)
+    assert seen["spec"].lang == "de" and seen["spec"].policy.adapter == "/a"
+    assert seen["spec"].training.beta == 0.3
+    cmd = launch.accelerate_command(spec, 4, result=result)
     assert cmd[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "4"]
     assert "--multi_gpu" in cmd
-    assert cmd[-4:] == ["-m", "croco.training.launch", "--spec", str(spec)]
+    assert cmd[-6:] == ["-m", "croco.training.launch", "--spec", str(spec), "--result",
+                        str(result)]
     with_file = launch.accelerate_command(spec, 8, "infra/accelerate/multi-gpu.yaml")
     assert "--multi_gpu" not in with_file
     assert with_file[5:7] == ["--config_file", "infra/accelerate/multi-gpu.yaml"]
@@ -263,9 +272,9 @@ def test_two_process_data_parallel_dpo_matches_one_process_reference(tiny_lm, tm
     pairs = separable_pairs(12)
     cfg = TrainingConfig(max_steps=2, save_steps=1, **{**FAST, "per_device_batch_size": 2})
     uri = launch.run_train_distributed(
-        2, launcher="torchrun", pairs_uri=write_pairs(tmp_path, pairs), variant_name="dpo",
-        method="dpo", policy=PolicyConfig(model=tiny_lm), training=cfg,
-        data_root=str(tmp_path))
+        2, DPOSpec(pairs_uri=write_pairs(tmp_path, pairs), variant_name="dpo",
+                   policy=PolicyConfig(model=tiny_lm), training=cfg, data_root=str(tmp_path)),
+        launcher="torchrun")
     assert storage.is_complete(uri)
     metrics = storage.read_json(storage.join(uri, "metrics.json"))
     assert metrics["world_size"] == 2 and metrics["ref_logps"] == "computed"
@@ -290,8 +299,8 @@ def test_push_to_hub_creates_a_private_repo_and_uploads_the_adapter(tiny_lm, tmp
     root = str(tmp_path / "data")
     pairs_uri = write_pairs(tmp_path / "data", separable_pairs(4))
     cfg = TrainingConfig(max_steps=1, push_to_hub="team/croco-dpo", **FAST)
-    uri = run_train(pairs_uri, variant_name="dpo", method="dpo",
-                    policy=PolicyConfig(model=tiny_lm), training=cfg, data_root=root)
+    uri = run_train(DPOSpec(pairs_uri=pairs_uri, variant_name="dpo",
+                            policy=PolicyConfig(model=tiny_lm), training=cfg, data_root=root))
     metrics = storage.read_json(storage.join(uri, "metrics.json"))
     assert metrics["pushed_to"] == "team/croco-dpo"
     assert fake_hub["repos"]["team/croco-dpo"]["visibility"] == "private"
@@ -314,3 +323,88 @@ def test_runs_of_one_key_on_two_buckets_keep_separate_local_work_folders(tmp_pat
     assert a.parent.name.startswith("5f3a-") and a.parent.parent == tmp_path / "training"
     assert local_workdir(str(tmp_path / "root" / "training" / "5f3a")) == (
         tmp_path / "root" / "training" / "5f3a" / "work")
+
+
+def test_online_dpo_round_two_continues_round_one_adapter(tiny_lm, tiny_rm, prompt_file,
+                                                          tmp_path):
+    """Round 2 loads round 1's adapter and trains it on (with a learning rate too small to
+    move it, it ends where round 1 ended; a fresh LoRA would start with zero `lora_B`)."""
+    from safetensors.torch import load_file
+
+    from croco.config import ClassifierScorer, PromptsConfig, RewardConfig
+    from croco.stages import run_prompts
+    from croco.training.run import adapter_path
+
+    pcfg = PromptsConfig(path=str(prompt_file), limit=2)
+    first = OnlineDPOSpec(
+        variant_name="online", policy=PolicyConfig(model=tiny_lm),
+        training=TrainingConfig(max_steps=2, **FAST), data_root=str(tmp_path),
+        reward=RewardConfig(scorers=[ClassifierScorer(name="rm", model=tiny_rm)]),
+        prompts_uris={"en": run_prompts(pcfg, "en", str(tmp_path))}, prompts_limit=2,
+        max_new_tokens=4)
+    uri1 = run_train(first)
+    second = first.model_copy(update={
+        "policy": PolicyConfig(model=tiny_lm, adapter=adapter_path(uri1)),
+        "training": TrainingConfig(max_steps=1, **{**FAST, "learning_rate": 1e-12})})
+    uri2 = run_train(second)
+    assert second.key() != first.key() and uri2 != uri1
+    m = storage.read_json(storage.join(uri2, "metrics.json"))
+    assert m["init_adapter"] == adapter_path(uri1)
+    recorded = storage.read_json(storage.join(uri2, "training_config.json"))
+    assert recorded["policy"]["adapter"] == adapter_path(uri1)
+    w1 = load_file(str(Path(uri1) / "adapter" / "adapter_model.safetensors"))
+    w2 = load_file(str(Path(uri2) / "adapter" / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    lora_b = [k for k in w1 if "lora_B" in k]
+    assert lora_b and max(w1[k].abs().max().item() for k in lora_b) > 1e-4  # round 1 trained
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-6, k
+
+
+def _dpo_spec(**changes) -> DPOSpec:
+    spec = DPOSpec(pairs_uri="/d/pairs/k1", variant_name="dpo",
+                   policy=PolicyConfig(model="m"), training=TrainingConfig(), data_root="/d")
+    return spec.model_copy(update=changes)
+
+
+def test_training_key_hashes_what_decides_the_adapter():
+    from croco.config import stable_hash
+    from croco.identity import identity
+
+    spec = _dpo_spec()
+    # The content of the key since before specs existed, by the identity rules
+    # (croco.identity: no execution-only settings, path inputs by content).
+    assert spec.key() == stable_hash({
+        "stage": "training", "v": 1, "pairs": "k1", "method": "dpo",
+        "policy": identity(PolicyConfig(model="m")), "lang": None,
+        "training": identity(TrainingConfig()), "off_policy": False})
+    assert spec.uri() == f"/d/training/{spec.key()}"
+    same = [_dpo_spec(variant_name="other", data_root="/elsewhere"),
+            _dpo_spec(generation_policy="m"),  # its own samples: on-policy
+            _dpo_spec(training=TrainingConfig(save_steps=7, logging_steps=3, device="cpu",
+                                              per_device_batch_size=2,
+                                              gradient_checkpointing="on"))]
+    for s in same:
+        assert s.key() == spec.key(), s
+    different = [_dpo_spec(pairs_uri="/d/pairs/k2"), _dpo_spec(lang="de"),
+                 _dpo_spec(generation_policy="other/model"),
+                 _dpo_spec(policy=PolicyConfig(model="m", adapter="/a")),
+                 _dpo_spec(training=TrainingConfig(effective_batch_size=32)),
+                 _dpo_spec(training=TrainingConfig(beta=0.3)),
+                 SFTSpec(**_dpo_spec().model_dump(exclude={"method"}))]
+    assert len({s.key() for s in different} | {spec.key()}) == len(different) + 1
+
+
+def test_a_spec_validates_back_from_its_json_as_its_method():
+    from croco.config import RewardConfig
+    from croco.training.spec import TrainSpecAdapter
+
+    online = OnlineDPOSpec(variant_name="o", policy=PolicyConfig(model="m"),
+                           training=TrainingConfig(), data_root="/d", reward=RewardConfig(),
+                           prompts_uris={"en": "/d/prompts/p/lang=en"})
+    for spec in (_dpo_spec(lang="de"), SFTSpec(**_dpo_spec().model_dump(exclude={"method"})),
+                 online):
+        back = TrainSpecAdapter.validate_json(spec.model_dump_json())
+        assert type(back) is type(spec) and back == spec and back.key() == spec.key()
+    with pytest.raises(ValueError, match="pairs_uri"):
+        TrainSpecAdapter.validate_python({**online.model_dump(), "method": "dpo"})

@@ -16,6 +16,7 @@ import json
 import polars as pl
 
 from croco import storage
+from croco.manifest import read_outputs
 
 
 def _png(fig) -> bytes:
@@ -50,35 +51,37 @@ def load_run(data_root: str, run_id: str) -> dict:
 
 def collect(manifest: dict) -> dict:
     """The tables a report shows, read from the stage outputs the manifest lists."""
-    st = manifest["stages"]
+    outputs = read_outputs(manifest)
     out: dict = {}
-    if "pairs" in st and "all" in st["pairs"]:
-        pairs_uri = st["pairs"]["all"]["uri"]
-        out["pair_stats"] = storage.read_parquet(storage.join(pairs_uri, "stats.parquet"))
-        dpo = storage.read_parquet(storage.join(pairs_uri, "dpo"))
+    if outputs.pairs is not None:
+        out["pair_stats"] = storage.read_parquet(storage.join(outputs.pairs.uri, "stats.parquet"))
+        dpo = storage.read_parquet(storage.join(outputs.pairs.uri, "dpo"))
         out["gaps"] = (dpo["chosen_score"] - dpo["rejected_score"]).to_list()
-    out["training"] = {name: storage.read_json(storage.join(e["uri"], "metrics.json"))
-                       for name, e in st.get("training", {}).items()}
-    if "heldout" in st:
-        out["heldout"] = storage.read_parquet(st["heldout"]["all"]["uri"])
+    out["training"] = {name: storage.read_json(storage.join(e.uri, "metrics.json"))
+                       for name, e in outputs.training_runs().items()}
+    ev = outputs.evaluation
+    out["judge_bias"] = {}
+    if ev is None:
+        return out
+    if ev.heldout is not None:
+        out["heldout"] = storage.read_parquet(ev.heldout.uri)
     out["heldout_rewards"] = {
-        name.split(":", 1)[1]: pl.concat([storage.read_parquet(e["uri"]) for e in parts.values()])
-        for name, parts in st.items() if name.startswith("eval-scores:")}
-    if "reward_check" in st:
+        model: pl.concat([storage.read_parquet(e.uri) for e in by_lang.values()])
+        for model, by_lang in ev.scores.items()}
+    if ev.reward_check is not None:
         out["reward_check"] = storage.read_parquet(
-            storage.join(st["reward_check"]["all"]["uri"], "accuracy.parquet"))
+            storage.join(ev.reward_check.uri, "accuracy.parquet"))
     structured = []
-    for name, e in st.get("structured", {}).items():
-        r = storage.read_parquet(storage.join(e["uri"], "results.parquet"))
+    for name, e in ev.structured.items():
+        r = storage.read_parquet(storage.join(e.uri, "results.parquet"))
         structured.append(r.with_columns(pl.lit(name).alias("model")))
     if structured:
         out["structured"] = pl.concat(structured, how="diagonal_relaxed")
     rates = []
-    out["judge_bias"] = {}
-    for name, e in st.get("judgments", {}).items():
-        r = storage.read_parquet(storage.join(e["uri"], "win_rates.parquet"))
+    for name, e in ev.judgments.items():
+        r = storage.read_parquet(storage.join(e.uri, "win_rates.parquet"))
         rates.append(r.with_columns(pl.lit(name).alias("variant")))
-        info = storage.read_json(storage.join(e["uri"], storage.SUCCESS))
+        info = storage.read_json(storage.join(e.uri, storage.SUCCESS))
         out["judge_bias"][name] = (info.get("first_position_share"), info.get("invalid"))
     if rates:
         out["win_rates"] = pl.concat(rates)

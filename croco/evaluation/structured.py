@@ -186,20 +186,6 @@ def euroeval_rows(results, langs: list[str]) -> pl.DataFrame:
     return df.sort("lang", "task")
 
 
-def merge_adapter(model: str, adapter: str, folder: Path, *, device: str = "cpu",
-                  dtype: str = "float32") -> str:
-    """Save the policy with its adapter merged in (and its tokenizer) to `folder`: the
-    weights croco's own generation runs, from `croco.models.load_model`."""
-    from croco.models import clear_model_cache, load_model
-
-    merged, tok = load_model(model, adapter=adapter, device=device, dtype=dtype)
-    merged.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    del merged
-    clear_model_cache()  # frees the weights before EuroEval loads its own copy
-    return str(folder)
-
-
 def evaluate_euroeval(model_path: str, *, adapter: str | None, langs: list[str],
                       datasets: list[str] | None = None, tasks: list[str] | None = None,
                       few_shot: bool = True, iterations: int | None = None,
@@ -221,7 +207,7 @@ def evaluate_euroeval(model_path: str, *, adapter: str | None, langs: list[str],
     from euroeval.enums import Device
     from euroeval.languages import get_all_languages
 
-    from croco.models import cache_dir
+    from croco.models import cache_dir, merge_adapter
 
     if datasets and tasks:
         raise ValueError("set euroeval_datasets or euroeval_tasks, not both: EuroEval "

@@ -18,8 +18,8 @@ from croco.config import TrainingConfig
 from croco.pairing import DPO_SCHEMA
 from croco.training.common import (
     batch_args,
+    load_policy_for_training,
     local_workdir,
-    lora_config,
     precision_args,
     save_adapter,
     schedule_args,
@@ -71,25 +71,26 @@ class CrocoReward:
         return total.tolist()
 
 
-def train_online_dpo(prompts: pl.DataFrame, *, policy: str, scorer_cfgs: list,
-                     cfg: TrainingConfig, out_uri: str, max_new_tokens: int = 64,
-                     temperature: float = 0.9) -> dict:
-    """Online DPO on the prompts table; writes `adapter/` and `online_pairs/data.parquet`."""
-    import torch
+def train_online_dpo(prompts: pl.DataFrame, *, policy: str, adapter: str | None = None,
+                     scorer_cfgs: list, cfg: TrainingConfig, out_uri: str,
+                     max_new_tokens: int = 64, temperature: float = 0.9) -> dict:
+    """Online DPO on the prompts table; writes `adapter/` and `online_pairs/data.parquet`.
+
+    `adapter`, when given, is continued (round r of an iterative variant goes on from
+    round r-1's adapter) and, as in offline DPO, TRL keeps a frozen copy of it as the
+    reference; otherwise a new LoRA is trained against the base."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from croco.models import load_tokenizer, pick_device, resolve_model
+    from croco.models import pick_device
 
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
     prec = precision_args(cfg, device)
     workdir = local_workdir(out_uri)
     workdir.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(policy, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(policy), dtype=torch.bfloat16 if prec["bf16"] else torch.float32)
+    model, tok, peft_config = load_policy_for_training(policy, adapter, cfg, prec,
+                                                       padding_side="left")
     ds = Dataset.from_dict({
         "prompt": [[{"role": "user", "content": p}] for p in prompts["prompt"].to_list()],
         "prompt_id": prompts["prompt_id"].to_list(), "lang": prompts["lang"].to_list(),
@@ -99,7 +100,7 @@ def train_online_dpo(prompts: pl.DataFrame, *, policy: str, scorer_cfgs: list,
                            temperature=temperature, max_length=cfg.max_length,
                            **batch_args(cfg), **schedule_args(cfg, cfg.learning_rate), **prec)
     trainer = OnlineDPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
-                               processing_class=tok, peft_config=lora_config(cfg))
+                               processing_class=tok, peft_config=peft_config)
     trainer.train()
     save_adapter(trainer, tok, workdir, out_uri)
     pairs = pl.DataFrame(reward.pairs, schema=DPO_SCHEMA)

@@ -193,12 +193,28 @@ def read_manifest(data_root: str, run_id: str) -> dict:
     return storage.read_json(storage.join(data_root, "runs", run_id, "manifest.json"))
 
 
+def stage_outputs(manifest: dict, stage: str) -> dict:
+    """A run's outputs of one stage, by label, from its manifest: `generations` and
+    `scores` by language, `pairs` (the run's as `all`, each variant round's as
+    `<variant>:<round>`), `training` by variant (`RunOutputs.training_runs`)."""
+    from croco.manifest import read_outputs
+
+    outputs = read_outputs(manifest)
+    if stage == "training":
+        return outputs.training_runs()
+    if stage == "pairs":
+        return {"all": outputs.pairs, **{
+            f"{name}:{r}": rnd.pairs for name, variant in outputs.variants.items()
+            for r, rnd in enumerate(variant.rounds, 1) if rnd.pairs is not None}}
+    return getattr(outputs, stage)
+
+
 def stage_table(manifest: dict, stage: str) -> pl.DataFrame:
     """All rows a run's stage wrote (every language), columns sorted: `scores`, `pairs`
     (the DPO pairs), `generations`..., read from the URIs in the run's manifest."""
     from croco import storage
 
-    uris = sorted({entry["uri"] for entry in manifest["stages"][stage].values()})
+    uris = sorted({entry.uri for entry in stage_outputs(manifest, stage).values()})
     frames = [storage.read_parquet(storage.join(u, "dpo") if stage == "pairs" else u)
               for u in uris]
     df = pl.concat(frames, how="diagonal_relaxed")
@@ -208,7 +224,7 @@ def stage_table(manifest: dict, stage: str) -> pl.DataFrame:
 def adapter_bytes(manifest: dict, variant: str = "dpo") -> bytes:
     from croco import storage
 
-    uri = manifest["stages"]["training"][variant]["uri"]
+    uri = stage_outputs(manifest, "training")[variant].uri
     return storage.read_bytes(storage.join(uri, "adapter", "adapter_model.safetensors"))
 
 
@@ -220,8 +236,8 @@ def assert_same_outputs(ours: dict, reference: dict) -> None:
     """Two runs' manifests name the same stage keys, and their scores, pairs and adapter
     weights are equal (rows compared in (prompt_id, lang, sample_idx) order)."""
     for stage in ("generations", "scores", "pairs", "training"):
-        keys = {k: v["key"] for k, v in ours["stages"][stage].items()}
-        assert keys == {k: v["key"] for k, v in reference["stages"][stage].items()}, stage
+        keys = {k: v.key for k, v in stage_outputs(ours, stage).items()}
+        assert keys == {k: v.key for k, v in stage_outputs(reference, stage).items()}, stage
     scores = stage_table(ours, "scores")
     assert not scores.select(SAMPLE_KEY).is_duplicated().any()
     assert scores.sort(SAMPLE_KEY).equals(stage_table(reference, "scores").sort(SAMPLE_KEY))

@@ -34,7 +34,7 @@ def test_two_identical_runs_at_once_agree_with_one_run(tmp_path, tiny_yaml, refe
 
     for run_id in ("user1", "user2"):
         manifest = read_manifest(str(data), run_id)
-        assert manifest["stages"]["scores"]["de"]["rows"] == 3 * 4  # 3 prompts x k 4
+        assert manifest["outputs"]["scores"]["de"]["rows"] == 3 * 4  # 3 prompts x k 4
         assert_same_outputs(manifest, reference_run)
     # Exactly one output per stage key: both runs wrote the same folders.
     assert len(list((data / "scores").iterdir())) == 1

@@ -154,15 +154,15 @@ def test_four_scale_out_runs_at_once_on_postgres(pg_stack, postgres, tiny_yaml, 
     for i in range(RUNS):
         manifest = storage.read_json(str(data / "runs" / f"load{i}" / "manifest.json"))
         for stage in ("generations", "scores"):
-            assert set(manifest["stages"][stage]) == set(LANGS)
-            for lang, entry in manifest["stages"][stage].items():
+            assert set(manifest["outputs"][stage]) == set(LANGS)
+            for lang, entry in manifest["outputs"][stage].items():
                 assert storage.is_complete(entry["uri"]), entry["uri"]
                 rows = storage.read_parquet(entry["uri"])
                 assert rows.height == 3 * 4 == stages.completion_info(entry["uri"])["rows"]
                 assert not rows.select(SAMPLE_KEY).is_duplicated().any(), entry["uri"]
                 assert rows["lang"].unique().to_list() == [lang]
-        gen_keys.add(manifest["stages"]["generations"]["en"]["key"])
-        pairs = manifest["stages"]["pairs"]["all"]["uri"]
+        gen_keys.add(manifest["outputs"]["generations"]["en"]["key"])
+        pairs = manifest["outputs"]["pairs"]["uri"]
         assert storage.is_complete(pairs)
         stats = storage.read_parquet(storage.join(pairs, "stats.parquet"))
         assert (stats["pairs"] + stats["skipped"]).to_list() == [3] * len(LANGS)

@@ -1,0 +1,127 @@
+"""The training stage: one spec in (`croco.training.spec`), one training output out.
+
+`run_train(spec)` writes `<data_root>/training/<key>/{adapter/, metrics.json,
+training_config.json}` (plus `merged/` and a hub upload when asked), marked complete with
+`_SUCCESS`; an output already complete is returned at once. This module sits below
+`croco.stages` and the flows: it reads the stage outputs it trains on by URI and needs
+nothing of the other stages.
+"""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+
+from croco import storage
+from croco.training.spec import DPOSpec, OnlineDPOSpec, SFTSpec, TrainSpec
+
+
+def run_train(spec: TrainSpec, *, callbacks: list | None = None) -> str:
+    """Train the run `spec` describes and return its output URI.
+
+    `spec.policy.adapter`, when set, is continued (iterative rounds, for every method);
+    `spec.lang` restricts the training data to one language (per-language models). In a
+    distributed run every process trains and only the main one writes the outputs."""
+    from croco.training.common import is_main_process
+
+    t0 = time.perf_counter()
+    out = spec.uri()
+    if storage.is_complete(out):
+        return out
+    metrics = _train(spec, out, callbacks)
+    generation_policy = (spec.generation_policy if isinstance(spec, (DPOSpec, SFTSpec))
+                         else None) or spec.policy.model
+    metrics.update({"variant": spec.variant_name, "lang": spec.lang,
+                    "pairs_uri": (storage.join(out, "online_pairs")
+                                  if isinstance(spec, OnlineDPOSpec) else spec.pairs_uri),
+                    "policy": spec.policy.model, "init_adapter": spec.policy.adapter,
+                    "generation_policy": generation_policy, "off_policy": spec.off_policy})
+    if not is_main_process():
+        return out  # a distributed run's other processes: the main one writes the outputs
+    if spec.training.merge:
+        metrics["merged"] = export_merged(out, spec.policy.model)
+    if spec.training.push_to_hub:
+        metrics["pushed_to"] = push_adapter(out, spec.training.push_to_hub)
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    # The spec itself, so the run can be told apart and redone (TrainSpecAdapter reads it).
+    storage.write_json(storage.join(out, "training_config.json"), spec.model_dump(mode="json"))
+    storage.mark_complete(out, {"rows": metrics.get("pairs_train", metrics.get(
+        "rows_train", metrics.get("pairs_generated"))), "method": spec.method,
+                                "off_policy": spec.off_policy,
+                                "generation_policy": generation_policy,
+                                "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+def _train(spec: TrainSpec, out: str, callbacks: list | None) -> dict:
+    """Run the method's trainer into `out`; its metrics."""
+    policy, training = spec.policy, spec.training
+    if isinstance(spec, DPOSpec):
+        from croco.training.dpo import ref_logps_uri, train_dpo
+
+        data = storage.read_parquet(storage.join(spec.pairs_uri, "dpo"))
+        if spec.lang:
+            data = data.filter(pl.col("prompt_lang") == spec.lang)
+        ref_uri = ref_logps_uri(spec.pairs_uri, policy.model, policy.adapter, training.max_length)
+        return train_dpo(data, policy=policy.model, adapter=policy.adapter, cfg=training,
+                         out_uri=out, ref_uri=ref_uri, callbacks=callbacks)
+    if isinstance(spec, SFTSpec):
+        from croco.training.sft import train_sft
+
+        data = storage.read_parquet(storage.join(spec.pairs_uri, "sft"))
+        if spec.lang:
+            data = data.filter(pl.col("lang") == spec.lang)
+        return train_sft(data, policy=policy.model, adapter=policy.adapter, cfg=training,
+                         out_uri=out, callbacks=callbacks)
+    from croco.prompts import select_for_generation
+    from croco.training.online import train_online_dpo
+
+    prompts = pl.concat([storage.read_parquet(storage.join(u, "data.parquet"))
+                         for lang, u in sorted(spec.prompts_uris.items())
+                         if spec.lang is None or lang == spec.lang])
+    prompts = select_for_generation(prompts, split=spec.prompts_split, limit=spec.prompts_limit)
+    return train_online_dpo(prompts, policy=policy.model, adapter=policy.adapter,
+                            scorer_cfgs=spec.reward.scorers, cfg=training, out_uri=out,
+                            max_new_tokens=spec.max_new_tokens)
+
+
+def adapter_path(training_uri: str) -> str:
+    """A local path to a trained adapter (downloaded from remote storage once)."""
+    uri = storage.join(training_uri, "adapter")
+    fs, path = storage.filesystem(uri)
+    if "file" in fs.protocol:
+        return path
+    from croco.models import cache_dir
+
+    local = cache_dir() / "adapters" / storage.key_of(training_uri)
+    if not (local / "adapter_config.json").exists():
+        fs.get(path, str(local), recursive=True)
+    return str(local)
+
+
+def export_merged(training_uri: str, policy: str) -> str:
+    """Merge the adapter into the base weights (`croco.models.merge_adapter`, on the CPU, in
+    the checkpoint's dtype) and store them under `merged/`."""
+    import tempfile
+    from pathlib import Path
+
+    from croco.models import merge_adapter
+    from croco.training.common import publish
+
+    with tempfile.TemporaryDirectory() as tmp:
+        merge_adapter(policy, adapter_path(training_uri), tmp)
+        return publish(Path(tmp), training_uri, "merged")
+
+
+def push_adapter(training_uri: str, repo_id: str) -> str:
+    """Push the adapter to the Hugging Face hub (needs network and HF_TOKEN; HF_ENDPOINT
+    for another hub). A repository that does not exist yet is created private."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=True, exist_ok=True)
+    api.upload_folder(folder_path=adapter_path(training_uri), repo_id=repo_id,
+                      repo_type="model",
+                      commit_message=f"croco adapter, training run {storage.key_of(training_uri)}")
+    return repo_id
