@@ -247,7 +247,9 @@ class VariantConfig(_Strict):
     from that model's samples, training still starts from `policy`. `rounds` > 1 makes it
     iterative on-policy: round r samples from adapter r-1, scores, pairs and trains adapter r
     (online_dpo, which samples as it trains, only continues adapter r-1 in round r).
-    `per_language` trains one model per language (in_lang pairs only). `training` overrides
+    `per_language` trains one model per language (in_lang pairs only); with `rounds` > 1
+    each language's model goes through its own rounds (round r samples that language from
+    its adapter r-1). `training` overrides
     any training key for this variant (e.g. beta, learning_rate).
     """
 
@@ -258,17 +260,6 @@ class VariantConfig(_Strict):
     rounds: int = Field(1, ge=1)
     per_language: bool = False
     training: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_of_per_language_or_rounds(self) -> VariantConfig:
-        # The round loop returns after the per-language models of round 1: later rounds
-        # would be silently skipped.
-        if self.per_language and self.rounds > 1:
-            raise _KeyPathError(
-                f"experiments[{self.name}]: per_language: true and rounds: {self.rounds} cannot "
-                "be combined (per-language models are trained in one round only); use one or "
-                "the other: rounds: 1, or per_language: false")
-        return self
 
 
 class JudgeEvalConfig(_Strict):

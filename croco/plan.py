@@ -127,10 +127,12 @@ def run_identities(cfg: CrocoConfig) -> dict[str, set[str]]:
     prompts = {lang: uri("prompts", pkey, lang) for lang in langs}
     ids["prompts"] = {f"{pkey}/{lang}" for lang in langs}
 
-    def generate_and_score(policy: PolicyConfig) -> dict[str, str]:
+    def generate_and_score(policy) -> dict[str, str]:
+        """`policy`: one for every language, or lang -> policy (as the flow takes it)."""
         scores = {}
         for lang in langs:
-            g = st.generation_key(prompts[lang], policy, cfg.generation, cfg.prompts)
+            p = policy[lang] if isinstance(policy, dict) else policy
+            g = st.generation_key(prompts[lang], p, cfg.generation, cfg.prompts)
             ids["generations"].add(f"{g}/{lang}")
             s = st.score_key(uri("generations", g, lang), cfg.reward)
             ids["scores"].add(f"{s}/{lang}")
@@ -151,33 +153,34 @@ def run_identities(cfg: CrocoConfig) -> dict[str, set[str]]:
 
 
 def _variant(cfg, variant: VariantConfig, scores, prompts, generate_and_score, ids, uri):
-    """The identities `croco.flows.stages._train_variant` produces for one variant."""
+    """The identities `flows.stages._train_variant` produces for one variant."""
     from croco import stages as st
     from croco.training.spec import variant_spec
 
     pairing = cfg.variant_pairing(variant)
     online = variant.method == "online_dpo"
+    langs = cfg.languages if variant.per_language else [None]
     if variant.generation_policy:
         scores = generate_and_score(PolicyConfig(model=variant.generation_policy,
                                                  device=cfg.policy.device))
-    policy, last = cfg.policy, None
+    policies = {lang: cfg.policy for lang in langs}
+    runs: dict = {}
     for rnd in range(1, variant.rounds + 1):
         if rnd > 1:
-            policy = cfg.policy.model_copy(update={"adapter": storage.join(last, "adapter")})
+            policies = {lang: cfg.policy.model_copy(update={
+                "adapter": storage.join(u, "adapter")}) for lang, u in runs.items()}
         pairs = None
         if not online:
             if rnd > 1:
-                scores = generate_and_score(policy)
+                scores = generate_and_score(policies if variant.per_language
+                                            else policies[None])
             pairs = uri("pairs", st.pairs_key(scores, prompts, pairing))
             ids["pairs"].add(st.key_of(pairs))
-        langs = cfg.languages if variant.per_language else [None]
-        keys = [variant_spec(cfg, variant, policy=policy, pairs_uri=pairs, prompts_uris=prompts,
-                             lang=lang).key() for lang in langs]
-        ids["training"].update(keys)
-        if variant.per_language:
-            return None
-        last = uri("training", keys[0])
-    return last
+        runs = {lang: uri("training", variant_spec(
+            cfg, variant, policy=policies[lang], pairs_uri=pairs, prompts_uris=prompts,
+            lang=lang).key()) for lang in langs}
+        ids["training"].update(st.key_of(u) for u in runs.values())
+    return None if variant.per_language else runs[None]
 
 
 def _evaluation(cfg: CrocoConfig, prompts, finals, ids, uri) -> None:

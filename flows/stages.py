@@ -162,13 +162,18 @@ class Stages:
             resolve(group_task, groups, complete=_parts_written)
         return resolve(seal_task, calls)
 
-    def generate_and_score(self, prompt_uris: list[str], policy: PolicyConfig,
+    def generate_and_score(self, prompt_uris: list[str],
+                           policy: PolicyConfig | dict[str, PolicyConfig],
                            gen: GenerationConfig | None = None,
                            prompts_cfg: PromptsConfig | None = None,
                            score: bool = True) -> tuple[dict, dict]:
+        """Sample and score every language; `policy` is one model for all of them, or
+        lang -> model (the rounds of per-language models)."""
         config, root = self.config, self.root
         langs = config.languages
-        calls = [dict(prompts_uri=p, lang=lang, policy=policy, gen=gen or config.generation,
+        policies = policy if isinstance(policy, dict) else {lang: policy for lang in langs}
+        calls = [dict(prompts_uri=p, lang=lang, policy=policies[lang],
+                      gen=gen or config.generation,
                       prompts_cfg=prompts_cfg or config.prompts, data_root=root,
                       code_version=STAGE_VERSIONS["generations"])
                  for lang, p in zip(langs, prompt_uris)]
@@ -285,38 +290,43 @@ def _train_variant(stages: Stages, variant: VariantConfig, prompt_uris: list,
     """The variant's training runs, round by round: round r starts from adapter r-1. DPO and
     SFT train on pairs from the round's scores (round r > 1 samples, scores and pairs anew
     from adapter r-1); online DPO samples its own pairs while it trains, so it reads the
-    training prompts in every round and nothing is generated, scored or paired for it."""
+    training prompts in every round and nothing is generated, scored or paired for it.
+    Per-language models go through the rounds side by side: language L's round r samples
+    from (and continues) L's adapter r-1."""
     config = stages.config
     pairing = config.variant_pairing(variant)
     prompts_by_lang = dict(zip(config.languages, prompt_uris))
     online = variant.method == "online_dpo"
+    langs = config.languages if variant.per_language else [None]
     out = VariantOutputs[str]()
     if variant.generation_policy:
         gen_policy = PolicyConfig(model=variant.generation_policy, device=config.policy.device)
         _, scores = stages.generate_and_score(prompt_uris, gen_policy)
         out.scores = scores
-    policy = config.policy
+    policies = {lang: config.policy for lang in langs}  # each model's starting point
     for rnd in range(1, variant.rounds + 1):
         if rnd > 1:
-            policy = config.policy.model_copy(update={
-                "adapter": adapter_path(out.rounds[-1].training)})
+            last = out.rounds[-1]
+            runs = last.training_by_lang if variant.per_language else {None: last.training}
+            policies = {lang: config.policy.model_copy(update={"adapter": adapter_path(u)})
+                        for lang, u in runs.items()}
         this = RoundOutputs[str]()
         out.rounds.append(this)
         if not online:
             if rnd > 1:
                 # Round r samples from the policy with adapter r-1: new on-policy data.
-                _, scores = stages.generate_and_score(prompt_uris, policy)
+                _, scores = stages.generate_and_score(
+                    prompt_uris, policies if variant.per_language else policies[None])
                 this.scores = scores
             this.pairs = stages.pair(scores, prompts_by_lang, pairing)
-        langs = config.languages if variant.per_language else [None]
         uris = resolve(train_task, [dict(
-            spec=variant_spec(config, variant, policy=policy, pairs_uri=this.pairs,
+            spec=variant_spec(config, variant, policy=policies[lang], pairs_uri=this.pairs,
                               prompts_uris=prompts_by_lang, lang=lang),
             code_version=STAGE_VERSIONS["training"]) for lang in langs])
         if variant.per_language:
             this.training_by_lang = dict(zip(langs, uris))
-            break  # the config rejects per_language with rounds > 1
-        (this.training,) = uris
+        else:
+            (this.training,) = uris
     return out
 
 

@@ -444,6 +444,40 @@ def test_online_dpo_rounds_continue_the_adapter_without_sampling_between_rounds(
     assert m1["method"] == m2["method"] == "online_dpo"
 
 
+def test_per_language_models_go_through_their_own_rounds(prefect_harness, tiny_config,
+                                                          calls):
+    """per_language with rounds 2: round 2 samples each language from that language's
+    round-1 adapter (one new generate and score per language), pairs the new scores once,
+    and trains each language's model on from its own adapter."""
+    from croco.flows.pipeline import croco_pipeline
+    from croco.training.run import adapter_path
+
+    cfg = tiny_config(**{"training.enabled": True, "evaluation.enabled": False,
+                         "languages": ["en", "de"],
+                         "experiments": [{"name": "pl", "method": "dpo", "per_language": True,
+                                          "rounds": 2}]})
+    result = croco_pipeline(config=cfg)
+    rounds = result["outputs"].variants["pl"].rounds
+    assert len(rounds) == 2
+    first, second = rounds[0].training_by_lang, rounds[1].training_by_lang
+    assert set(first) == set(second) == {"en", "de"}
+    assert by_stage(calls) == {"run_prompts": 2, "run_generate": 4, "run_score": 4,
+                               "run_pairs": 2}
+    for lang in ("en", "de"):
+        m = storage.read_json(storage.join(second[lang], "metrics.json"))
+        assert m["init_adapter"] == adapter_path(first[lang]), lang
+        assert m["lang"] == lang
+        samples = storage.read_parquet(rounds[1].scores[lang])
+        assert set(samples["policy"]) == {f"{cfg.policy.model}+{adapter_path(first[lang])}"}
+    assert first["en"] != first["de"] and second["en"] != second["de"]
+    assert result["outputs"].variants["pl"].final is None  # not evaluated against the base
+    # croco.plan names exactly these training runs without running anything.
+    from croco import plan
+
+    assert plan.run_identities(cfg)["training"] == {
+        Path(u).name for r in rounds for u in r.training_by_lang.values()}
+
+
 def test_second_dpo_variant_reuses_stored_reference_logps(prefect_harness, tiny_config):
     from croco.flows.pipeline import croco_pipeline
 

@@ -120,10 +120,6 @@ CASES = [
     ("config-k1-with-dpo", lambda w, s3: ["run", w.config(**{"generation.k": 1})],
      ["experiments[dpo]: method dpo needs pairs", "generation.k is 1",
       "set generation.k to 2 or more"]),
-    ("config-per-language-with-rounds", lambda w, s3: ["run", w.config(experiments=[
-        {"name": "pl", "per_language": True, "rounds": 2}])],
-     ["experiments[pl]: per_language: true and rounds: 2 cannot be combined",
-      "use one or the other"]),
     ("config-online-dpo-off-policy", lambda w, s3: ["run", w.config(experiments=[
         {"name": "o", "method": "online_dpo", "generation_policy": "org/other"}])],
      ["experiments[o]: online_dpo samples its own pairs", "remove generation_policy"]),
