@@ -267,9 +267,9 @@ def walk_config() -> CrocoConfig:
     from croco.config import load_config
 
     return load_config(None, [
-        "reward.scorers=[{type: judge, name: judge, model: embedded:smollm2-135m-instruct},"
-        " {type: langid, name: lang, weight: 2.0},"
-        " {type: classifier, name: rm, model: some-org/some-reward-model}]",
+        ("reward.scorers=[{type: judge, name: judge, model: embedded:smollm2-135m-instruct},"
+         " {type: langid, name: lang, weight: 2.0},"
+         " {type: classifier, name: rm, model: some-org/some-reward-model}]"),
         "prompts.translate={source_lang: en}",
         "experiments=[{name: dpo, method: dpo, pairing: {seed: 1}, training: {beta: 0.2}}]",
     ])

@@ -18,7 +18,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from croco import storage
-from croco.identity import LABEL, STAGE_VERSIONS, identity
 from croco.config import (
     CrocoConfig,
     PolicyConfig,
@@ -27,6 +26,7 @@ from croco.config import (
     VariantConfig,
     stable_hash,
 )
+from croco.identity import LABEL, STAGE_VERSIONS, identity
 
 #: The training settings that change how a run executes, not what it computes, are marked
 #: execution only in `croco.config.TrainingConfig` and so stay out of its key (the one rule
