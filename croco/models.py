@@ -22,6 +22,7 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,8 +66,10 @@ def resolve_model(name: str, *, field: str = "model") -> str:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s from GGUF to safetensors in %s (once)", name, target)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+        with _gguf_parsed_once():
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file,
+                                                         dtype=torch.float32)
         # The dequantized weights are plain float32: drop the GGUF marker so they save.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -79,6 +82,32 @@ def resolve_model(name: str, *, field: str = "model") -> str:
             shutil.rmtree(target)
         os.replace(tmp, target)
     return str(target)
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """transformers reads a GGUF file's metadata (with its whole vocabulary, field by field)
+    anew for the tokenizer's config, the tokenizer, the model's config and the weights, and
+    builds gguf's tensor-name map once per submodule: most of a conversion's time. Within
+    this block each file is parsed once and each name map built once."""
+    import functools
+
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_cls(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -153,7 +153,7 @@ def run_identities(cfg: CrocoConfig) -> dict[str, set[str]]:
 
 
 def _variant(cfg, variant: VariantConfig, scores, prompts, generate_and_score, ids, uri):
-    """The identities `flows.stages._train_variant` produces for one variant."""
+    """The identities `croco.flows.stages._train_variant` produces for one variant."""
     from croco import stages as st
     from croco.training.spec import variant_spec
 

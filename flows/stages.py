@@ -99,15 +99,26 @@ def _parts_written(result: dict) -> bool:
 def resolve(task, calls: list[dict], complete=_complete) -> list:
     """Submit one task run per kwargs, wait, and rerun (bypassing Prefect's cache) any whose
     cached output has since disappeared from storage (`complete(result)` is False)."""
-    futures = [task.submit(**kw) for kw in calls]
-    results = [f.result() for f in futures]
-    stale = [i for i, r in enumerate(results) if not complete(r)]
-    if stale:
-        fresh = task.with_options(refresh_cache=True)
-        redo = [fresh.submit(**calls[i]) for i in stale]
-        for i, f in zip(stale, redo):
-            results[i] = f.result()
+    (results,) = resolve_together([(task, calls)], complete)
     return results
+
+
+def resolve_together(work: list[tuple[Any, list[dict]]], complete=_complete) -> list[list]:
+    """`resolve` for several tasks that do not depend on each other: every call is submitted
+    before any is waited on (a cached rerun looks them up at once; GPU work still takes
+    turns through the GPU slots). Returns one result list per (task, calls)."""
+    futures = [[task.submit(**kw) for kw in calls] for task, calls in work]
+    out = []
+    for (task, calls), futs in zip(work, futures):
+        results = [f.result() for f in futs]
+        stale = [i for i, r in enumerate(results) if not complete(r)]
+        if stale:
+            fresh = task.with_options(refresh_cache=True)
+            redo = [fresh.submit(**calls[i]) for i in stale]
+            for i, f in zip(stale, redo):
+                results[i] = f.result()
+        out.append(results)
+    return out
 
 
 def _jsonable(params: dict) -> dict:
@@ -349,34 +360,43 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
     models.update({name: config.policy.model_copy(update={"adapter": adapter_path(uri)})
                    for name, uri in finals.items()})
     prompts_by_lang = dict(zip(langs, prompt_uris))
-    for name, policy in models.items():
-        (gens,) = resolve(generate_languages_task, [dict(
-            prompts_uris=prompts_by_lang, policy=policy, gen=eval_gen, prompts_cfg=eval_prompts,
-            data_root=root, model_name=name, code_version=STAGE_VERSIONS["generations"])])
-        (scores,) = resolve(score_languages_task, [dict(
-            generations_uris=gens, prompts_uris=prompts_by_lang, reward=config.reward,
-            data_root=root, model_name=name, code_version=STAGE_VERSIONS["scores"])])
-        out.scores[name] = scores
-    out.heldout = heldout_task(out.scores, root, run_id, STAGE_VERSIONS["scores"])
+    names = list(models)
+    gens = resolve(generate_languages_task, [dict(
+        prompts_uris=prompts_by_lang, policy=models[name], gen=eval_gen, prompts_cfg=eval_prompts,
+        data_root=root, model_name=name, code_version=STAGE_VERSIONS["generations"])
+        for name in names])
+    scores = resolve(score_languages_task, [dict(
+        generations_uris=g, prompts_uris=prompts_by_lang, reward=config.reward,
+        data_root=root, model_name=name, code_version=STAGE_VERSIONS["scores"])
+        for name, g in zip(names, gens)])
+    out.scores = dict(zip(names, scores))
+    # The checks below depend on the held-out scores only, not on each other.
+    work: dict[str, tuple] = {}
     if ev.reward_check:
-        (out.reward_check,) = resolve(reward_check_task, [
+        work["reward_check"] = (reward_check_task, [
             dict(path=ev.reward_check, reward=config.reward, langs=langs, data_root=root,
                  source=path_identity(ev.reward_check),
                  code_version=STAGE_VERSIONS["reward_check"])])
     st = ev.structured
     if st.enabled and (st.local_mc or st.tasks or st.backend == "euroeval"):
-        done = resolve(structured_task, [
+        work["structured"] = (structured_task, [
             dict(policy=policy, structured=st, langs=langs, data_root=root, model_name=name,
                  code_version=STAGE_VERSIONS["structured"])
             for name, policy in models.items()
         ])
-        out.structured = dict(zip(models, done))
     if ev.judge.enabled and finals:
-        judged = resolve(judge_task, [
+        work["judgments"] = (judge_task, [
             dict(candidate_scores=out.scores[name], baseline_scores=out.scores["base"],
                  prompts_uris=prompts_by_lang, judge=ev.judge, data_root=root,
                  variant_name=name, code_version=STAGE_VERSIONS["judgments"])
             for name in finals
         ])
-        out.judgments = dict(zip(finals, judged))
+    out.heldout = heldout_task(out.scores, root, run_id, STAGE_VERSIONS["scores"])
+    done = dict(zip(work, resolve_together(list(work.values()))))
+    if "reward_check" in done:
+        (out.reward_check,) = done["reward_check"]
+    if "structured" in done:
+        out.structured = dict(zip(models, done["structured"]))
+    if "judgments" in done:
+        out.judgments = dict(zip(finals, done["judgments"]))
     return out.model_dump(mode="json")

@@ -41,6 +41,26 @@ def test_judge_scores_do_not_depend_on_batch_mates(tiny_lm):
     assert batched == pytest.approx(alone, abs=1e-5)
 
 
+def test_judge_shared_prompt_prefix_matches_scoring_each_alone(tiny_lm):
+    """Responses to one prompt share the start of the judge's input, which runs once per
+    batch: the scores equal each question scored alone, across batch boundaries, with an
+    empty response and with prompts of one response."""
+    from croco.reward.batching import split_shared_prefixes
+
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 4 + [PROMPTS[2]]
+    responses = ["An apple.", "A pear, or a plum.", "", "Wegen der Streuung.",
+                 "Rayleigh.", "Weil Licht streut.", "Wegen der Rayleigh-Streuung.", "Une pomme."]
+    judge = JudgeRewardModel(tiny_lm, template=JudgeScorer().template, batch_size=3)
+    ids = [judge.tokenizer(judge.render(p, r), add_special_tokens=False)["input_ids"]
+           for p, r in zip(prompts, responses)]
+    shared = split_shared_prefixes(ids, prompts)
+    assert shared[0] > 0 and shared[3] > shared[0] and shared[7] == 0
+    assert all(0 < len(seq) - n for seq, n in zip(ids, shared))
+    grouped = judge.score(prompts, responses)
+    alone = [judge.score([p], [r])[0] for p, r in zip(prompts, responses)]
+    assert grouped == pytest.approx(alone, abs=1e-5)
+
+
 def test_judge_score_is_yes_minus_no_log_probability(tiny_lm):
     import torch
 

@@ -38,16 +38,19 @@ VERDICTS = ("1", "2", "T")
 
 @torch.inference_mode()
 def _logprob_verdicts(model, tok, convs: list[list[dict]], batch_size: int,
-                      calibrate: bool) -> list[str]:
-    from croco.reward.batching import forward_last
+                      calibrate: bool, groups: list | None = None) -> list[str]:
+    """`groups`: a label per game (its prompt): the games of a prompt share the start of
+    the judge's input, which then runs once per batch (`forward_last_grouped`)."""
+    from croco.reward.batching import forward_last_grouped
 
     texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + "[["
              for c in convs]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     choice_ids = torch.tensor([tok(v, add_special_tokens=False)["input_ids"][0]
                                for v in VERDICTS])
-    rows = forward_last(
-        model, ids, pad_id=tok.pad_token_id, batch_size=batch_size, logits_to_keep=1,
+    rows = forward_last_grouped(
+        model, ids, groups if groups is not None else list(range(len(ids))),
+        pad_id=tok.pad_token_id, batch_size=batch_size,
         select=lambda logits: logits[:, -1, :].float().log_softmax(-1)[:, choice_ids])
     return choose_verdicts(torch.tensor(rows), calibrate=calibrate)
 
@@ -76,7 +79,8 @@ def judge_pairs(pairs: pl.DataFrame, *, judge_model: str, template: str = JUDGE_
     convs = _conversations(rows, template)
     if mode == "logprob":
         gen = make_generator("transformers", judge_model, device=device)
-        verdicts = _logprob_verdicts(gen.model, gen.tokenizer, convs, batch_size, calibrate)
+        verdicts = _logprob_verdicts(gen.model, gen.tokenizer, convs, batch_size, calibrate,
+                                     groups=[(r["lang"], r["prompt_id"]) for r in rows])
         outputs = [f"[[{v}]]" for v in verdicts]
     elif mode == "generate":
         gen = make_generator(backend, judge_model, device=device, seed=seed)

@@ -103,7 +103,10 @@ def evaluate_structured(model_path: str, *, adapter: str | None, tasks: dict[str
             args += f",device={device}"
         results = lm_eval.simple_evaluate(
             model=backend, model_args=args, tasks=list(by_task), batch_size=batch_size,
-            limit=limit, task_manager=TaskManager(include_path=str(folder)),
+            limit=limit,
+            # lm-eval's own task index (thousands of YAML files) only when its tasks are named
+            task_manager=TaskManager(include_path=str(folder),
+                                     include_defaults=any(tasks.values())),
             log_samples=False,
         )
     rows = []

@@ -62,8 +62,12 @@ class TransformersGenerator:
             cache = DynamicCache(config=self.model.config)
             cache_kw = cache_kwarg(self.model)
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            # Only the cache is wanted: no logits over the vocabulary for every position.
+            keep = ({"logits_to_keep": 1} if "logits_to_keep" in
+                    inspect.signature(self.model.forward).parameters else {})
             self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                       position_ids=positions[:, :-1], use_cache=True, **{cache_kw: cache})
+                       position_ids=positions[:, :-1], use_cache=True, **{cache_kw: cache},
+                       **keep)
             if k > 1:
                 cache.batch_repeat_interleave(k)
             out = self.model.generate(

@@ -9,7 +9,7 @@ first answer token (in nats; positive means the judge leans towards "yes").
 from __future__ import annotations
 
 from croco.models import load_model
-from croco.reward.batching import forward_last, tokenize_left_truncated
+from croco.reward.batching import forward_last_grouped, tokenize_left_truncated
 
 
 def render_question(tokenizer, template: str, prompt: str, response: str) -> str:
@@ -65,6 +65,9 @@ class JudgeRewardModel:
             last = logits[:, -1, :].float().log_softmax(-1)
             return last[:, yes] - last[:, no]
 
-        return forward_last(self.model, ids, pad_id=self.tokenizer.pad_token_id,
-                            batch_size=self.batch_size, select=select, progress=progress,
-                            logits_to_keep=1)
+        # The questions about one prompt's responses share their start (template and
+        # prompt): it runs once per batch (`forward_last_grouped`).
+        return forward_last_grouped(self.model, ids, prompts,
+                                    pad_id=self.tokenizer.pad_token_id,
+                                    batch_size=self.batch_size, select=select,
+                                    progress=progress)
