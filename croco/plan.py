@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from croco import storage
 from croco.config import CrocoConfig, PolicyConfig, VariantConfig
-from croco.identity import field_marks, in_identity
+from croco.identity import field_marks
 
 
 @dataclass(frozen=True)
@@ -218,9 +218,10 @@ def _evaluation(cfg: CrocoConfig, prompts, finals, ids, uri) -> None:
 def output_uris(cfg: CrocoConfig) -> list[tuple[str, str]]:
     """(stage, URI under `cfg.data_root`) of every output a full run of `cfg` produces."""
     root = storage.normalize_root(cfg.data_root)
+    ids = run_identities(cfg)
     out = []
     for s in STAGES:
-        for ident in sorted(run_identities(cfg)[s.name]):
+        for ident in sorted(ids[s.name]):
             key, _, lang = ident.partition("/")
             out.append((s.name, storage.join(root, s.folder, key,
                                              *([f"lang={lang}"] if lang else []))))
@@ -247,7 +248,6 @@ def leaf_fields(obj: BaseModel, prefix: str = "") -> list[tuple[str, str | None]
         marks = field_marks(cls, name)
         exec_only = ("execution only" if marks.get("execution_only")
                      else "a label" if marks.get("label") else None)
-        assert (exec_only is None) == in_identity(cls, name)
         if len(_literal_choices(cls.model_fields[name].annotation)) == 1:
             continue  # a union's tag (a scorer's `type`): another type is another scorer
         if isinstance(value, BaseModel):
@@ -304,7 +304,6 @@ def changed_value(cfg: CrocoConfig, path: str) -> Any:
 
 #: Fields whose values are checked (or paths to things): a valid other value to try.
 _SPECIAL: dict[str, Any] = {
-    "languages": None,  # filled in by with_change: one more language
     "pairing.reject_target": "q1",
     "experiments.pairing": {"seed": 2},
     "experiments.training": {"beta": 0.3},

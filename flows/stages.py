@@ -37,7 +37,7 @@ from croco.config import (
     VariantConfig,
     stable_hash,
 )
-from croco.identity import identity, path_identity
+from croco.identity import identity
 from croco.manifest import EvaluationOutputs, RoundOutputs, VariantOutputs
 from croco.stages import STAGE_VERSIONS
 from croco.training.run import adapter_path
@@ -375,7 +375,6 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
     if ev.reward_check:
         work["reward_check"] = (reward_check_task, [
             dict(path=ev.reward_check, reward=config.reward, langs=langs, data_root=root,
-                 source=path_identity(ev.reward_check),
                  code_version=STAGE_VERSIONS["reward_check"])])
     st = ev.structured
     if st.enabled and (st.local_mc or st.tasks or st.backend == "euroeval"):

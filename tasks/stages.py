@@ -38,21 +38,25 @@ from croco.config import (
     StructuredEvalConfig,
 )
 from croco.errors import UserError
-from croco.identity import identity
+from croco.identity import identity, path_identity
 from croco.manifest import RunOutputs, write_manifest
 from croco.training.spec import TrainSpec
 
 
 @dataclass
 class StageInputs(CachePolicy):
-    """Prefect's input cache policy with every input taken by its stage identity. Not a
-    subclass of Prefect's `Inputs`, which a compound policy would replace by a plain one."""
+    """Prefect's input cache policy with every input taken by its stage identity; the
+    plain-string parameters named in `path_inputs` name files, taken by their content
+    (`croco.identity.path_identity`). Not a subclass of Prefect's `Inputs`, which a
+    compound policy would replace by a plain one."""
+
+    path_inputs: tuple[str, ...] = ()
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         if not inputs:
             return None
-        return hash_objects({k: identity(v) for k, v in inputs.items()},
-                            raise_on_failure=True)
+        return hash_objects({k: path_identity(v) if k in self.path_inputs else identity(v)
+                             for k, v in inputs.items()}, raise_on_failure=True)
 
 
 STAGE_CACHE = StageInputs() + TASK_SOURCE
@@ -488,11 +492,12 @@ def structured_task(policy: PolicyConfig, structured: StructuredEvalConfig, lang
     return uri
 
 
-@task(name="reward-check", **_common)
+@task(name="reward-check",
+      **dict(_common, cache_policy=StageInputs(path_inputs=("path",)) + TASK_SOURCE))
 def reward_check_task(path: str, reward: RewardConfig, langs: list[str], data_root: str,
-                      code_version: int, source: dict | str | None = None) -> str:
-    """`source`: the preference set's identity (`croco.identity.path_identity`), so an
-    edited set is a new input to the cache (`path` names it only by its path)."""
+                      code_version: int) -> str:
+    """The reward's ranking accuracy on the preference set `path` (an edited set is a new
+    input to the cache: `path` enters its key by content)."""
     from prefect.artifacts import create_table_artifact
 
     with gpu_slot("reward-check"):

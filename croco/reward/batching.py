@@ -33,13 +33,7 @@ def forward_last(model, token_ids: list[list[int]], *, pad_id: int, batch_size: 
     done = 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(token_ids[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            seq = token_ids[i]
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
+        ids, mask = _left_padded([token_ids[i] for i in idx], pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                     position_ids=positions.to(device), **model_kwargs)
