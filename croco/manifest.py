@@ -22,7 +22,8 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from croco import storage
-from croco.stages import completion_info, key_of
+from croco.stage import completion_info
+from croco.storage import key_of
 
 PACKAGES = ["croco", "prefect", "torch", "transformers", "trl", "peft", "polars", "pyarrow",
             "s3fs", "vllm", "py3langid"]

@@ -39,6 +39,7 @@ class StageDecl:
     after: tuple[str, ...]
     config: tuple[str, ...]
     doc: str
+    spec: str  # the stage's class in croco.stages
 
 
 #: The held-out answers use the run's generation settings except these, which
@@ -50,34 +51,34 @@ _EVAL_GENERATION = ("generation.backend", "generation.top_p", "generation.seed",
 STAGES: tuple[StageDecl, ...] = (
     StageDecl("prompts", "prompts", (), (
         "languages", "prompts.path", "prompts.dataset_split", "prompts.translate"),
-        "one language's prompts (translated when prompts.translate is set)"),
+        "one language's prompts (translated when prompts.translate is set)", "Prompts"),
     StageDecl("generations", "generations", ("prompts",), (
         "languages", "policy", "generation", "prompts.split", "prompts.limit",
         "experiments.generation_policy", "experiments.rounds"),
-        "k samples per prompt of one language (from the sample store)"),
+        "k samples per prompt of one language (from the sample store)", "Generate"),
     StageDecl("scores", "scores", ("generations",), ("reward",),
-              "the reward scorers' scores of one language's samples"),
+              "the reward scorers' scores of one language's samples", "Score"),
     StageDecl("pairs", "pairs", ("scores", "prompts"), (
         "pairing", "experiments.pairing"),
-        "DPO pairs and SFT rows of a variant's scores"),
+        "DPO pairs and SFT rows of a variant's scores", "Pairs"),
     StageDecl("training", "training", ("pairs",), (
         "policy", "training", "experiments.method",
         "experiments.training", "experiments.generation_policy", "experiments.per_language"),
-        "one variant's adapter (per round, per language)"),
+        "one variant's adapter (per round, per language)", "Train"),
     StageDecl("heldout-generations", "generations", ("prompts", "training"), (
         "policy", *_EVAL_GENERATION, "evaluation.split", "evaluation.limit", "evaluation.k",
         "evaluation.temperature", "evaluation.max_new_tokens"),
-        "held-out answers of the base and of each variant"),
+        "held-out answers of the base and of each variant", "GenerateLanguages"),
     StageDecl("heldout-scores", "scores", ("heldout-generations",), ("reward",),
-              "the held-out answers' scores"),
+              "the held-out answers' scores", "ScoreLanguages"),
     StageDecl("judgments", "judgments", ("heldout-scores",), ("evaluation.judge",),
-              "pairwise judge verdicts and win rates, variant vs base"),
+              "pairwise judge verdicts and win rates, variant vs base", "Judge"),
     StageDecl("structured", "structured", ("training",), (
         "languages", "policy", "evaluation.structured"),
-        "multiple-choice accuracy of the base and each variant"),
+        "multiple-choice accuracy of the base and each variant", "Structured"),
     StageDecl("reward-check", "reward_check", (), (
         "languages", "reward", "evaluation.reward_check"),
-        "the reward's ranking accuracy on a preference set"),
+        "the reward's ranking accuracy on a preference set", "RewardCheck"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -123,7 +124,7 @@ def run_identities(cfg: CrocoConfig) -> dict[str, set[str]]:
         return storage.join(root, folder, key, *([f"lang={lang}"] if lang else []))
 
     langs = cfg.languages
-    pkey = st.prompts_key(cfg.prompts)
+    pkey = st.Prompts(cfg=cfg.prompts, lang="-").key()
     prompts = {lang: uri("prompts", pkey, lang) for lang in langs}
     ids["prompts"] = {f"{pkey}/{lang}" for lang in langs}
 
@@ -132,15 +133,18 @@ def run_identities(cfg: CrocoConfig) -> dict[str, set[str]]:
         scores = {}
         for lang in langs:
             p = policy[lang] if isinstance(policy, dict) else policy
-            g = st.generation_key(prompts[lang], p, cfg.generation, cfg.prompts)
+            g = st.Generate(prompts_uri=prompts[lang], lang=lang, policy=p, gen=cfg.generation,
+                            prompts_cfg=cfg.prompts).key()
             ids["generations"].add(f"{g}/{lang}")
-            s = st.score_key(uri("generations", g, lang), cfg.reward)
+            s = st.Score(generations_uri=uri("generations", g, lang), prompts_uri=prompts[lang],
+                         lang=lang, reward=cfg.reward).key()
             ids["scores"].add(f"{s}/{lang}")
             scores[lang] = uri("scores", s, lang)
         return scores
 
     scores = generate_and_score(cfg.policy)
-    ids["pairs"].add(st.pairs_key(scores, prompts, cfg.pairing))
+    ids["pairs"].add(st.Pairs(score_uris=scores, prompts_uris=prompts,
+                              pairing=cfg.pairing).key())
     finals: dict[str, str] = {}
     if cfg.training.enabled:
         for variant in cfg.experiments:
@@ -174,12 +178,13 @@ def _variant(cfg, variant: VariantConfig, scores, prompts, generate_and_score, i
             if rnd > 1:
                 scores = generate_and_score(policies if variant.per_language
                                             else policies[None])
-            pairs = uri("pairs", st.pairs_key(scores, prompts, pairing))
-            ids["pairs"].add(st.key_of(pairs))
+            pairs = uri("pairs", st.Pairs(score_uris=scores, prompts_uris=prompts,
+                                          pairing=pairing).key())
+            ids["pairs"].add(storage.key_of(pairs))
         runs = {lang: uri("training", variant_spec(
             cfg, variant, policy=policies[lang], pairs_uri=pairs, prompts_uris=prompts,
             lang=lang).key()) for lang in langs}
-        ids["training"].update(st.key_of(u) for u in runs.values())
+        ids["training"].update(storage.key_of(u) for u in runs.values())
     return None if variant.per_language else runs[None]
 
 
@@ -197,21 +202,26 @@ def _evaluation(cfg: CrocoConfig, prompts, finals, ids, uri) -> None:
                    for name, u in finals.items()})
     eval_scores = {}
     for name, policy in models.items():
-        g = st.languages_generation_key(prompts, policy, eval_gen, eval_prompts)
+        g = st.GenerateLanguages(prompts_uris=prompts, policy=policy, gen=eval_gen,
+                                 prompts_cfg=eval_prompts).key()
         ids["heldout-generations"].update(f"{g}/{lang}" for lang in prompts)
         gens = {lang: uri("generations", g, lang) for lang in sorted(prompts)}
-        s = st.languages_score_key(gens, cfg.reward)
+        s = st.ScoreLanguages(generations_uris=gens, prompts_uris=prompts,
+                              reward=cfg.reward).key()
         ids["heldout-scores"].update(f"{s}/{lang}" for lang in prompts)
         eval_scores[name] = {lang: uri("scores", s, lang) for lang in sorted(prompts)}
     if ev.reward_check:
-        ids["reward-check"].add(st.reward_check_key(ev.reward_check, cfg.reward,
-                                                    cfg.languages))
+        ids["reward-check"].add(st.RewardCheck(path=ev.reward_check, reward=cfg.reward,
+                                               langs=cfg.languages).key())
     sc = ev.structured
     if sc.enabled and (sc.local_mc or sc.tasks or sc.backend == "euroeval"):
-        ids["structured"].update(st.structured_key(p, sc, cfg.languages)
+        ids["structured"].update(st.Structured(policy=p, structured=sc,
+                                               langs=cfg.languages).key()
                                  for p in models.values())
     if ev.judge.enabled and finals:
-        ids["judgments"].update(st.judge_key(eval_scores[name], eval_scores["base"], ev.judge)
+        ids["judgments"].update(st.Judge(candidate_scores=eval_scores[name],
+                                         baseline_scores=eval_scores["base"],
+                                         prompts_uris=prompts, judge=ev.judge).key()
                                 for name in finals)
 
 

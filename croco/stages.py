@@ -1,34 +1,12 @@
-"""The pipeline's stages as plain functions: inputs by URI in, an output URI out.
+"""The pipeline's stages, one spec each (the contract and the runner: `croco.stage`).
 
-Each stage's output lives at a content-addressed location,
-`<data_root>/<stage>/<key>/...`, where `key` hashes the stage's code version, its
-resolved config and the keys of its inputs. A stage whose output carries `_SUCCESS`
-returns at once; generation and scoring write numbered shards and skip the ones already
-written, so a crash loses at most the shard in progress.
-
-Sample store (incremental reruns): samples are kept per (policy, generation settings,
-language), whatever run or prompt set asked for them, in `samples/<key>/lang=xx/`, as
-shards named by the hash of the (prompt_id, prompt content) list they hold and sampled
-with a seed derived from that name; `<shard>.prompts.parquet` beside each holds its
-prompts (written last: it marks the shard complete). A run's generations output is a
-per-run view: its plan (`generations/<key>/_plans/lang=xx.json`, made once) says which
-stored shard each part comes from. Prompts the store holds reuse their samples; new or
-edited prompts (a new content hash) are cut into new shards of `generation.shard_size`;
-a removed prompt is in no part. Part i is the stored shard's rows of the plan's prompts.
-Scoring works the same way: `scored/<key>/lang=xx/<shard>.parquet` holds the rewards of a
-whole stored shard under one reward config, and a run's score part i is its rows of the
-plan's prompts. So a grown prompt source samples and scores only the new prompts, and
-pairs and everything after rerun on the whole set. A prompt's samples are those drawn
-when it first appeared: an incremental result can differ from a from-scratch run of the
-same final prompt set only in the random draws (another shard, so another seed), never in
-which prompts, policy or settings they come from.
-
-Shard groups: `run_generate` / `run_score` may be given `shards` (a contiguous range of
-part indices, `shard_group`), so several workers fill one language's output at once; the
-plan is made before they start and each stored shard's seed comes from its name, so the
-output does not depend on the grouping, and the grouping enters no key. Whichever call
-writes the last part marks the output complete; `seal_generations` / `seal_scores` do it
-after every group ended (and name the parts still missing when one did not).
+Every stage's output lives at `<data_root>/<folder>/<key>[/lang=xx]`, where the key
+hashes the stage's code version, its identity (its config without the execution-only
+settings, its inputs' keys, files by content: `croco.identity`). `croco.stage.run(stage,
+data_root)` returns a complete output at once and otherwise writes it, `_SUCCESS` last;
+generate and score write numbered parts and resume part by part, from the sample and
+score stores (`croco.samples`), possibly as several shard groups at once (the grouping
+enters no key: each stored shard's seed comes from its name).
 
 Layout (hive-partitioned by `lang=`):
     prompts/<key>/lang=xx/data.parquet
@@ -37,611 +15,590 @@ Layout (hive-partitioned by `lang=`):
     scored/<key>/lang=xx/<shard>.parquet
     scores/<key>/lang=xx/part-00000.parquet ...
     pairs/<key>/{dpo,sft}/lang=xx/data.parquet, pools.parquet, stats.parquet
-    runs/<run_id>/manifest.json
+    training/<key>/adapter/, metrics.json, training_config.json
+    judgments/<key>/, structured/<key>/, reward_check/<key>/
+    runs/<run_id>/manifest.json, heldout.parquet, report.md
+
+The `run_*` functions at the end are the same stages as plain calls.
 """
 
 from __future__ import annotations
-
-import logging
-import posixpath
-import time
-import zlib
-from collections.abc import Callable
 
 import polars as pl
 
 from croco import storage
 from croco.config import (
     GenerationConfig,
+    JudgeEvalConfig,
     PairingConfig,
     PolicyConfig,
     PromptsConfig,
     RewardConfig,
-    stable_hash,
+    StructuredEvalConfig,
 )
 from croco.identity import STAGE_VERSIONS, identity, path_identity
+from croco.samples import (
+    StoreSampler,
+    make_plan,
+    plan_uri,
+    prompt_identity,  # noqa: F401 - part of this module's interface
+    sample_store_uri,
+    scored_shard,
+)
+from croco.stage import (
+    Parts,
+    Progress,
+    ShardedStage,
+    Stage,
+    completion_info,
+    part_name,
+    run,
+    run_once,  # noqa: F401 - part of this module's interface
+    seal,
+    shard_group,  # noqa: F401 - part of this module's interface
+)
 from croco.storage import key_of
-
-log = logging.getLogger(__name__)
-
-
-Progress = Callable[[int, int], None]
+from croco.training.spec import TrainSpec
 
 
-def _done_info(uri: str) -> dict:
-    try:
-        return storage.read_json(storage.join(uri, storage.SUCCESS))
-    except Exception:  # noqa: BLE001 - a marker without info is still a marker
-        return {}
+def _keys(uris: dict[str, str]) -> dict[str, str]:
+    return {k: key_of(u) for k, u in sorted(uris.items())}
 
 
-def run_once(out: str, work: Callable[[], dict]) -> str:
-    """The stage runner: `out` as it is when complete; otherwise `work()` writes the
-    stage's files under `out` (each atomically) and returns what `_SUCCESS` records (rows,
-    ...), which is written last, with the seconds the work took. Sharded stages
-    (generation, scoring) resume shard by shard and seal themselves (`_seal`)."""
-    if storage.is_complete(out):
-        return out
-    t0 = time.perf_counter()
-    info = work()
-    storage.mark_complete(out, {**info, "seconds": round(time.perf_counter() - t0, 3)})
-    return out
+def _by_language(out: str, langs) -> dict[str, str]:
+    return {lang: storage.join(out, f"lang={lang}") for lang in sorted(langs)}
+
+
+def _prompts(uris: dict[str, str], langs) -> pl.DataFrame:
+    return pl.concat([storage.read_parquet(storage.join(uris[lang], "data.parquet"))
+                      for lang in langs], how="diagonal_relaxed")
 
 
 # --------------------------------------------------------------------------- prompts
 
 
-def prompts_key(cfg: PromptsConfig) -> str:
-    """The source by content, its split and translation; not which prompts a stage takes
-    (`split`, `limit`: generation's choice)."""
-    ident = identity(cfg)
-    return stable_hash({"stage": "prompts", "v": STAGE_VERSIONS["prompts"],
-                        **{k: v for k, v in ident.items() if k not in ("split", "limit")}})
+class Prompts(Stage):
+    """One language's prompts from the source, validated (translated from
+    `translate.source_lang` when `cfg.translate` is set): `data.parquet`."""
 
+    folder = "prompts"
+    cfg: PromptsConfig
+    lang: str
+    device: str = "auto"
 
-def run_prompts(cfg: PromptsConfig, lang: str, data_root: str, *, device: str = "auto") -> str:
-    """Validate the prompt source and write the prompts of one language."""
-    out = storage.join(data_root, "prompts", prompts_key(cfg), f"lang={lang}")
-    return run_once(out, lambda: _write_prompts(cfg, lang, out, device))
+    def identity(self) -> dict:
+        # which prompts generation takes (`split`, `limit`) is generation's choice
+        return {k: v for k, v in identity(self.cfg).items() if k not in ("split", "limit")}
 
+    def label(self) -> str:
+        return f"prompts-{self.lang}"
 
-def _write_prompts(cfg: PromptsConfig, lang: str, out: str, device: str) -> dict:
-    from croco.prompts import PromptError, load_prompts, translate_prompts
+    def uses_gpu(self) -> bool:
+        return self.cfg.translate is not None
 
-    table = load_prompts(cfg.path, dataset_split=cfg.dataset_split)
-    if cfg.translate is not None:
-        src = cfg.translate.source_lang
-        source = table.filter(pl.col("lang") == src)
-        if source.is_empty():
-            raise PromptError(f"{cfg.path}: prompts.translate.source_lang is {src!r} but the "
-                              f"file has prompts in {sorted(table['lang'].unique())} only")
-        if lang == src:
-            df = source
-        else:
+    def work(self, out: str, progress: Progress | None) -> dict:
+        from croco.prompts import PromptError, load_prompts, translate_prompts
+
+        cfg, lang = self.cfg, self.lang
+        table = load_prompts(cfg.path, dataset_split=cfg.dataset_split)
+        if cfg.translate is not None:
+            src = cfg.translate.source_lang
+            source = table.filter(pl.col("lang") == src)
+            if source.is_empty():
+                raise PromptError(f"{cfg.path}: prompts.translate.source_lang is {src!r} but "
+                                  f"the file has prompts in {sorted(table['lang'].unique())} only")
             t = cfg.translate
-            df = translate_prompts(source, lang, model=t.model, template=t.template,
-                                   max_new_tokens=t.max_new_tokens, batch_size=t.batch_size,
-                                   device=device)
-    else:
-        df = table.filter(pl.col("lang") == lang)
-        if df.is_empty():
-            raise PromptError(
-                f"{cfg.path}: no prompts in language {lang!r} (the source has "
-                f"{sorted(table['lang'].unique())}); remove it from `languages` or add "
-                "prompts.translate to translate from one language"
-            )
-    storage.write_parquet(df, storage.join(out, "data.parquet"))
-    return {"rows": df.height}
+            df = source if lang == src else translate_prompts(
+                source, lang, model=t.model, template=t.template,
+                max_new_tokens=t.max_new_tokens, batch_size=t.batch_size, device=self.device)
+        else:
+            df = table.filter(pl.col("lang") == lang)
+            if df.is_empty():
+                raise PromptError(
+                    f"{cfg.path}: no prompts in language {lang!r} (the source has "
+                    f"{sorted(table['lang'].unique())}); remove it from `languages` or add "
+                    "prompts.translate to translate from one language")
+        storage.write_parquet(df, storage.join(out, "data.parquet"))
+        return {"rows": df.height}
 
 
 # ------------------------------------------------------------------------ generation
 
 
-def generation_key(prompts_uri: str, policy: PolicyConfig, gen: GenerationConfig,
-                   prompts_cfg: PromptsConfig) -> str:
-    return stable_hash({
-        "stage": "generations", "v": STAGE_VERSIONS["generations"],
-        "prompts": key_of(prompts_uri), "policy": identity(policy),
-        "generation": identity(gen),
-        "split": prompts_cfg.split, "limit": prompts_cfg.limit,
-        "samples": STAGE_VERSIONS["samples"],
-    })
+class Generate(ShardedStage):
+    """k samples for each selected prompt of one language, part by part. Part i holds the
+    samples of the prompts of the plan's part i (`croco.samples.make_plan`), read from the
+    sample store, or sampled into it first (seeded by the stored shard's name, so a
+    shard's samples do not depend on the run, its grouping or its position)."""
+
+    folder = "generations"
+    planned = True
+    prompts_uri: str
+    lang: str
+    policy: PolicyConfig
+    gen: GenerationConfig
+    prompts_cfg: PromptsConfig
+
+    def identity(self) -> dict:
+        return {"prompts": key_of(self.prompts_uri), "policy": identity(self.policy),
+                "generation": identity(self.gen), "split": self.prompts_cfg.split,
+                "limit": self.prompts_cfg.limit, "samples": STAGE_VERSIONS["samples"]}
+
+    def label(self) -> str:
+        return f"generate-{self.lang}"
+
+    def prompts(self) -> pl.DataFrame:
+        from croco.prompts import select_for_generation
+
+        cfg = self.prompts_cfg
+        prompts = select_for_generation(
+            storage.read_parquet(storage.join(self.prompts_uri, "data.parquet")),
+            split=cfg.split, limit=cfg.limit)
+        if prompts.is_empty():
+            raise ValueError(f"no {cfg.split!r} prompts for language {self.lang!r} in "
+                             f"{self.prompts_uri}; check prompts.split")
+        return prompts
+
+    def plan(self, data_root: str) -> dict:
+        """Which stored shard each part comes from (made once, then read back)."""
+        store = sample_store_uri(self.policy, self.gen, self.lang, data_root)
+        return make_plan(self.output(data_root), self.prompts(), store, self.gen.shard_size)
+
+    def prepare(self, data_root: str) -> str:
+        self.plan(data_root)
+        return plan_uri(self.output(data_root))
+
+    def n_parts(self, data_root: str) -> int:
+        return len(self.plan(data_root)["parts"])
+
+    def parts(self, data_root: str) -> Parts:
+        return _GenerateParts(self, data_root)
+
+    def summary(self, result: str) -> str:
+        info = completion_info(result)
+        return (f"{info.get('rows')} samples for {self.lang} ({info.get('generated_rows')} "
+                f"sampled now, the others from the sample store) in {info.get('seconds')}s "
+                f"-> {result}")
 
 
-def _shard_seed(seed: int, lang: str, shard: int) -> int:
-    return (seed * 1_000_003 + zlib.crc32(lang.encode()) + shard) % (2**31)
+class _GenerateParts(Parts):
+    def __init__(self, stage: Generate, data_root: str):
+        self.plan = stage.plan(data_root)
+        self.count = len(self.plan["parts"])
+        self.sampler = StoreSampler(self.plan["store"], plan_uri(stage.output(data_root)),
+                                    stage.prompts, stage.lang, stage.policy, stage.gen)
+
+    def rows(self, i: int) -> pl.DataFrame:
+        entry = self.plan["parts"][i]
+        df = self.sampler.samples(entry["shard"], entry["prompt_ids"])
+        return df.filter(pl.col("prompt_id").is_in(entry["prompt_ids"]))
+
+    def info(self) -> dict:
+        return {"generated_rows": self.sampler.generated_rows}
 
 
-# ---------------------------------------------------------------------- sample store
+class GenerateLanguages(Stage):
+    """Held-out answers: k samples for the selected prompts of every language, generated
+    together (one model load, full batches however few prompts a language has); the
+    `Generate` layout, one part and `_SUCCESS` per language. All or nothing: the sets it
+    is meant for are small. `name`: the model's name in the run (a label)."""
 
+    folder = "generations"
+    prompts_uris: dict[str, str]
+    policy: PolicyConfig
+    gen: GenerationConfig
+    prompts_cfg: PromptsConfig
+    name: str = ""
 
-def sample_store_uri(policy: PolicyConfig, gen: GenerationConfig, lang: str,
-                     data_root: str) -> str:
-    """The samples of one (policy, generation settings, language), whatever run or prompt
-    set asked for them: `samples/<key>/lang=xx/<shard>.parquet`. How prompts are grouped
-    into shards (`shard_size`) and batched is left out: a shard names its own prompts."""
-    key = stable_hash({"stage": "samples", "v": STAGE_VERSIONS["samples"],
-                       "policy": identity(policy),
-                       "generation": {k: v for k, v in identity(gen).items()
-                                      if k != "shard_size"}})
-    return storage.join(data_root, "samples", key, f"lang={lang}")
+    def identity(self) -> dict:
+        return {"languages_together": True, "prompts": _keys(self.prompts_uris),
+                "policy": identity(self.policy), "generation": identity(self.gen),
+                "split": self.prompts_cfg.split, "limit": self.prompts_cfg.limit}
 
+    def label(self) -> str:
+        return f"generate-{self.name}"
 
-def prompt_identity(prompts: pl.DataFrame) -> list[list[str]]:
-    """`[prompt_id, hash of its text or messages]` per row, in order: what decides a
-    prompt's samples besides the policy and the generation settings."""
-    cols = [c for c in ("prompt", "messages") if c in prompts.columns]
-    return [[row["prompt_id"], stable_hash({c: row[c] for c in cols})]
-            for row in prompts.select("prompt_id", *cols).to_dicts()]
+    def result(self, data_root: str) -> dict[str, str]:
+        return _by_language(self.output(data_root), self.prompts_uris)
 
+    def complete(self, data_root: str) -> bool:
+        return all(storage.is_complete(u) for u in self.result(data_root).values())
 
-def _content_seed(seed: int, shard: str) -> int:
-    """A stored shard's sampling seed, from its name (the hash of its prompts)."""
-    return (seed * 1_000_003 + int(shard, 16)) % (2**31)
+    def work(self, out: str, progress: Progress | None) -> None:
+        import time
 
-
-def _store_index(store: str) -> dict[tuple[str, str], str]:
-    """(prompt_id, content hash) -> the stored shard holding its samples. A shard counts
-    once its prompts file (written after its samples) is there."""
-    index: dict[tuple[str, str], str] = {}
-    for name in storage.list_dir(store):
-        if name.endswith(".prompts.parquet"):
-            shard = name.removesuffix(".prompts.parquet")
-            for pid, h in prompt_identity(storage.read_parquet(storage.join(store, name))):
-                index.setdefault((pid, h), shard)
-    return index
-
-
-def plan_uri(generations_uri: str) -> str:
-    """Where a run's generations output keeps its plan: next to the `lang=` folders, so the
-    folder itself holds only its parts."""
-    head, lang_dir = posixpath.split(generations_uri.rstrip("/"))
-    return storage.join(head, "_plans", f"{lang_dir}.json")
-
-
-def generation_plan(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                    prompts_cfg: PromptsConfig, data_root: str) -> dict:
-    """Which stored shard each part of a run's generations comes from:
-    `{"store": URI, "parts": [{"shard": name, "prompt_ids": [...]}, ...]}`.
-
-    Made once per output (then read back, so every shard group sees the same numbering):
-    prompts whose (id, content) the store already holds reuse those samples, one part per
-    stored shard, in the prompts' order; the others are cut into new shards of
-    `gen.shard_size`, each named by the hash of its prompts. A prompt removed from the
-    source is in no part; an edited one is new."""
-    out = generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
-    where = plan_uri(out)
-    if storage.exists(where):
-        return storage.read_json(where)
-    store = sample_store_uri(policy, gen, lang, data_root)
-    index = _store_index(store)
-    reused: dict[str, list[str]] = {}
-    new: list[list[str]] = []
-    for pid, h in prompt_identity(_generation_prompts(prompts_uri, lang, prompts_cfg)):
-        shard = index.get((pid, h))
-        if shard is None:
-            new.append([pid, h])
-        else:
-            reused.setdefault(shard, []).append(pid)
-    parts = [{"shard": shard, "prompt_ids": ids} for shard, ids in reused.items()]
-    for i in range(0, len(new), gen.shard_size):
-        chunk = new[i:i + gen.shard_size]
-        parts.append({"shard": stable_hash(chunk), "prompt_ids": [pid for pid, _ in chunk]})
-    plan = {"store": store, "parts": parts}
-    storage.write_json(where, plan)
-    return plan
-
-
-def part_name(shard: int) -> str:
-    """The file name of shard `shard` of a generation or score output."""
-    return f"part-{shard:05d}.parquet"
-
-
-def shard_group(n_shards: int, group: int, groups: int) -> range:
-    """The contiguous shard indices that group `group` (0-based) of `groups` covers: sizes
-    differ by at most one, earlier groups first (7 shards in 3 groups: 0-2, 3-4, 5-6); a
-    group past the last shard is empty."""
-    if not 0 <= group < groups:
-        raise ValueError(f"shard group {group} does not exist: groups are 0..{groups - 1}")
-    size, extra = divmod(n_shards, groups)
-    start = group * size + min(group, extra)
-    return range(start, start + size + (group < extra))
-
-
-def _missing_parts(out: str, n_shards: int) -> list[str]:
-    existing = set(storage.list_dir(out))
-    return [part_name(i) for i in range(n_shards) if part_name(i) not in existing]
-
-
-def _seal(out: str, n_shards: int, info: dict) -> None:
-    """Mark a sharded output complete with its total row count (every shard is present)."""
-    storage.mark_complete(out, {"rows": storage.read_parquet(out).height, "shards": n_shards,
-                                **info})
-
-
-def generation_uri(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                   prompts_cfg: PromptsConfig, data_root: str) -> str:
-    """Where `run_generate` writes one language's samples."""
-    return storage.join(data_root, "generations",
-                        generation_key(prompts_uri, policy, gen, prompts_cfg), f"lang={lang}")
-
-
-def _generation_prompts(prompts_uri: str, lang: str, prompts_cfg: PromptsConfig) -> pl.DataFrame:
-    from croco.prompts import select_for_generation
-
-    prompts = select_for_generation(storage.read_parquet(storage.join(prompts_uri, "data.parquet")),
-                                    split=prompts_cfg.split, limit=prompts_cfg.limit)
-    if prompts.is_empty():
-        raise ValueError(f"no {prompts_cfg.split!r} prompts for language {lang!r} in "
-                         f"{prompts_uri}; check prompts.split")
-    return prompts
-
-
-def generation_shard_count(prompts_uri: str, lang: str, policy: PolicyConfig,
-                           gen: GenerationConfig, prompts_cfg: PromptsConfig,
-                           data_root: str) -> int:
-    """How many parts one language's generations output has (its plan's; made if missing)."""
-    return len(generation_plan(prompts_uri, lang, policy, gen, prompts_cfg, data_root)["parts"])
-
-
-def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                 prompts_cfg: PromptsConfig, data_root: str, *, progress: Progress | None = None,
-                 on_shard: Callable[[int], None] | None = None,
-                 shards: range | None = None) -> str:
-    """k samples for each selected prompt of one language, written part by part.
-
-    Part i holds the samples of the prompts of the plan's part i (`generation_plan`),
-    read from the sample store, or generated into it first when the store lacks them
-    (seeded by the stored shard's name, so a shard's samples do not depend on the run,
-    its grouping or its position). `shards`: only these part indices (a shard group, see
-    `shard_group`); several calls with different groups may run at once on one output.
-    `_SUCCESS` is written once every part is present (by whichever call writes the last
-    one, or by `seal_generations`)."""
-    from croco.progress import progress_bar
-
-    t0 = time.perf_counter()
-    out = generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
-    if storage.is_complete(out):
-        return out
-    plan = generation_plan(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
-    n_shards = len(plan["parts"])
-    wanted = range(n_shards) if shards is None else shards
-    if wanted and (wanted.start < 0 or wanted.stop > n_shards):
-        raise ValueError(f"{out}: shards {wanted.start}..{wanted.stop - 1} asked for, but the "
-                         f"language has shards 0..{n_shards - 1}")
-    existing = set(storage.list_dir(out))
-    todo = [i for i in wanted if part_name(i) not in existing]
-    sampler = _StoreSampler(plan["store"], plan_uri(out), prompts_uri, lang, policy, gen,
-                            prompts_cfg)
-    bar = progress_bar(len(wanted), f"generate {lang}", unit="shard",
-                       initial=len(wanted) - len(todo))
-    for n, i in enumerate(todo, len(wanted) - len(todo) + 1):
-        entry = plan["parts"][i]
-        df = sampler.samples(entry["shard"], entry["prompt_ids"])
-        storage.write_parquet(df.filter(pl.col("prompt_id").is_in(entry["prompt_ids"])),
-                              storage.join(out, part_name(i)))
-        bar.update(1)
-        if progress:
-            progress(n, len(wanted))
-        if on_shard:
-            on_shard(i)
-    bar.close()
-    if shards is None:
-        _seal(out, n_shards, {"seconds": round(time.perf_counter() - t0, 3),
-                              "generated_rows": sampler.generated_rows})
-    elif not _missing_parts(out, n_shards):
-        _seal(out, n_shards, {})  # the last group to finish; its own time is not the stage's
-    return out
-
-
-class _StoreSampler:
-    """Reads a stored shard, or samples it into the store first (loading the model once,
-    only if some shard is missing)."""
-
-    def __init__(self, store: str, plan: str, prompts_uri: str, lang: str,
-                 policy: PolicyConfig, gen: GenerationConfig, prompts_cfg: PromptsConfig):
-        self.store, self.plan, self.lang, self.policy, self.gen = store, plan, lang, policy, gen
-        self.prompts_uri, self.prompts_cfg = prompts_uri, prompts_cfg
-        self.generator = None
-        self.generated_rows = 0
-
-    def samples(self, shard: str, prompt_ids: list[str]) -> pl.DataFrame:
-        uri = storage.join(self.store, f"{shard}.parquet")
-        if not storage.exists(storage.join(self.store, f"{shard}.prompts.parquet")):
-            self._sample(shard, prompt_ids, uri)
-        return storage.read_parquet(uri)
-
-    def _sample(self, shard: str, prompt_ids: list[str], uri: str) -> None:
         from croco.generation import generate_frame, make_generator, policy_label
+        from croco.prompts import select_for_generation
 
-        gen, policy = self.gen, self.policy
-        prompts = _generation_prompts(self.prompts_uri, self.lang, self.prompts_cfg)
-        prompts = prompts.filter(pl.col("prompt_id").is_in(prompt_ids))
-        if stable_hash(prompt_identity(prompts)) != shard:
-            # a reused shard deleted from the store: its other prompts are not in this run
-            raise RuntimeError(
-                f"{self.store}: stored shard {shard}, which this output's plan reuses for "
-                f"prompts {', '.join(prompt_ids[:5])}, is gone; delete {self.plan} and rerun "
-                "(the prompts are planned again and sampled anew)")
-        if self.generator is None:
-            self.generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
-                                            device=policy.device, dtype=policy.dtype,
-                                            tensor_parallel_size=gen.tensor_parallel_size,
-                                            seed=gen.seed)
+        t0 = time.perf_counter()
+        policy, gen, cfg = self.policy, self.gen, self.prompts_cfg
+        prompts = pl.concat([
+            select_for_generation(storage.read_parquet(storage.join(uri, "data.parquet")),
+                                  split=cfg.split, limit=cfg.limit)
+            for _, uri in sorted(self.prompts_uris.items())], how="diagonal_relaxed")
+        for lang in sorted(self.prompts_uris):
+            if prompts.filter(pl.col("lang") == lang).is_empty():
+                raise ValueError(f"no {cfg.split!r} prompts for language {lang!r} in "
+                                 f"{self.prompts_uris[lang]}; check prompts.split")
+        generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
+                                   device=policy.device, dtype=policy.dtype,
+                                   tensor_parallel_size=gen.tensor_parallel_size, seed=gen.seed)
         df = generate_frame(
-            self.generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
+            generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
             max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-            seed=_content_seed(gen.seed, shard),
-            policy=policy_label(policy.model, policy.adapter),
+            seed=_together_seed(gen.seed), policy=policy_label(policy.model, policy.adapter),
             respond_in_language=gen.respond_in_language,
-            instruction_template=gen.instruction_template,
-        )
-        storage.write_parquet(df, uri)
-        # the prompts file last: its presence says the shard is complete
-        storage.write_parquet(prompts, storage.join(self.store, f"{shard}.prompts.parquet"))
-        self.generated_rows += df.height
+            instruction_template=gen.instruction_template)
+        _write_by_language(df, _by_language(out, self.prompts_uris), time.perf_counter() - t0)
+        return None
 
 
-def seal_generations(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                     prompts_cfg: PromptsConfig, data_root: str) -> str:
-    """Mark one language's generations complete once every shard group has written its
-    shards (cheap: lists the folder, counts rows). Missing shards fail with their names."""
-    out = generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
-    if storage.is_complete(out):
-        return out
-    n_shards = generation_shard_count(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
-    missing = _missing_parts(out, n_shards)
-    if missing:
-        raise RuntimeError(f"{out}: {len(missing)} of {n_shards} shards are missing "
-                           f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
-                           "rerun generation, which writes only the missing shards")
-    _seal(out, n_shards, {})
-    return out
+def _together_seed(seed: int) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(b"*")) % (2**31)
 
 
-def languages_generation_key(prompts_uris: dict[str, str], policy: PolicyConfig,
-                             gen: GenerationConfig, prompts_cfg: PromptsConfig) -> str:
-    """One key for every language: sampled together, each depends on the whole batch."""
-    return stable_hash({
-        "stage": "generations", "v": STAGE_VERSIONS["generations"], "languages_together": True,
-        "prompts": {lang: key_of(u) for lang, u in sorted(prompts_uris.items())},
-        "policy": identity(policy), "generation": identity(gen),
-        "split": prompts_cfg.split, "limit": prompts_cfg.limit,
-    })
-
-
-def run_generate_languages(prompts_uris: dict[str, str], policy: PolicyConfig,
-                           gen: GenerationConfig, prompts_cfg: PromptsConfig,
-                           data_root: str) -> dict[str, str]:
-    """k samples for the selected prompts of every language, generated together: one model
-    load and full batches however few prompts a language has (held-out answers: a handful
-    per language, which alone make small, slow batches). Writes the layout of
-    `run_generate` (`generations/<key>/lang=xx/part-00000.parquet`, a `_SUCCESS` per
-    language) and returns lang -> URI. All or nothing: the sets it is meant for are small."""
-    from croco.generation import generate_frame, make_generator, policy_label
-    from croco.prompts import select_for_generation
-
-    t0 = time.perf_counter()
-    root = storage.join(data_root, "generations",
-                        languages_generation_key(prompts_uris, policy, gen, prompts_cfg))
-    outs = {lang: storage.join(root, f"lang={lang}") for lang in sorted(prompts_uris)}
-    if all(storage.is_complete(u) for u in outs.values()):
-        return outs
-    prompts = pl.concat([
-        select_for_generation(storage.read_parquet(storage.join(uri, "data.parquet")),
-                              split=prompts_cfg.split, limit=prompts_cfg.limit)
-        for _, uri in sorted(prompts_uris.items())], how="diagonal_relaxed")
-    for lang in outs:
-        if prompts.filter(pl.col("lang") == lang).is_empty():
-            raise ValueError(f"no {prompts_cfg.split!r} prompts for language {lang!r} in "
-                             f"{prompts_uris[lang]}; check prompts.split")
-    generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
-                               device=policy.device, dtype=policy.dtype,
-                               tensor_parallel_size=gen.tensor_parallel_size, seed=gen.seed)
-    df = generate_frame(
-        generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
-        max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-        seed=_shard_seed(gen.seed, "*", 0), policy=policy_label(policy.model, policy.adapter),
-        respond_in_language=gen.respond_in_language,
-        instruction_template=gen.instruction_template)
-    seconds = round(time.perf_counter() - t0, 3)
+def _write_by_language(df: pl.DataFrame, outs: dict[str, str], seconds: float) -> None:
     for lang, uri in outs.items():
         part = df.filter(pl.col("lang") == lang)
-        storage.write_parquet(part, storage.join(uri, "part-00000.parquet"))
-        storage.mark_complete(uri, {"rows": part.height, "shards": 1, "seconds": seconds})
-    return outs
+        storage.write_parquet(part, storage.join(uri, part_name(0)))
+        storage.mark_complete(uri, {"rows": part.height, "shards": 1,
+                                    "seconds": round(seconds, 3)})
 
 
 # ---------------------------------------------------------------------------- scoring
 
 
-def score_key(generations_uri: str, reward: RewardConfig) -> str:
-    return stable_hash({
-        "stage": "scores", "v": STAGE_VERSIONS["scores"], "generations": key_of(generations_uri),
-        "reward": identity(reward),
-    })
-
-
-def score_uri(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
-    """Where `run_score` writes one language's scores."""
-    return storage.join(data_root, "scores", score_key(generations_uri, reward), f"lang={lang}")
-
-
 def generation_parts(generations_uri: str) -> list[str]:
-    """The shard files of a complete generations output, in shard order."""
+    """The part files of a complete generations output, in part order."""
     if not storage.is_complete(generations_uri):
         raise RuntimeError(f"generations at {generations_uri} are incomplete; rerun generation")
     return [p for p in storage.list_dir(generations_uri) if p.endswith(".parquet")]
 
 
-def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
-              data_root: str, *, progress: Progress | None = None,
-              shards: range | None = None) -> str:
-    """Score every generation shard of one language with the configured scorers.
+class Score(ShardedStage):
+    """The configured scorers' rewards of one language's generations, part by part (part i
+    scores generation part i; from the scored copy of its stored shard when the
+    generations came from the sample store)."""
 
-    `shards`: only the generation shards at these positions (a shard group); each score
-    shard has its generation shard's name. `_SUCCESS` is written once every generation
-    shard has its score shard (see `run_generate`, `seal_scores`)."""
-    from croco.progress import progress_bar
-    from croco.reward import score_frame
+    folder = "scores"
+    generations_uri: str
+    prompts_uri: str
+    lang: str
+    reward: RewardConfig
 
-    t0 = time.perf_counter()
-    out = score_uri(generations_uri, lang, reward, data_root)
-    if storage.is_complete(out):
-        return out
-    parts = generation_parts(generations_uri)
-    wanted = parts if shards is None else parts[shards.start:shards.stop]
-    if shards is not None and shards and shards.stop > len(parts):
-        raise ValueError(f"{out}: shards {shards.start}..{shards.stop - 1} asked for, but "
-                         f"{generations_uri} has {len(parts)} shards")
-    plan = (storage.read_json(plan_uri(generations_uri))
-            if storage.exists(plan_uri(generations_uri)) else None)
-    prompts = None
-    existing = set(storage.list_dir(out))
-    bar = progress_bar(len(wanted), f"score {lang}", unit="shard",
-                       initial=sum(p in existing for p in wanted))
-    for n, part in enumerate(wanted, 1):
-        if part in existing:
-            continue
-        if plan is not None:  # from the scored copy of its stored shard
-            entry = plan["parts"][parts.index(part)]
-            scored = _scored_shard(plan["store"], entry["shard"], lang, reward, data_root)
-            scored = scored.filter(pl.col("prompt_id").is_in(entry["prompt_ids"]))
-        else:
-            if prompts is None:
-                prompts = storage.read_parquet(storage.join(prompts_uri, "data.parquet"))
-            gens = storage.read_parquet(storage.join(generations_uri, part))
-            scored = score_frame(gens, prompts, reward.scorers, device=reward.device)
-        storage.write_parquet(scored, storage.join(out, part))
-        bar.update(1)
-        if progress:
-            progress(n, len(wanted))
-    bar.close()
-    if shards is None:
-        _seal(out, len(parts), {"seconds": round(time.perf_counter() - t0, 3)})
-    elif not set(parts) - set(storage.list_dir(out)):
-        _seal(out, len(parts), {})
-    return out
+    def identity(self) -> dict:
+        return {"generations": key_of(self.generations_uri), "reward": identity(self.reward)}
+
+    def label(self) -> str:
+        return f"score-{self.lang}"
+
+    def n_parts(self, data_root: str) -> int:
+        return len(generation_parts(self.generations_uri))
+
+    def parts(self, data_root: str) -> Parts:
+        return _ScoreParts(self, data_root)
+
+    def summary(self, result: str) -> str:
+        info = completion_info(result)
+        return (f"scored {info.get('rows')} samples for {self.lang} in "
+                f"{info.get('seconds')}s -> {result}")
 
 
-def scored_store_uri(store: str, lang: str, reward: RewardConfig, data_root: str) -> str:
-    """The rewards of a sample store's shards under one reward config:
-    `scored/<key>/lang=xx/<shard>.parquet`, each the scores of the whole stored shard."""
-    key = stable_hash({"stage": "scores", "v": STAGE_VERSIONS["scores"],
-                       "samples": key_of(store),
-                       "reward": identity(reward)})
-    return storage.join(data_root, "scored", key, f"lang={lang}")
+class _ScoreParts(Parts):
+    def __init__(self, stage: Score, data_root: str):
+        self.stage, self.data_root = stage, data_root
+        self.files = generation_parts(stage.generations_uri)
+        self.count = len(self.files)
+        where = plan_uri(stage.generations_uri)
+        self.plan = storage.read_json(where) if storage.exists(where) else None
+        self.prompts = None
+
+    def rows(self, i: int) -> pl.DataFrame:
+        from croco.reward import score_frame
+
+        s = self.stage
+        if self.plan is not None:  # from the scored copy of its stored shard
+            entry = self.plan["parts"][i]
+            scored = scored_shard(self.plan["store"], entry["shard"], s.lang, s.reward,
+                                  self.data_root)
+            return scored.filter(pl.col("prompt_id").is_in(entry["prompt_ids"]))
+        if self.prompts is None:
+            self.prompts = storage.read_parquet(storage.join(s.prompts_uri, "data.parquet"))
+        gens = storage.read_parquet(storage.join(s.generations_uri, self.files[i]))
+        return score_frame(gens, self.prompts, s.reward.scorers, device=s.reward.device)
 
 
-def _scored_shard(store: str, shard: str, lang: str, reward: RewardConfig,
-                  data_root: str) -> pl.DataFrame:
-    """The scores of one stored generation shard, scored (with the prompts stored beside
-    it) and kept the first time any run asks for them."""
-    from croco.reward import score_frame
+class ScoreLanguages(Stage):
+    """The rewards of every language's held-out answers, scored together (full batches,
+    each scorer loaded once); the `Score` layout, one part and `_SUCCESS` per language."""
 
-    uri = storage.join(scored_store_uri(store, lang, reward, data_root), f"{shard}.parquet")
-    if not storage.exists(uri):
-        gens = storage.read_parquet(storage.join(store, f"{shard}.parquet"))
-        prompts = storage.read_parquet(storage.join(store, f"{shard}.prompts.parquet"))
-        storage.write_parquet(score_frame(gens, prompts, reward.scorers, device=reward.device),
-                              uri)
-    return storage.read_parquet(uri)
+    folder = "scores"
+    generations_uris: dict[str, str]
+    prompts_uris: dict[str, str]
+    reward: RewardConfig
+    name: str = ""
 
+    def identity(self) -> dict:
+        return {"languages_together": True, "generations": _keys(self.generations_uris),
+                "reward": identity(self.reward)}
 
-def seal_scores(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
-    """Mark one language's scores complete once every generation shard has been scored by
-    its shard group. Missing shards fail with their names."""
-    out = score_uri(generations_uri, lang, reward, data_root)
-    if storage.is_complete(out):
-        return out
-    parts = generation_parts(generations_uri)
-    missing = sorted(set(parts) - set(storage.list_dir(out)))
-    if missing:
-        raise RuntimeError(f"{out}: {len(missing)} of {len(parts)} shards are not scored "
-                           f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
-                           "rerun scoring, which scores only the missing shards")
-    _seal(out, len(parts), {})
-    return out
+    def label(self) -> str:
+        return f"score-{self.name}"
 
+    def result(self, data_root: str) -> dict[str, str]:
+        return _by_language(self.output(data_root), self.generations_uris)
 
-def languages_score_key(generations_uris: dict[str, str], reward: RewardConfig) -> str:
-    return stable_hash({"stage": "scores", "v": STAGE_VERSIONS["scores"],
-                        "languages_together": True,
-                        "generations": {lang: key_of(u)
-                                        for lang, u in sorted(generations_uris.items())},
-                        "reward": identity(reward)})
+    def complete(self, data_root: str) -> bool:
+        return all(storage.is_complete(u) for u in self.result(data_root).values())
 
+    def work(self, out: str, progress: Progress | None) -> None:
+        import time
 
-def run_score_languages(generations_uris: dict[str, str], prompts_uris: dict[str, str],
-                        reward: RewardConfig, data_root: str) -> dict[str, str]:
-    """Score the generations of every language together (full batches, each scorer loaded
-    once); the `run_score` layout, one part and `_SUCCESS` per language; lang -> URI."""
-    from croco.reward import score_frame
+        from croco.reward import score_frame
 
-    t0 = time.perf_counter()
-    key = languages_score_key(generations_uris, reward)
-    outs = {lang: storage.join(data_root, "scores", key, f"lang={lang}")
-            for lang in sorted(generations_uris)}
-    if all(storage.is_complete(u) for u in outs.values()):
-        return outs
-    for uri in generations_uris.values():
-        if not storage.is_complete(uri):
-            raise RuntimeError(f"generations at {uri} are incomplete; rerun generation")
-    gens = pl.concat([storage.read_parquet(generations_uris[lang]) for lang in outs],
-                     how="diagonal_relaxed")
-    prompts = pl.concat([storage.read_parquet(storage.join(prompts_uris[lang], "data.parquet"))
-                         for lang in outs], how="diagonal_relaxed")
-    scored = score_frame(gens, prompts, reward.scorers, device=reward.device)
-    seconds = round(time.perf_counter() - t0, 3)
-    for lang, uri in outs.items():
-        part = scored.filter(pl.col("lang") == lang)
-        storage.write_parquet(part, storage.join(uri, "part-00000.parquet"))
-        storage.mark_complete(uri, {"rows": part.height, "seconds": seconds})
-    return outs
+        t0 = time.perf_counter()
+        langs = sorted(self.generations_uris)
+        for uri in self.generations_uris.values():
+            if not storage.is_complete(uri):
+                raise RuntimeError(f"generations at {uri} are incomplete; rerun generation")
+        gens = pl.concat([storage.read_parquet(self.generations_uris[lang]) for lang in langs],
+                         how="diagonal_relaxed")
+        scored = score_frame(gens, _prompts(self.prompts_uris, langs), self.reward.scorers,
+                             device=self.reward.device)
+        _write_by_language(scored, _by_language(out, langs), time.perf_counter() - t0)
+        return None
 
 
 # ---------------------------------------------------------------------------- pairing
 
 
-def pairs_key(score_uris: dict[str, str], prompts_uris: dict[str, str],
-              pairing: PairingConfig) -> str:
-    return stable_hash({
-        "stage": "pairs", "v": STAGE_VERSIONS["pairs"],
-        "scores": {lang: key_of(u) for lang, u in sorted(score_uris.items())},
-        "prompts": {lang: key_of(u) for lang, u in sorted(prompts_uris.items())},
-        "pairing": identity(pairing),
-    })
-
-
-def run_pairs(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing: PairingConfig,
-              data_root: str) -> str:
+class Pairs(Stage):
     """DPO pairs and SFT rows from the scores of every language, plus per-language stats.
+    Reads the score columns of every part, selects the pools once, then fetches only the
+    chosen and rejected texts part by part (`croco.pairs_io`)."""
 
-    Reads the score columns of every shard, selects the pools once, then fetches only the
-    chosen and rejected texts shard by shard (`croco.pairs_io`)."""
-    from croco import pairs_io
+    folder = "pairs"
+    gpu = False
+    score_uris: dict[str, str]
+    prompts_uris: dict[str, str]
+    pairing: PairingConfig
 
-    t0 = time.perf_counter()
-    out = storage.join(data_root, "pairs", pairs_key(score_uris, prompts_uris, pairing))
-    if storage.is_complete(out):
-        return out
-    langs = sorted(score_uris)
-    parts = [p for lang in langs for p in storage.parquet_files(score_uris[lang])]
-    prompts = pl.concat([storage.read_parquet(storage.join(prompts_uris[lang], "data.parquet"))
-                         for lang in langs], how="diagonal_relaxed")
-    sets = pairs_io.pair_shards(parts, prompts, pairing)
-    pairs_io.write_pair_sets(sets, out, langs, time.perf_counter() - t0)
-    return out
+    def identity(self) -> dict:
+        return {"scores": _keys(self.score_uris), "prompts": _keys(self.prompts_uris),
+                "pairing": identity(self.pairing)}
 
+    def label(self) -> str:
+        return f"pair-{self.pairing.scope}"
 
-def completion_info(uri: str) -> dict:
-    """What a stage output's `_SUCCESS` marker recorded (rows, seconds, ...)."""
-    return _done_info(uri)
+    def work(self, out: str, progress: Progress | None) -> None:
+        import time
+
+        from croco import pairs_io
+
+        t0 = time.perf_counter()
+        langs = sorted(self.score_uris)
+        parts = [p for lang in langs for p in storage.parquet_files(self.score_uris[lang])]
+        sets = pairs_io.pair_shards(parts, _prompts(self.prompts_uris, langs), self.pairing)
+        pairs_io.write_pair_sets(sets, out, langs, time.perf_counter() - t0)
+        return None  # write_pair_sets marks the output with its counts
+
+    def summary(self, result: str) -> str:
+        info = completion_info(result)
+        return f"{info.get('rows')} pairs ({info.get('skipped')} pools skipped) -> {result}"
 
 
 # --------------------------------------------------------------------------- training
 
-# The training stage lives in croco.training.run (a spec in, `training/<key>/` out).
+
+class Train(Stage):
+    """One training run (`croco.training.run.run_train`, the spec's method); on a machine
+    with several GPUs, DPO and SFT train data parallel on all of them."""
+
+    folder = "training"
+    spec: TrainSpec
+
+    def key(self) -> str:
+        return self.spec.key()
+
+    def identity(self) -> dict:
+        return {"spec": self.spec.key()}
+
+    def where(self) -> str:
+        return f"training/{self.spec.key()}"
+
+    def output(self, data_root: str) -> str:
+        return self.spec.uri()
+
+    def label(self) -> str:
+        return f"train-{self.spec.variant_name}"
+
+    def work(self, out: str, progress: Progress | None) -> None:
+        from croco.training.run import run_train
+
+        n_gpus = _gpu_count()
+        if n_gpus > 1 and self.spec.method in ("dpo", "sft"):
+            from croco.training.launch import run_train_distributed
+
+            run_train_distributed(n_gpus, self.spec)
+        else:
+            run_train(self.spec)
+        return None  # the training run marks its output
+
+    def summary(self, result: str) -> str:
+        m = storage.read_json(storage.join(result, "metrics.json"))
+        return f"trained {self.spec.variant_name}: loss {m.get('first_loss')} -> " \
+               f"{m.get('final_loss')} -> {result}"
+
+    def artifact(self, result: str):
+        m = storage.read_json(storage.join(result, "metrics.json"))
+        keys = ["method", "pairs_train", "rows_train", "steps", "first_loss", "final_loss",
+                "rewards/accuracies", "rewards/margins", "eval_loss", "tokens_per_second",
+                "ref_logps", "ref_forward_batches", "off_policy", "train_runtime",
+                "pairs_generated"]
+        lang = self.spec.lang
+        return (f"train-metrics-{self.spec.variant_name}{'-' + lang if lang else ''}",
+                f"training metrics, variant {self.spec.variant_name}",
+                [{"metric": k, "value": str(m.get(k))} for k in keys if k in m])
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+class Judge(Stage):
+    """The candidate's held-out answers judged against the baseline's, both orders:
+    `judgments.parquet` and `win_rates.parquet` (see croco.evaluation.winrate)."""
+
+    folder = "judgments"
+    candidate_scores: dict[str, str]
+    baseline_scores: dict[str, str]
+    prompts_uris: dict[str, str]
+    judge: JudgeEvalConfig
+    name: str = ""
+    device: str = "auto"
+
+    def identity(self) -> dict:
+        return {"candidate": _keys(self.candidate_scores),
+                "baseline": _keys(self.baseline_scores), "judge": identity(self.judge)}
+
+    def label(self) -> str:
+        return f"judge-{self.name}"
+
+    def work(self, out: str, progress: Progress | None) -> dict:
+        from croco.evaluation.judge import judge_pairs
+        from croco.evaluation.winrate import JUDGE_TEMPLATE, win_rates
+
+        langs, judge = sorted(self.candidate_scores), self.judge
+
+        def answers(uris: dict[str, str], name: str) -> pl.DataFrame:
+            df = pl.concat([storage.read_parquet(uris[lang]) for lang in langs])
+            return df.filter(pl.col("sample_idx") == 0).select(
+                "prompt_id", "lang", pl.col("response").alias(name))
+
+        prompts = _prompts(self.prompts_uris, langs).select("prompt_id", "lang", "prompt")
+        pairs = (answers(self.candidate_scores, "candidate")
+                 .join(answers(self.baseline_scores, "baseline"), on=["prompt_id", "lang"])
+                 .join(prompts, on=["prompt_id", "lang"]).sort("lang", "prompt_id"))
+        judgments = judge_pairs(
+            pairs, judge_model=judge.model, template=judge.template or JUDGE_TEMPLATE,
+            mode=judge.mode, temperature=judge.temperature, max_new_tokens=judge.max_new_tokens,
+            batch_size=judge.batch_size, seed=judge.seed, device=self.device,
+            calibrate=judge.calibrate, backend=judge.backend)
+        rates = win_rates(judgments, n_bootstrap=judge.n_bootstrap, seed=judge.seed)
+        storage.write_parquet(judgments, storage.join(out, "judgments.parquet"))
+        storage.write_parquet(rates, storage.join(out, "win_rates.parquet"))
+        valid = judgments.filter(pl.col("verdict").is_not_null())
+        return {"rows": judgments.height, "invalid": int(judgments["verdict"].null_count()),
+                # share of verdicts for whichever answer was shown first: far from 0.5
+                # means the judge has a position bias
+                "first_position_share": (float((valid["verdict"] == "1").mean())
+                                         if valid.height else None)}
+
+    def artifact(self, result: str):
+        rates = storage.read_parquet(storage.join(result, "win_rates.parquet"))
+        return (f"win-rates-{self.name}",
+                f"win rate of {self.name} against the base, per language", rates.to_dicts())
+
+
+class Structured(Stage):
+    """Multiple-choice accuracy of one model per language and task (lm-eval, or
+    EuroEval): `results.parquet` (lang, task, metric, value, n)."""
+
+    folder = "structured"
+    policy: PolicyConfig
+    structured: StructuredEvalConfig
+    langs: list[str]
+    name: str = ""
+
+    def identity(self) -> dict:
+        return {"policy": identity(self.policy), "langs": sorted(self.langs),
+                "cfg": identity(self.structured)}
+
+    def label(self) -> str:
+        return f"structured-{self.name}"
+
+    def work(self, out: str, progress: Progress | None) -> dict:
+        from croco.evaluation.structured import evaluate_euroeval, evaluate_structured
+        from croco.models import pick_device, resolve_model
+
+        policy, st, langs = self.policy, self.structured, self.langs
+        device = pick_device(policy.device)
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+        if st.backend == "euroeval":
+            df = evaluate_euroeval(
+                resolve_model(policy.model), adapter=policy.adapter, langs=langs,
+                datasets=st.euroeval_datasets, tasks=st.euroeval_tasks,
+                few_shot=st.euroeval_few_shot, iterations=st.euroeval_iterations,
+                test_split=st.euroeval_test_split, device=str(device), dtype=dtype)
+        else:
+            df = evaluate_structured(
+                resolve_model(policy.model), adapter=policy.adapter,
+                tasks={lang: t for lang, t in st.tasks.items() if lang in langs},
+                local_mc=st.local_mc, langs=langs, backend=st.backend,
+                batch_size=st.batch_size, limit=st.limit, device=str(device), dtype=dtype)
+        storage.write_parquet(df, storage.join(out, "results.parquet"))
+        return {"rows": df.height}
+
+    def artifact(self, result: str):
+        rows = storage.read_parquet(storage.join(result, "results.parquet")).to_dicts()
+        return (f"structured-{self.name}",
+                f"structured task scores per language, {self.name}", rows)
+
+
+class RewardCheck(Stage):
+    """The run's reward's ranking accuracy per language on the preference set `path`
+    (by content: an edited set is a new input): `accuracy.parquet`."""
+
+    folder = "reward_check"
+    path: str
+    reward: RewardConfig
+    langs: list[str]
+
+    def identity(self) -> dict:
+        return {"set": path_identity(self.path), "langs": sorted(self.langs),
+                "reward": identity(self.reward)}
+
+    def label(self) -> str:
+        return "reward-check"
+
+    def work(self, out: str, progress: Progress | None) -> dict:
+        from croco.evaluation.reward_check import load_preference_set, ranking_accuracy
+
+        prefs = load_preference_set(self.path).filter(pl.col("lang").is_in(self.langs))
+        table = ranking_accuracy(prefs, self.reward.scorers, device=self.reward.device)
+        storage.write_parquet(table, storage.join(out, "accuracy.parquet"))
+        return {"rows": table.height}
+
+    def artifact(self, result: str):
+        rows = storage.read_parquet(storage.join(result, "accuracy.parquet")).to_dicts()
+        return "reward-check", "reward ranking accuracy per language", rows
 
 
 # ------------------------------------------------------------------ held-out summary
@@ -664,126 +621,97 @@ def heldout_summary(scores: dict[str, pl.DataFrame]) -> pl.DataFrame:
 
 def run_heldout_summary(score_uris: dict[str, dict[str, str]], data_root: str,
                         run_id: str) -> str:
-    """`score_uris`: model name -> lang -> scores URI. Writes the summary table."""
+    """`score_uris`: model name -> lang -> scores URI. Writes the run's summary table
+    (a view of the run, in `runs/<run_id>/`, not a stage output)."""
     scores = {model: pl.concat([storage.read_parquet(u) for u in by_lang.values()],
                                how="diagonal_relaxed")
               for model, by_lang in score_uris.items()}
-    table = heldout_summary(scores)
     uri = storage.join(data_root, "runs", run_id, "heldout.parquet")
-    storage.write_parquet(table, uri)
+    storage.write_parquet(heldout_summary(scores), uri)
     return uri
 
 
-# --------------------------------------------------------------------- judge win rates
+# ------------------------------------------------------------ the stages as plain calls
 
-def judge_key(candidate: dict[str, str], baseline: dict[str, str], judge) -> str:
-    return stable_hash({
-        "stage": "judgments", "v": STAGE_VERSIONS["judgments"],
-        "candidate": {k: key_of(u) for k, u in sorted(candidate.items())},
-        "baseline": {k: key_of(u) for k, u in sorted(baseline.items())},
-        "judge": identity(judge),
-    })
+
+def run_prompts(cfg: PromptsConfig, lang: str, data_root: str, *, device: str = "auto") -> str:
+    return run(Prompts(cfg=cfg, lang=lang, device=device), data_root)
+
+
+def run_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                 prompts_cfg: PromptsConfig, data_root: str, *, progress: Progress | None = None,
+                 on_shard=None, shards: range | None = None) -> str:
+    stage = Generate(prompts_uri=prompts_uri, lang=lang, policy=policy, gen=gen,
+                     prompts_cfg=prompts_cfg)
+    return run(stage, data_root, progress=progress, shards=shards, on_shard=on_shard)
+
+
+def generation_uri(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                   prompts_cfg: PromptsConfig, data_root: str) -> str:
+    return Generate(prompts_uri=prompts_uri, lang=lang, policy=policy, gen=gen,
+                    prompts_cfg=prompts_cfg).output(data_root)
+
+
+def generation_plan(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                    prompts_cfg: PromptsConfig, data_root: str) -> dict:
+    return Generate(prompts_uri=prompts_uri, lang=lang, policy=policy, gen=gen,
+                    prompts_cfg=prompts_cfg).plan(data_root)
+
+
+def seal_generations(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
+                     prompts_cfg: PromptsConfig, data_root: str) -> str:
+    return seal(Generate(prompts_uri=prompts_uri, lang=lang, policy=policy, gen=gen,
+                         prompts_cfg=prompts_cfg), data_root)
+
+
+def run_generate_languages(prompts_uris: dict[str, str], policy: PolicyConfig,
+                           gen: GenerationConfig, prompts_cfg: PromptsConfig,
+                           data_root: str) -> dict[str, str]:
+    return run(GenerateLanguages(prompts_uris=prompts_uris, policy=policy, gen=gen,
+                                 prompts_cfg=prompts_cfg), data_root)
+
+
+def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
+              data_root: str, *, progress: Progress | None = None,
+              shards: range | None = None) -> str:
+    stage = Score(generations_uri=generations_uri, prompts_uri=prompts_uri, lang=lang,
+                  reward=reward)
+    return run(stage, data_root, progress=progress, shards=shards)
+
+
+def score_uri(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
+    return Score(generations_uri=generations_uri, prompts_uri="", lang=lang,
+                 reward=reward).output(data_root)
+
+
+def seal_scores(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
+    return seal(Score(generations_uri=generations_uri, prompts_uri="", lang=lang,
+                      reward=reward), data_root)
+
+
+def run_score_languages(generations_uris: dict[str, str], prompts_uris: dict[str, str],
+                        reward: RewardConfig, data_root: str) -> dict[str, str]:
+    return run(ScoreLanguages(generations_uris=generations_uris, prompts_uris=prompts_uris,
+                              reward=reward), data_root)
+
+
+def run_pairs(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing: PairingConfig,
+              data_root: str) -> str:
+    return run(Pairs(score_uris=score_uris, prompts_uris=prompts_uris, pairing=pairing),
+               data_root)
 
 
 def run_judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
-              prompts_uris: dict[str, str], judge, data_root: str, *,
+              prompts_uris: dict[str, str], judge: JudgeEvalConfig, data_root: str, *,
               device: str = "auto") -> str:
-    """Judge the candidate's held-out answers against the baseline's, both orders; write
-    `judgments.parquet` and `win_rates.parquet` (see croco.evaluation.winrate)."""
-    out = storage.join(data_root, "judgments", judge_key(candidate_scores, baseline_scores, judge))
-    return run_once(out, lambda: _judge(candidate_scores, baseline_scores, prompts_uris, judge,
-                                        out, device))
+    return run(Judge(candidate_scores=candidate_scores, baseline_scores=baseline_scores,
+                     prompts_uris=prompts_uris, judge=judge, device=device), data_root)
 
 
-def _judge(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
-           prompts_uris: dict[str, str], judge, out: str, device: str) -> dict:
-    from croco.evaluation.judge import judge_pairs
-    from croco.evaluation.winrate import JUDGE_TEMPLATE, win_rates
-
-    langs = sorted(candidate_scores)
-
-    def answers(uris: dict[str, str], name: str) -> pl.DataFrame:
-        df = pl.concat([storage.read_parquet(uris[lang]) for lang in langs])
-        return df.filter(pl.col("sample_idx") == 0).select("prompt_id", "lang",
-                                                           pl.col("response").alias(name))
-
-    prompts = pl.concat([storage.read_parquet(storage.join(prompts_uris[lang], "data.parquet"))
-                         for lang in langs]).select("prompt_id", "lang", "prompt")
-    pairs = (answers(candidate_scores, "candidate")
-             .join(answers(baseline_scores, "baseline"), on=["prompt_id", "lang"])
-             .join(prompts, on=["prompt_id", "lang"]).sort("lang", "prompt_id"))
-    judgments = judge_pairs(pairs, judge_model=judge.model, template=judge.template or
-                            JUDGE_TEMPLATE, mode=judge.mode, temperature=judge.temperature,
-                            max_new_tokens=judge.max_new_tokens, batch_size=judge.batch_size,
-                            seed=judge.seed, device=device, calibrate=judge.calibrate,
-                            backend=judge.backend)
-    rates = win_rates(judgments, n_bootstrap=judge.n_bootstrap, seed=judge.seed)
-    storage.write_parquet(judgments, storage.join(out, "judgments.parquet"))
-    storage.write_parquet(rates, storage.join(out, "win_rates.parquet"))
-    valid = judgments.filter(pl.col("verdict").is_not_null())
-    return {"rows": judgments.height, "invalid": int(judgments["verdict"].null_count()),
-            # share of verdicts for whichever answer was shown first: far from 0.5 means
-            # the judge has a position bias
-            "first_position_share": (float((valid["verdict"] == "1").mean())
-                                     if valid.height else None)}
-
-
-# ------------------------------------------------------------------ structured tasks
-
-def structured_key(policy: PolicyConfig, structured, langs: list[str]) -> str:
-    return stable_hash({"stage": "structured", "v": STAGE_VERSIONS["structured"],
-                        "policy": identity(policy), "langs": sorted(langs),
-                        "cfg": identity(structured)})
-
-
-def run_structured(policy: PolicyConfig, structured, langs: list[str], data_root: str) -> str:
-    """Multiple-choice accuracy of one model per language and task (lm-eval);
-    writes `results.parquet` (lang, task, metric, value, n)."""
-    out = storage.join(data_root, "structured", structured_key(policy, structured, langs))
-    return run_once(out, lambda: _structured(policy, structured, langs, out))
-
-
-def _structured(policy: PolicyConfig, structured, langs: list[str], out: str) -> dict:
-    from croco.evaluation.structured import evaluate_euroeval, evaluate_structured
-    from croco.models import pick_device, resolve_model
-
-    device = pick_device(policy.device)
-    if structured.backend == "euroeval":
-        df = evaluate_euroeval(
-            resolve_model(policy.model), adapter=policy.adapter, langs=langs,
-            datasets=structured.euroeval_datasets, tasks=structured.euroeval_tasks,
-            few_shot=structured.euroeval_few_shot, iterations=structured.euroeval_iterations,
-            test_split=structured.euroeval_test_split, device=str(device),
-            dtype="bfloat16" if device.type == "cuda" else "float32")
-    else:
-        df = evaluate_structured(
-            resolve_model(policy.model), adapter=policy.adapter,
-            tasks={lang: t for lang, t in structured.tasks.items() if lang in langs},
-            local_mc=structured.local_mc, langs=langs, backend=structured.backend,
-            batch_size=structured.batch_size, limit=structured.limit, device=str(device),
-            dtype="bfloat16" if device.type == "cuda" else "float32")
-    storage.write_parquet(df, storage.join(out, "results.parquet"))
-    return {"rows": df.height}
-
-
-# ----------------------------------------------------------------------- reward check
-
-def reward_check_key(path: str, reward: RewardConfig, langs: list[str]) -> str:
-    return stable_hash({"stage": "reward_check", "v": STAGE_VERSIONS["reward_check"],
-                        "set": path_identity(path), "langs": sorted(langs),
-                        "reward": identity(reward)})
+def run_structured(policy: PolicyConfig, structured: StructuredEvalConfig, langs: list[str],
+                   data_root: str) -> str:
+    return run(Structured(policy=policy, structured=structured, langs=langs), data_root)
 
 
 def run_reward_check(path: str, reward: RewardConfig, langs: list[str], data_root: str) -> str:
-    """Ranking accuracy of the run's reward per language; writes `accuracy.parquet`."""
-    from croco.evaluation.reward_check import load_preference_set, ranking_accuracy
-
-    out = storage.join(data_root, "reward_check", reward_check_key(path, reward, langs))
-
-    def work() -> dict:
-        prefs = load_preference_set(path).filter(pl.col("lang").is_in(langs))
-        table = ranking_accuracy(prefs, reward.scorers, device=reward.device)
-        storage.write_parquet(table, storage.join(out, "accuracy.parquet"))
-        return {"rows": table.height}
-
-    return run_once(out, work)
+    return run(RewardCheck(path=path, reward=reward, langs=langs), data_root)

@@ -25,9 +25,9 @@ from croco import storage
 from croco.config import CrocoConfig, apply_overrides, config_from_dict, load_config
 from croco.manifest import RunOutputs
 from croco.preflight import STAGES
-from croco.stages import STAGE_VERSIONS
+from croco.stages import Prompts
 from croco.flows.stages import Stages, resolve
-from croco.tasks import manifest_task, prompts_task, report_task
+from croco.tasks import manifest_task, report_task, stage_task
 from croco.tasks.remote import prepare_run
 
 
@@ -88,10 +88,8 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
                         "see it (a shared filesystem); on a cluster use s3://...", root)
     out = RunOutputs[str]()
 
-    prompt_uris = resolve(prompts_task, [
-        dict(cfg=config.prompts, lang=lang, data_root=root,
-             code_version=STAGE_VERSIONS["prompts"]) for lang in langs
-    ])
+    prompt_uris = resolve(stage_task, [
+        dict(stage=Prompts(cfg=config.prompts, lang=lang), data_root=root) for lang in langs])
     out.prompts = dict(zip(langs, prompt_uris))
     if last >= STAGES.index("generate"):
         out.generations, out.scores = run.generate_and_score(

@@ -39,26 +39,21 @@ from croco.config import (
 )
 from croco.identity import identity
 from croco.manifest import EvaluationOutputs, RoundOutputs, VariantOutputs
-from croco.stages import STAGE_VERSIONS
+from croco.stage import ShardedStage, Stage
+from croco.stages import (
+    Generate,
+    GenerateLanguages,
+    Judge,
+    Pairs,
+    RewardCheck,
+    Score,
+    ScoreLanguages,
+    Structured,
+    Train,
+)
 from croco.training.run import adapter_path
 from croco.training.spec import variant_spec
-from croco.tasks import (
-    generate_group_task,
-    generate_languages_task,
-    generate_task,
-    heldout_task,
-    judge_task,
-    pairs_task,
-    plan_generate_task,
-    reward_check_task,
-    score_group_task,
-    score_languages_task,
-    score_task,
-    seal_generate_task,
-    seal_score_task,
-    structured_task,
-    train_task,
-)
+from croco.tasks import heldout_task, stage_task
 from croco.tasks.remote import prepare_run, trigger_task
 
 _persist = dict(persist_result=True, result_serializer="json")
@@ -151,27 +146,31 @@ class Stages:
         uncached = trigger_task.with_options(cache_policy=NO_CACHE)
         return [f.result() for f in [uncached.submit(**t) for t in triggers]]
 
-    def _per_language(self, stage: str, task, group_task, seal_task,
-                      calls: list[dict], plan_task=None) -> list[str]:
-        """One stage (generate or score) for every language of `calls`: one task or flow
-        run per language, or, with `shards_per_language` n > 1, a plan per language (if
-        the stage has one), n shard groups per language, then a seal per language. Returns
-        one output URI per call."""
-        langs = [c["lang"] for c in calls]
+    def _per_language(self, stage: str, work: list[ShardedStage]) -> list[str]:
+        """One sharded stage (generate or score) for every language: one task or flow run
+        per language, or, with `shards_per_language` n > 1, a plan per language (if the
+        stage has one), n shard groups per language, then a seal per language. Returns one
+        output URI per stage."""
+        root = self.root
         n = self.config.orchestration.shards_per_language
+        remote = stage in self.deployments
         if n == 1:
-            if stage in self.deployments:
-                return self._remote(stage, calls, [f"{stage}-{lang}" for lang in langs])
-            return resolve(task, calls)
-        if plan_task is not None:  # every group must number the parts alike
-            resolve(plan_task, calls, complete=storage.exists)
-        groups = [dict(c, group=g, groups=n) for c in calls for g in range(n)]
-        labels = [f"{stage}-{lang}-{g}" for lang in langs for g in range(n)]
-        if stage in self.deployments:
-            self._remote(stage, groups, labels, complete=_parts_written)
+            if remote:
+                return self._remote(stage, [_call(s, root) for s in work],
+                                    [s.label() for s in work])
+            return resolve(stage_task, [dict(stage=s, data_root=root) for s in work])
+        if any(s.planned for s in work):  # every group must number the parts alike
+            resolve(stage_task, [dict(stage=s, data_root=root, step="plan") for s in work],
+                    complete=storage.exists)
+        if remote:
+            self._remote(stage, [dict(_call(s, root), group=g, groups=n)
+                                 for s in work for g in range(n)],
+                         [f"{s.label()}-{g}" for s in work for g in range(n)],
+                         complete=_parts_written)
         else:
-            resolve(group_task, groups, complete=_parts_written)
-        return resolve(seal_task, calls)
+            resolve(stage_task, [dict(stage=s, data_root=root, group=g, groups=n)
+                                 for s in work for g in range(n)], complete=_parts_written)
+        return resolve(stage_task, [dict(stage=s, data_root=root, step="seal") for s in work])
 
     def generate_and_score(self, prompt_uris: list[str],
                            policy: PolicyConfig | dict[str, PolicyConfig],
@@ -180,29 +179,24 @@ class Stages:
                            score: bool = True) -> tuple[dict, dict]:
         """Sample and score every language; `policy` is one model for all of them, or
         lang -> model (the rounds of per-language models)."""
-        config, root = self.config, self.root
+        config = self.config
         langs = config.languages
         policies = policy if isinstance(policy, dict) else {lang: policy for lang in langs}
-        calls = [dict(prompts_uri=p, lang=lang, policy=policies[lang],
-                      gen=gen or config.generation,
-                      prompts_cfg=prompts_cfg or config.prompts, data_root=root,
-                      code_version=STAGE_VERSIONS["generations"])
-                 for lang, p in zip(langs, prompt_uris)]
-        gen_uris = self._per_language("generate", generate_task, generate_group_task,
-                                      seal_generate_task, calls, plan_task=plan_generate_task)
+        gen_uris = self._per_language("generate", [
+            Generate(prompts_uri=p, lang=lang, policy=policies[lang],
+                     gen=gen or config.generation, prompts_cfg=prompts_cfg or config.prompts)
+            for lang, p in zip(langs, prompt_uris)])
         if not score:
             return dict(zip(langs, gen_uris)), {}
-        calls = [dict(generations_uri=g, prompts_uri=p, lang=lang, reward=config.reward,
-                      data_root=root, code_version=STAGE_VERSIONS["scores"])
-                 for lang, g, p in zip(langs, gen_uris, prompt_uris)]
-        score_uris = self._per_language("score", score_task, score_group_task, seal_score_task,
-                                        calls)
+        score_uris = self._per_language("score", [
+            Score(generations_uri=g, prompts_uri=p, lang=lang, reward=config.reward)
+            for lang, g, p in zip(langs, gen_uris, prompt_uris)])
         return dict(zip(langs, gen_uris)), dict(zip(langs, score_uris))
 
     def pair(self, score_uris: dict, prompt_uris: dict, pairing: PairingConfig) -> str:
-        (uri,) = resolve(pairs_task, [dict(score_uris=score_uris, prompts_uris=prompt_uris,
-                                           pairing=pairing, data_root=self.root,
-                                           code_version=STAGE_VERSIONS["pairs"])])
+        (uri,) = resolve(stage_task, [dict(stage=Pairs(
+            score_uris=score_uris, prompts_uris=prompt_uris, pairing=pairing),
+            data_root=self.root)])
         return uri
 
     def train(self, variant: VariantConfig, prompt_uris: list,
@@ -251,39 +245,42 @@ def _stage_run_name(stage: str):
     return name
 
 
-def _one(task, group_task, call: dict, group: int | None, groups: int) -> str | dict:
+def _call(stage: Stage, data_root: str) -> dict:
+    """A stage's fields (and the data root) as the parameters of its stage flow."""
+    return {name: getattr(stage, name) for name in type(stage).model_fields} | {
+        "data_root": data_root}
+
+
+def _one(stage: ShardedStage, data_root: str, group: int | None, groups: int) -> str | dict:
     if group is None:
-        (uri,) = resolve(task, [call])
+        (uri,) = resolve(stage_task, [dict(stage=stage, data_root=data_root)])
         return uri
-    (done,) = resolve(group_task, [dict(call, group=group, groups=groups)],
-                      complete=_parts_written)
+    (done,) = resolve(stage_task, [dict(stage=stage, data_root=data_root, group=group,
+                                        groups=groups)], complete=_parts_written)
     return done
 
 
 @flow(name="croco-generate", flow_run_name=_stage_run_name("generate"), **_persist)
 def croco_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                   prompts_cfg: PromptsConfig, data_root: str, code_version: int,
-                   runtime: Runtime | None = None, group: int | None = None,
-                   groups: int = 1) -> str | dict:
+                   prompts_cfg: PromptsConfig, data_root: str, runtime: Runtime | None = None,
+                   group: int | None = None, groups: int = 1) -> str | dict:
     """Sample `gen.k` answers per prompt of one language (the generations table). With
     `group` (0-based, of `groups`): only that shard group's shards, returning `{"uri",
     "parts"}`; the pipeline seals the language's output once every group is done."""
     _runtime(runtime, data_root)
-    return _one(generate_task, generate_group_task, dict(
-        prompts_uri=prompts_uri, lang=lang, policy=policy, gen=gen, prompts_cfg=prompts_cfg,
-        data_root=data_root, code_version=code_version), group, groups)
+    return _one(Generate(prompts_uri=prompts_uri, lang=lang, policy=policy, gen=gen,
+                         prompts_cfg=prompts_cfg), data_root, group, groups)
 
 
 @flow(name="croco-score", flow_run_name=_stage_run_name("score"), **_persist)
 def croco_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
-                data_root: str, code_version: int, runtime: Runtime | None = None,
+                data_root: str, runtime: Runtime | None = None,
                 group: int | None = None, groups: int = 1) -> str | dict:
     """Score one language's generations with the configured reward scorers; `group` as in
     `croco_generate` (the generation shards at those positions)."""
     _runtime(runtime, data_root)
-    return _one(score_task, score_group_task, dict(
-        generations_uri=generations_uri, prompts_uri=prompts_uri, lang=lang, reward=reward,
-        data_root=data_root, code_version=code_version), group, groups)
+    return _one(Score(generations_uri=generations_uri, prompts_uri=prompts_uri, lang=lang,
+                      reward=reward), data_root, group, groups)
 
 
 @flow(name="croco-train", flow_run_name="train-{variant.name}", **_persist)
@@ -330,10 +327,9 @@ def _train_variant(stages: Stages, variant: VariantConfig, prompt_uris: list,
                     prompt_uris, policies if variant.per_language else policies[None])
                 this.scores = scores
             this.pairs = stages.pair(scores, prompts_by_lang, pairing)
-        uris = resolve(train_task, [dict(
-            spec=variant_spec(config, variant, policy=policies[lang], pairs_uri=this.pairs,
-                              prompts_uris=prompts_by_lang, lang=lang),
-            code_version=STAGE_VERSIONS["training"]) for lang in langs])
+        uris = resolve(stage_task, [dict(stage=Train(spec=variant_spec(
+            config, variant, policy=policies[lang], pairs_uri=this.pairs,
+            prompts_uris=prompts_by_lang, lang=lang)), data_root=stages.root) for lang in langs])
         if variant.per_language:
             this.training_by_lang = dict(zip(langs, uris))
         else:
@@ -361,37 +357,31 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
                    for name, uri in finals.items()})
     prompts_by_lang = dict(zip(langs, prompt_uris))
     names = list(models)
-    gens = resolve(generate_languages_task, [dict(
-        prompts_uris=prompts_by_lang, policy=models[name], gen=eval_gen, prompts_cfg=eval_prompts,
-        data_root=root, model_name=name, code_version=STAGE_VERSIONS["generations"])
-        for name in names])
-    scores = resolve(score_languages_task, [dict(
-        generations_uris=g, prompts_uris=prompts_by_lang, reward=config.reward,
-        data_root=root, model_name=name, code_version=STAGE_VERSIONS["scores"])
-        for name, g in zip(names, gens)])
+    gens = resolve(stage_task, [dict(stage=GenerateLanguages(
+        prompts_uris=prompts_by_lang, policy=models[name], gen=eval_gen,
+        prompts_cfg=eval_prompts, name=name), data_root=root) for name in names])
+    scores = resolve(stage_task, [dict(stage=ScoreLanguages(
+        generations_uris=g, prompts_uris=prompts_by_lang, reward=config.reward, name=name),
+        data_root=root) for name, g in zip(names, gens)])
     out.scores = dict(zip(names, scores))
     # The checks below depend on the held-out scores only, not on each other.
-    work: dict[str, tuple] = {}
+    work: dict[str, list[Stage]] = {}
     if ev.reward_check:
-        work["reward_check"] = (reward_check_task, [
-            dict(path=ev.reward_check, reward=config.reward, langs=langs, data_root=root,
-                 code_version=STAGE_VERSIONS["reward_check"])])
+        work["reward_check"] = [RewardCheck(path=ev.reward_check, reward=config.reward,
+                                            langs=langs)]
     st = ev.structured
     if st.enabled and (st.local_mc or st.tasks or st.backend == "euroeval"):
-        work["structured"] = (structured_task, [
-            dict(policy=policy, structured=st, langs=langs, data_root=root, model_name=name,
-                 code_version=STAGE_VERSIONS["structured"])
-            for name, policy in models.items()
-        ])
+        work["structured"] = [Structured(policy=policy, structured=st, langs=langs, name=name)
+                              for name, policy in models.items()]
     if ev.judge.enabled and finals:
-        work["judgments"] = (judge_task, [
-            dict(candidate_scores=out.scores[name], baseline_scores=out.scores["base"],
-                 prompts_uris=prompts_by_lang, judge=ev.judge, data_root=root,
-                 variant_name=name, code_version=STAGE_VERSIONS["judgments"])
-            for name in finals
-        ])
-    out.heldout = heldout_task(out.scores, root, run_id, STAGE_VERSIONS["scores"])
-    done = dict(zip(work, resolve_together(list(work.values()))))
+        work["judgments"] = [Judge(candidate_scores=out.scores[name],
+                                   baseline_scores=out.scores["base"],
+                                   prompts_uris=prompts_by_lang, judge=ev.judge, name=name)
+                             for name in finals]
+    out.heldout = heldout_task(out.scores, root, run_id)
+    done = dict(zip(work, resolve_together([
+        (stage_task, [dict(stage=s, data_root=root) for s in stages_])
+        for stages_ in work.values()])))
     if "reward_check" in done:
         (out.reward_check,) = done["reward_check"]
     if "structured" in done:

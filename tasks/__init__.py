@@ -1,27 +1,14 @@
-"""Prefect tasks: thin wrappers around `croco.stages` adding retries, caching,
-concurrency, artifacts and logging. Every task returns URI strings (a shard group:
-`{"uri", "parts"}`, the shard files it wrote into that output)."""
+"""Prefect tasks: one task for any stage of `croco.stages` (`stage_task`: retries,
+caching on the stage's key, GPU slots, artifacts, logging), and the run's manifest,
+held-out summary and report. A stage task returns its stage's result: an output URI,
+lang -> URI, or for a shard group `{"uri", "parts"}` (the part files it wrote)."""
 
 from croco.tasks.stages import (  # noqa: F401
     STAGE_CACHE,
     configure_gpu_slots,
     ensure_gpu_limit,
-    generate_group_task,
-    generate_languages_task,
-    generate_task,
     heldout_task,
-    judge_task,
     manifest_task,
-    pairs_task,
-    plan_generate_task,
-    prompts_task,
     report_task,
-    reward_check_task,
-    score_group_task,
-    score_languages_task,
-    score_task,
-    seal_generate_task,
-    seal_score_task,
-    structured_task,
-    train_task,
+    stage_task,
 )

@@ -1,12 +1,12 @@
-"""Prefect tasks around the library stages.
+"""The Prefect side of the stages: one task for any stage, retries, GPU slots, artifacts.
 
-Caching: `StageInputs + TASK_SOURCE`: the task's inputs as stage identities
-(`croco.identity`: config objects without their execution-only settings, inputs named by
-a path by their content), with the stage's code version (`croco.stages.STAGE_VERSIONS`)
-among them. So an unchanged rerun is served from Prefect's cache, a changed batch size or
-device reruns nothing, an edited prompt file or retrained local model folder reruns what
-depends on it, a changed pairing config re-pairs only, and a new language runs only that
-language.
+`stage_task(stage, data_root)` runs any stage of `croco.stages` through the library's one
+runner (`croco.stage.run`). Caching: `StageInputs + TASK_SOURCE`, a stage taken by its
+key (`Stage.key()`: its code version and its identity: config without execution-only
+settings, inputs by key, files by content; `croco.identity`). So an unchanged rerun is
+served from Prefect's cache, a changed batch size or device reruns nothing, an edited
+prompt file or retrained local model folder reruns what depends on it, a changed pairing
+config re-pairs only, and a new language runs only that language.
 The library stage also skips any output that is already complete, so a deleted cache or a
 crash never redoes finished work. Retries (with backoff) are for transient errors only:
 I/O, network, object storage; bad input fails at once.
@@ -19,6 +19,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -27,35 +28,26 @@ from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
+from croco import stage as contract
 from croco import stages, storage
-from croco.config import (
-    GenerationConfig,
-    JudgeEvalConfig,
-    PairingConfig,
-    PolicyConfig,
-    PromptsConfig,
-    RewardConfig,
-    StructuredEvalConfig,
-)
 from croco.errors import UserError
-from croco.identity import identity, path_identity
+from croco.identity import identity
 from croco.manifest import RunOutputs, write_manifest
-from croco.training.spec import TrainSpec
+from croco.stage import Stage
 
 
 @dataclass
 class StageInputs(CachePolicy):
-    """Prefect's input cache policy with every input taken by its stage identity; the
-    plain-string parameters named in `path_inputs` name files, taken by their content
-    (`croco.identity.path_identity`). Not a subclass of Prefect's `Inputs`, which a
-    compound policy would replace by a plain one."""
-
-    path_inputs: tuple[str, ...] = ()
+    """Prefect's input cache policy with a stage taken by its output's place (its key and
+    language, `Stage.where`) and every other input
+    by its identity (`croco.identity.identity`: config objects without their
+    execution-only settings). Not a subclass of Prefect's `Inputs`, which a compound
+    policy would replace by a plain one."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         if not inputs:
             return None
-        return hash_objects({k: path_identity(v) if k in self.path_inputs else identity(v)
+        return hash_objects({k: v.where() if isinstance(v, Stage) else identity(v)
                              for k, v in inputs.items()}, raise_on_failure=True)
 
 
@@ -239,155 +231,81 @@ class _ProgressArtifact:
     """Reports (done, total) to a Prefect progress artifact, at most every 5%."""
 
     def __init__(self, key: str, description: str):
-        self.id = create_progress_artifact(0.0, key=key, description=description)
+        self.key, self.description = key, description
+        self.id = None  # made at the first report: a stage with nothing to do has none
         self.last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
         pct = 100.0 * done / max(total, 1)
+        if self.id is None:
+            self.id = create_progress_artifact(0.0, key=self.key, description=self.description)
         if pct - self.last >= 5.0 or done == total:
             update_progress_artifact(self.id, pct)
             self.last = pct
 
 
-@task(name="prompts", task_run_name="prompts-{lang}", **_common)
-def prompts_task(cfg: PromptsConfig, lang: str, data_root: str, code_version: int) -> str:
-    """One language's prompts; an edited prompt file is a new input (`cfg.path` enters
-    the cache key by its content)."""
-    with gpu_slot(f"prompts-{lang}") if cfg.translate else nullcontext():
-        return stages.run_prompts(cfg, lang, data_root)
+def _stage_run_name() -> str:
+    """`generate-en`; `generate-en-2` for shard group 2; `plan-generate-en`, `seal-...`."""
+    from prefect.runtime import task_run
+
+    params = task_run.parameters
+    label = params["stage"].label()
+    step, group = params.get("step", "run"), params.get("group")
+    if step in ("plan", "seal"):
+        return f"{step}-{label}"
+    return label if group is None else f"{label}-{group}"
 
 
-@task(name="generate", task_run_name="generate-{lang}", **_common)
-def generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                  prompts_cfg: PromptsConfig, data_root: str, code_version: int) -> str:
+@task(name="stage", task_run_name=_stage_run_name, **_common)
+def stage_task(stage: Stage, data_root: str, step: str = "run", group: int | None = None,
+               groups: int = 1) -> Any:
+    """Run any stage (`croco.stage.run`): with a GPU slot when it uses one, a progress
+    artifact for a sharded one, its summary line in the log and its table as an artifact.
+
+    Returns the stage's result (its output URI; lang -> URI for a stage with one output per
+    language). A sharded stage (generate, score) can also run in steps, for shard groups
+    on several workers: `step="plan"` fixes what every group must agree on (the
+    generation plan; no GPU) and returns its URI; `group` (0-based, of `groups`) writes
+    that group's parts (`croco.stage.shard_group`) and returns `{"uri", "parts"}`, so the
+    caller can check they still exist (the output is complete only when sealed);
+    `step="seal"` marks the output complete once every group is done (no GPU)."""
     log = get_run_logger()
-    progress = _ProgressArtifact(f"generate-{lang}", f"generation progress, {lang}")
-    with gpu_slot(f"generate-{lang}"):
-        uri = stages.run_generate(prompts_uri, lang, policy, gen, prompts_cfg, data_root,
-                                  progress=progress)
-    info = stages.completion_info(uri)
-    log.info("%s samples for %s (%s sampled now, the others from the sample store) in %ss -> %s",
-             info.get("rows"), lang, info.get("generated_rows"), info.get("seconds"), uri)
-    return uri
+    label = stage.label()
+    if step == "plan":
+        uri = stage.prepare(data_root)
+        log.info("%s: %d parts planned -> %s", label, stage.n_parts(data_root), uri)
+        return uri
+    if step == "seal":
+        uri = contract.seal(stage, data_root)
+        log.info("%s: %s rows -> %s", label, contract.completion_info(uri).get("rows"), uri)
+        return uri
+    if step != "run":
+        raise ValueError(f"step must be run, plan or seal, not {step!r}")
+    if group is not None:
+        n = stage.n_parts(data_root)
+        shards = contract.shard_group(n, group, groups)
+        uri = stage.output(data_root)
+        if shards:
+            t0 = time.perf_counter()
+            with gpu_slot(f"{label}-{group}"):
+                contract.run(stage, data_root, shards=shards)
+            log.info("%s: shards %d..%d of %d in %.1fs -> %s", label, shards.start,
+                     shards.stop - 1, n, time.perf_counter() - t0, uri)
+        return {"uri": uri, "parts": [contract.part_name(i) for i in shards]}
+    progress = (_ProgressArtifact(label, f"{label} progress")
+                if isinstance(stage, contract.ShardedStage) else None)
+    with gpu_slot(label) if stage.uses_gpu() else nullcontext():
+        result = contract.run(stage, data_root, progress=progress)
+    line = stage.summary(result)
+    if line:
+        log.info("%s", line)
+    table = stage.artifact(result)
+    if table is not None:
+        from prefect.artifacts import create_table_artifact
 
-
-@task(name="score", task_run_name="score-{lang}", **_common)
-def score_task(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
-               data_root: str, code_version: int) -> str:
-    log = get_run_logger()
-    with gpu_slot(f"score-{lang}"):
-        uri = stages.run_score(generations_uri, prompts_uri, lang, reward, data_root)
-    info = stages.completion_info(uri)
-    log.info("scored %s samples for %s in %ss -> %s", info.get("rows"), lang,
-             info.get("seconds"), uri)
-    return uri
-
-
-def _group_result(uri: str, parts: list[str]) -> dict:
-    """What a shard group returns: the stage output it writes into and its shard files, so
-    the caller can check they still exist (the output itself is complete only when sealed)."""
-    return {"uri": uri, "parts": parts}
-
-
-@task(name="generate-group", task_run_name="generate-{lang}-{group}", **_common)
-def generate_group_task(prompts_uri: str, lang: str, policy: PolicyConfig,
-                        gen: GenerationConfig, prompts_cfg: PromptsConfig, data_root: str,
-                        code_version: int, group: int, groups: int) -> dict:
-    """Shard group `group` of `groups` of one language's generation (contiguous shard
-    indices, `croco.stages.shard_group`), written into the language's output;
-    `seal_generate_task` completes it. Returns `{"uri", "parts"}`."""
-    n_shards = stages.generation_shard_count(prompts_uri, lang, policy, gen, prompts_cfg,
-                                             data_root)
-    shards = stages.shard_group(n_shards, group, groups)
-    uri = stages.generation_uri(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
-    if shards:
-        t0 = time.perf_counter()
-        with gpu_slot(f"generate-{lang}-{group}"):
-            uri = stages.run_generate(prompts_uri, lang, policy, gen, prompts_cfg, data_root,
-                                      shards=shards)
-        get_run_logger().info("generated shards %d..%d of %d for %s in %.1fs -> %s",
-                              shards.start, shards.stop - 1, n_shards, lang,
-                              time.perf_counter() - t0, uri)
-    return _group_result(uri, [stages.part_name(i) for i in shards])
-
-
-@task(name="plan-generate", task_run_name="plan-generate-{lang}", **_common)
-def plan_generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                       prompts_cfg: PromptsConfig, data_root: str, code_version: int) -> str:
-    """Fix which stored shard each part of one language's generations comes from, before
-    its shard groups start (no GPU; `croco.stages.generation_plan`). Returns the plan's URI."""
-    plan = stages.generation_plan(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
-    get_run_logger().info("%s: %d parts from the sample store %s", lang, len(plan["parts"]),
-                          plan["store"])
-    return stages.plan_uri(stages.generation_uri(prompts_uri, lang, policy, gen, prompts_cfg,
-                                                 data_root))
-
-
-@task(name="seal-generate", task_run_name="seal-generate-{lang}", **_common)
-def seal_generate_task(prompts_uri: str, lang: str, policy: PolicyConfig, gen: GenerationConfig,
-                       prompts_cfg: PromptsConfig, data_root: str, code_version: int) -> str:
-    """Mark one language's generations complete after its shard groups (no GPU)."""
-    uri = stages.seal_generations(prompts_uri, lang, policy, gen, prompts_cfg, data_root)
-    get_run_logger().info("%s samples for %s -> %s", stages.completion_info(uri).get("rows"),
-                          lang, uri)
-    return uri
-
-
-@task(name="score-group", task_run_name="score-{lang}-{group}", **_common)
-def score_group_task(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
-                     data_root: str, code_version: int, group: int, groups: int) -> dict:
-    """Shard group `group` of `groups` of one language's scoring (the generation shards at
-    those positions); `seal_score_task` completes it. Returns `{"uri", "parts"}`."""
-    parts = stages.generation_parts(generations_uri)
-    shards = stages.shard_group(len(parts), group, groups)
-    uri = stages.score_uri(generations_uri, lang, reward, data_root)
-    if shards:
-        t0 = time.perf_counter()
-        with gpu_slot(f"score-{lang}-{group}"):
-            uri = stages.run_score(generations_uri, prompts_uri, lang, reward, data_root,
-                                   shards=shards)
-        get_run_logger().info("scored shards %d..%d of %d for %s in %.1fs -> %s",
-                              shards.start, shards.stop - 1, len(parts), lang,
-                              time.perf_counter() - t0, uri)
-    return _group_result(uri, parts[shards.start:shards.stop])
-
-
-@task(name="seal-score", task_run_name="seal-score-{lang}", **_common)
-def seal_score_task(generations_uri: str, prompts_uri: str, lang: str, reward: RewardConfig,
-                    data_root: str, code_version: int) -> str:
-    """Mark one language's scores complete after its shard groups (no GPU)."""
-    uri = stages.seal_scores(generations_uri, lang, reward, data_root)
-    get_run_logger().info("%s scored samples for %s -> %s",
-                          stages.completion_info(uri).get("rows"), lang, uri)
-    return uri
-
-
-@task(name="generate-languages", task_run_name="generate-{model_name}", **_common)
-def generate_languages_task(prompts_uris: dict[str, str], policy: PolicyConfig,
-                            gen: GenerationConfig, prompts_cfg: PromptsConfig, data_root: str,
-                            model_name: str, code_version: int) -> dict[str, str]:
-    """Held-out answers of one model, every language in one batched pass."""
-    with gpu_slot(f"generate-{model_name}"):
-        return stages.run_generate_languages(prompts_uris, policy, gen, prompts_cfg, data_root)
-
-
-@task(name="score-languages", task_run_name="score-{model_name}", **_common)
-def score_languages_task(generations_uris: dict[str, str], prompts_uris: dict[str, str],
-                         reward: RewardConfig, data_root: str, model_name: str,
-                         code_version: int) -> dict[str, str]:
-    """Rewards of one model's held-out answers, every language together."""
-    with gpu_slot(f"score-{model_name}"):
-        return stages.run_score_languages(generations_uris, prompts_uris, reward, data_root)
-
-
-@task(name="pair", task_run_name="pair-{pairing.scope}", **_common)
-def pairs_task(score_uris: dict[str, str], prompts_uris: dict[str, str], pairing: PairingConfig,
-               data_root: str, code_version: int) -> str:
-    uri = stages.run_pairs(score_uris, prompts_uris, pairing, data_root)
-    info = stages.completion_info(uri)
-    get_run_logger().info("%s pairs (%s pools skipped) -> %s", info.get("rows"),
-                          info.get("skipped"), uri)
-    return uri
+        key, description, rows = table
+        create_table_artifact(rows, key=key, description=description)
+    return result
 
 
 @task(name="manifest", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
@@ -400,48 +318,8 @@ def manifest_task(data_root: str, run_id: str, config: dict, outputs: RunOutputs
 logging.getLogger("croco").setLevel(logging.INFO)
 
 
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-@task(name="train", task_run_name="train-{spec.variant_name}", **_common)
-def train_task(spec: TrainSpec, code_version: int) -> str:
-    """One training run (`croco.training.run.run_train`); on a machine with several GPUs,
-    DPO and SFT train data parallel on all of them."""
-    from prefect.artifacts import create_table_artifact
-
-    from croco.training.run import run_train
-
-    log = get_run_logger()
-    n_gpus = _gpu_count()
-    variant_name, lang = spec.variant_name, spec.lang
-    with gpu_slot(f"train-{variant_name}"):
-        if n_gpus > 1 and spec.method in ("dpo", "sft"):
-            # Every GPU of this machine, data parallel, through accelerate.
-            from croco.training.launch import run_train_distributed
-
-            log.info("training %s on %d GPUs with accelerate", variant_name, n_gpus)
-            uri = run_train_distributed(n_gpus, spec)
-        else:
-            uri = run_train(spec)
-    metrics = storage.read_json(storage.join(uri, "metrics.json"))
-    keys = ["method", "pairs_train", "rows_train", "steps", "first_loss", "final_loss",
-            "rewards/accuracies", "rewards/margins", "eval_loss", "tokens_per_second",
-            "ref_logps", "ref_forward_batches", "off_policy", "train_runtime", "pairs_generated"]
-    create_table_artifact([{"metric": k, "value": str(metrics.get(k))} for k in keys
-                           if k in metrics],
-                          key=f"train-metrics-{variant_name}{'-' + lang if lang else ''}",
-                          description=f"training metrics, variant {variant_name}")
-    log.info("trained %s: loss %s -> %s -> %s", variant_name, metrics.get("first_loss"),
-             metrics.get("final_loss"), uri)
-    return uri
-
-
 @task(name="heldout-summary", **_common)
-def heldout_task(score_uris: dict[str, dict[str, str]], data_root: str, run_id: str,
-                 code_version: int) -> str:
+def heldout_task(score_uris: dict[str, dict[str, str]], data_root: str, run_id: str) -> str:
     """Per language and model: mean reward and share of answers in the prompt's language."""
     from prefect.artifacts import create_table_artifact
 
@@ -449,20 +327,6 @@ def heldout_task(score_uris: dict[str, dict[str, str]], data_root: str, run_id: 
     create_table_artifact(storage.read_parquet(table).to_dicts(), key="heldout-comparison",
                           description=f"held-out answers, base vs variants, run {run_id}")
     return table
-
-
-@task(name="judge", task_run_name="judge-{variant_name}", **_common)
-def judge_task(candidate_scores: dict[str, str], baseline_scores: dict[str, str],
-               prompts_uris: dict[str, str], judge: JudgeEvalConfig, data_root: str,
-               variant_name: str, code_version: int) -> str:
-    from prefect.artifacts import create_table_artifact
-
-    with gpu_slot(f"judge-{variant_name}"):
-        uri = stages.run_judge(candidate_scores, baseline_scores, prompts_uris, judge, data_root)
-    rates = storage.read_parquet(storage.join(uri, "win_rates.parquet"))
-    create_table_artifact(rates.to_dicts(), key=f"win-rates-{variant_name}",
-                          description=f"win rate of {variant_name} against the base, per language")
-    return uri
 
 
 @task(name="report", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
@@ -476,32 +340,4 @@ def report_task(data_root: str, run_id: str) -> str:
     uri = render(load_run(data_root, run_id), data_root)
     create_markdown_artifact(storage.read_bytes(uri).decode(), key="croco-report",
                              description=f"croco report, run {run_id}")
-    return uri
-
-
-@task(name="structured", task_run_name="structured-{model_name}", **_common)
-def structured_task(policy: PolicyConfig, structured: StructuredEvalConfig, langs: list[str],
-                    data_root: str, model_name: str, code_version: int) -> str:
-    from prefect.artifacts import create_table_artifact
-
-    with gpu_slot(f"structured-{model_name}"):
-        uri = stages.run_structured(policy, structured, langs, data_root)
-    results = storage.read_parquet(storage.join(uri, "results.parquet"))
-    create_table_artifact(results.to_dicts(), key=f"structured-{model_name}",
-                          description=f"structured task scores per language, {model_name}")
-    return uri
-
-
-@task(name="reward-check",
-      **dict(_common, cache_policy=StageInputs(path_inputs=("path",)) + TASK_SOURCE))
-def reward_check_task(path: str, reward: RewardConfig, langs: list[str], data_root: str,
-                      code_version: int) -> str:
-    """The reward's ranking accuracy on the preference set `path` (an edited set is a new
-    input to the cache: `path` enters its key by content)."""
-    from prefect.artifacts import create_table_artifact
-
-    with gpu_slot("reward-check"):
-        uri = stages.run_reward_check(path, reward, langs, data_root)
-    create_table_artifact(storage.read_parquet(storage.join(uri, "accuracy.parquet")).to_dicts(),
-                          key="reward-check", description="reward ranking accuracy per language")
     return uri

@@ -8,7 +8,11 @@ import pytest
 from croco import storage
 from croco.config import PromptsConfig
 from croco.prompts import PromptError, load_prompts, select_for_generation
-from croco.stages import prompts_key, run_prompts
+from croco.stages import Prompts, run_prompts
+
+
+def prompts_key(cfg: PromptsConfig) -> str:
+    return Prompts(cfg=cfg, lang="en").key()
 
 
 def test_builtin_demo_set_is_parallel_in_seven_languages():

@@ -152,7 +152,7 @@ def test_shard_groups_send_one_call_per_language_and_group_then_seal_here(monkey
     the seal after them run in the pipeline's process, which gets one URI per language."""
     from croco.flows import stages as flow_stages
 
-    sent, planned, sealed = [], [], []
+    sent = []
 
     class FakeFuture:
         def __init__(self, value):
@@ -175,10 +175,10 @@ def test_shard_groups_send_one_call_per_language_and_group_then_seal_here(monkey
     out = f"{tmp_path}/generations/k"
     monkeypatch.setattr(flow_stages, "trigger_task", FakeTask(sent, lambda kw: {
         "uri": f"{out}/lang={kw['parameters']['lang']}", "parts": []}))
-    monkeypatch.setattr(flow_stages, "seal_generate_task",
-                        FakeTask(sealed, lambda kw: f"{out}/lang={kw['lang']}"))
-    monkeypatch.setattr(flow_stages, "plan_generate_task",
-                        FakeTask(planned, lambda kw: f"{out}/_plans/lang={kw['lang']}.json"))
+    staged: list[dict] = []
+    monkeypatch.setattr(flow_stages, "stage_task", FakeTask(staged, lambda kw: (
+        f"{out}/_plans/lang={kw['stage'].lang}.json" if kw.get("step") == "plan"
+        else f"{out}/lang={kw['stage'].lang}")))
     monkeypatch.setattr(flow_stages.storage, "is_complete", lambda uri: True)
     monkeypatch.setattr(flow_stages.storage, "exists", lambda uri: True)
     cfg = config_from_dict({"data_root": str(tmp_path), "languages": ["en", "da"],
@@ -191,9 +191,12 @@ def test_shard_groups_send_one_call_per_language_and_group_then_seal_here(monkey
                                           "generate-da-0", "generate-da-1", "generate-da-2"]
     assert [(s["parameters"]["group"], s["parameters"]["groups"]) for s in sent] == \
         [(0, 3), (1, 3), (2, 3)] * 2
-    # the parts are planned once per language before any group starts
-    assert [c["lang"] for c in planned] == ["en", "da"]
-    assert [(c["lang"], c["prompts_uri"]) for c in sealed] == [("en", "p-en"), ("da", "p-da")]
+    # the parts are planned once per language before any group starts (in this process)
+    assert [c.get("step") for c in staged] == ["plan", "plan", "seal", "seal"]
+    planned, sealed = staged[:2], staged[2:]
+    assert [c["stage"].lang for c in planned] == ["en", "da"]
+    assert [(c["stage"].lang, c["stage"].prompts_uri) for c in sealed] == \
+        [("en", "p-en"), ("da", "p-da")]
     assert "group" not in sealed[0]
 
 

@@ -54,6 +54,23 @@ def test_every_leaf_field_of_the_config_model_is_walked(rows):
     assert scorer_fields == set(ClassifierScorer.model_fields) - {"type"}
 
 
+def test_every_stage_spec_is_declared_once_in_the_plan():
+    """A new stage is one spec class in croco.stages plus its line in plan.STAGES: a
+    spec the plan does not declare would escape the truth table."""
+    import inspect
+
+    from croco import stage as contract
+    from croco import stages
+
+    specs = {name: cls for name, cls in vars(stages).items()
+             if inspect.isclass(cls) and issubclass(cls, contract.Stage)
+             and cls.__module__ == stages.__name__}
+    declared = [d.spec for d in plan.STAGES]
+    assert sorted(declared) == sorted(specs)  # each spec exactly once
+    for d in plan.STAGES:
+        assert specs[d.spec].folder == d.folder, d.name
+
+
 def test_execution_only_fields_rerun_nothing(rows):
     exec_rows = [r for r in rows if r["execution_only"]]
     assert {r["field"] for r in exec_rows} >= {

@@ -1,0 +1,177 @@
+"""The sample and score stores behind the generate and score stages.
+
+Samples are kept per (policy, generation settings, language), whatever run or prompt set
+asked for them, in `samples/<key>/lang=xx/`, as shards named by the hash of the
+(prompt_id, prompt content) list they hold and sampled with a seed derived from that name;
+`<shard>.prompts.parquet` beside each holds its prompts (written last: it marks the shard
+complete). A run's generations output is a per-run view: its plan
+(`generations/<key>/_plans/lang=xx.json`, made once) says which stored shard each part
+comes from. Prompts the store holds reuse their samples; new or edited prompts (a new
+content hash) are cut into new shards of `generation.shard_size`; a removed prompt is in
+no part. Part i is the stored shard's rows of the plan's prompts.
+
+Scoring works the same way: `scored/<key>/lang=xx/<shard>.parquet` holds the rewards of a
+whole stored shard under one reward config, and a run's score part i is its rows of the
+plan's prompts. So a grown prompt source samples and scores only the new prompts, and
+pairs and everything after rerun on the whole set. A prompt's samples are those drawn
+when it first appeared: an incremental result can differ from a from-scratch run of the
+same final prompt set only in the random draws (another shard, so another seed), never in
+which prompts, policy or settings they come from.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import polars as pl
+
+from croco import storage
+from croco.config import GenerationConfig, PolicyConfig, RewardConfig, stable_hash
+from croco.identity import STAGE_VERSIONS, identity
+from croco.storage import key_of
+
+
+def sample_store_uri(policy: PolicyConfig, gen: GenerationConfig, lang: str,
+                     data_root: str) -> str:
+    """The samples of one (policy, generation settings, language): `samples/<key>/lang=xx/`.
+    How prompts are grouped into shards (`shard_size`) and batched is left out: a shard
+    names its own prompts."""
+    key = stable_hash({"stage": "samples", "v": STAGE_VERSIONS["samples"],
+                       "policy": identity(policy),
+                       "generation": {k: v for k, v in identity(gen).items()
+                                      if k != "shard_size"}})
+    return storage.join(data_root, "samples", key, f"lang={lang}")
+
+
+def prompt_identity(prompts: pl.DataFrame) -> list[list[str]]:
+    """`[prompt_id, hash of its text or messages]` per row, in order: what decides a
+    prompt's samples besides the policy and the generation settings."""
+    cols = [c for c in ("prompt", "messages") if c in prompts.columns]
+    return [[row["prompt_id"], stable_hash({c: row[c] for c in cols})]
+            for row in prompts.select("prompt_id", *cols).to_dicts()]
+
+
+def content_seed(seed: int, shard: str) -> int:
+    """A stored shard's sampling seed, from its name (the hash of its prompts)."""
+    return (seed * 1_000_003 + int(shard, 16)) % (2**31)
+
+
+def _store_index(store: str) -> dict[tuple[str, str], str]:
+    """(prompt_id, content hash) -> the stored shard holding its samples. A shard counts
+    once its prompts file (written after its samples) is there."""
+    index: dict[tuple[str, str], str] = {}
+    for name in storage.list_dir(store):
+        if name.endswith(".prompts.parquet"):
+            shard = name.removesuffix(".prompts.parquet")
+            for pid, h in prompt_identity(storage.read_parquet(storage.join(store, name))):
+                index.setdefault((pid, h), shard)
+    return index
+
+
+def plan_uri(generations_uri: str) -> str:
+    """Where a run's generations output keeps its plan: next to the `lang=` folders, so the
+    folder itself holds only its parts."""
+    head, lang_dir = posixpath.split(generations_uri.rstrip("/"))
+    return storage.join(head, "_plans", f"{lang_dir}.json")
+
+
+def make_plan(out: str, prompts: pl.DataFrame, store: str, shard_size: int) -> dict:
+    """Which stored shard each part of the generations output `out` comes from:
+    `{"store": URI, "parts": [{"shard": name, "prompt_ids": [...]}, ...]}`.
+
+    Made once per output (then read back, so every shard group sees the same numbering):
+    prompts whose (id, content) the store already holds reuse those samples, one part per
+    stored shard, in the prompts' order; the others are cut into new shards of
+    `shard_size`, each named by the hash of its prompts. A prompt removed from the source
+    is in no part; an edited one is new."""
+    where = plan_uri(out)
+    if storage.exists(where):
+        return storage.read_json(where)
+    index = _store_index(store)
+    reused: dict[str, list[str]] = {}
+    new: list[list[str]] = []
+    for pid, h in prompt_identity(prompts):
+        shard = index.get((pid, h))
+        if shard is None:
+            new.append([pid, h])
+        else:
+            reused.setdefault(shard, []).append(pid)
+    parts = [{"shard": shard, "prompt_ids": ids} for shard, ids in reused.items()]
+    for i in range(0, len(new), shard_size):
+        chunk = new[i:i + shard_size]
+        parts.append({"shard": stable_hash(chunk), "prompt_ids": [pid for pid, _ in chunk]})
+    plan = {"store": store, "parts": parts}
+    storage.write_json(where, plan)
+    return plan
+
+
+class StoreSampler:
+    """Reads a stored shard, or samples it into the store first (loading the model once,
+    only if some shard is missing). `prompts`: the output's prompts (a callable, read only
+    when a shard must be sampled)."""
+
+    def __init__(self, store: str, plan: str, prompts, lang: str, policy: PolicyConfig,
+                 gen: GenerationConfig):
+        self.store, self.plan, self.lang, self.policy, self.gen = store, plan, lang, policy, gen
+        self.prompts = prompts
+        self.generator = None
+        self.generated_rows = 0
+
+    def samples(self, shard: str, prompt_ids: list[str]) -> pl.DataFrame:
+        uri = storage.join(self.store, f"{shard}.parquet")
+        if not storage.exists(storage.join(self.store, f"{shard}.prompts.parquet")):
+            self._sample(shard, prompt_ids, uri)
+        return storage.read_parquet(uri)
+
+    def _sample(self, shard: str, prompt_ids: list[str], uri: str) -> None:
+        from croco.generation import generate_frame, make_generator, policy_label
+
+        gen, policy = self.gen, self.policy
+        prompts = self.prompts().filter(pl.col("prompt_id").is_in(prompt_ids))
+        if stable_hash(prompt_identity(prompts)) != shard:
+            # a reused shard deleted from the store: its other prompts are not in this run
+            raise RuntimeError(
+                f"{self.store}: stored shard {shard}, which this output's plan reuses for "
+                f"prompts {', '.join(prompt_ids[:5])}, is gone; delete {self.plan} and rerun "
+                "(the prompts are planned again and sampled anew)")
+        if self.generator is None:
+            self.generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
+                                            device=policy.device, dtype=policy.dtype,
+                                            tensor_parallel_size=gen.tensor_parallel_size,
+                                            seed=gen.seed)
+        df = generate_frame(
+            self.generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
+            max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+            seed=content_seed(gen.seed, shard),
+            policy=policy_label(policy.model, policy.adapter),
+            respond_in_language=gen.respond_in_language,
+            instruction_template=gen.instruction_template,
+        )
+        storage.write_parquet(df, uri)
+        # the prompts file last: its presence says the shard is complete
+        storage.write_parquet(prompts, storage.join(self.store, f"{shard}.prompts.parquet"))
+        self.generated_rows += df.height
+
+
+def scored_store_uri(store: str, lang: str, reward: RewardConfig, data_root: str) -> str:
+    """The rewards of a sample store's shards under one reward config:
+    `scored/<key>/lang=xx/<shard>.parquet`, each the scores of the whole stored shard."""
+    key = stable_hash({"stage": "scores", "v": STAGE_VERSIONS["scores"],
+                       "samples": key_of(store),
+                       "reward": identity(reward)})
+    return storage.join(data_root, "scored", key, f"lang={lang}")
+
+
+def scored_shard(store: str, shard: str, lang: str, reward: RewardConfig,
+                 data_root: str) -> pl.DataFrame:
+    """The scores of one stored generation shard, scored (with the prompts stored beside
+    it) and kept the first time any run asks for them."""
+    from croco.reward import score_frame
+
+    uri = storage.join(scored_store_uri(store, lang, reward, data_root), f"{shard}.parquet")
+    if not storage.exists(uri):
+        gens = storage.read_parquet(storage.join(store, f"{shard}.parquet"))
+        prompts = storage.read_parquet(storage.join(store, f"{shard}.prompts.parquet"))
+        storage.write_parquet(score_frame(gens, prompts, reward.scorers, device=reward.device),
+                              uri)
+    return storage.read_parquet(uri)

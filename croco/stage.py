@@ -1,0 +1,242 @@
+"""The stage contract: what every stage of the pipeline is, and the one runner for all.
+
+A stage is a small typed spec (`Stage`, a frozen pydantic model): its inputs by URI and
+the config sections it depends on are its fields, and it declares
+
+- `folder`: where its outputs live, `<data_root>/<folder>/<key>[/lang=xx]`; its code
+  version is `STAGE_VERSIONS[folder]` (`croco.identity`, beside the marks that say which
+  config fields enter an identity);
+- `identity()`: what its key hashes besides the folder and version (input URIs by their
+  keys, config sections by `croco.identity.identity`, files by their content); the key
+  is `stable_hash({"stage": folder, "v": version, **identity()})`;
+- `work(out, progress)`: write its files under `out` (each atomically, `croco.storage`)
+  and return what `_SUCCESS` records (rows, ...);
+- `label()`: its name in logs and task runs (`generate-en`); `uses_gpu()`; a `summary`
+  log line and an `artifact` table for the UI, both optional.
+
+`run(stage, data_root)` is the runner: if the output is complete (`_SUCCESS`) it returns
+at once; otherwise the stage works and `_SUCCESS` is written last, with the seconds the
+work took. A `ShardedStage` (generate, score) writes numbered parts instead: `run`
+writes the missing ones (a crash loses at most the part in progress), for one shard group
+(`shards`) or all, and whichever call writes the last part seals the output; `seal`
+completes an output after its shard groups ran elsewhere.
+
+The Prefect side is one generic task, `croco.tasks.stages.stage_task`, which runs any
+stage with retries, a GPU slot when it uses one and a cache keyed on the stage's key. A
+new stage is one spec class and its `work`; declare it in `croco.plan.STAGES` too, so
+the truth table (docs/what-a-change-reruns.md) covers it. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict
+
+from croco import storage
+from croco.config import stable_hash
+from croco.identity import STAGE_VERSIONS
+
+Progress = Callable[[int, int], None]
+
+
+class Stage(BaseModel):
+    """One stage call: its inputs (URIs, config sections) as fields. Subclasses set
+    `folder` and implement `identity`, `work` and `label`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    folder: ClassVar[str]
+    gpu: ClassVar[bool] = True
+
+    @property
+    def version(self) -> int:
+        return STAGE_VERSIONS[self.folder]
+
+    def identity(self) -> dict:
+        raise NotImplementedError
+
+    def key(self) -> str:
+        return stable_hash({"stage": self.folder, "v": self.version, **self.identity()})
+
+    def where(self) -> str:
+        """The output's place under the data root, `<folder>/<key>[/lang=xx]`: what tells
+        two calls apart (a stage's key leaves out the language its output is filed under)."""
+        lang = getattr(self, "lang", None)
+        return "/".join([self.folder, self.key(), *([f"lang={lang}"] if lang else [])])
+
+    def output(self, data_root: str) -> str:
+        return storage.join(data_root, self.where())
+
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def uses_gpu(self) -> bool:
+        return self.gpu
+
+    def work(self, out: str, progress: Progress | None) -> dict | None:
+        """Write the output under `out`; return what `_SUCCESS` records, or None when the
+        stage marked its outputs itself (several, one per language)."""
+        raise NotImplementedError
+
+    def complete(self, data_root: str) -> bool:
+        return storage.is_complete(self.output(data_root))
+
+    def result(self, data_root: str) -> Any:
+        """What running the stage returns: its output URI (a stage with several outputs:
+        lang -> URI)."""
+        return self.output(data_root)
+
+    def summary(self, result: Any) -> str | None:
+        """One log line on a finished output."""
+        return None
+
+    def artifact(self, result: Any) -> tuple[str, str, list[dict]] | None:
+        """(key, description, rows) of a table to show in the UI, or None."""
+        return None
+
+
+def part_name(shard: int) -> str:
+    """The file name of shard `shard` of a generation or score output."""
+    return f"part-{shard:05d}.parquet"
+
+
+def shard_group(n_shards: int, group: int, groups: int) -> range:
+    """The contiguous shard indices that group `group` (0-based) of `groups` covers: sizes
+    differ by at most one, earlier groups first (7 shards in 3 groups: 0-2, 3-4, 5-6); a
+    group past the last shard is empty."""
+    if not 0 <= group < groups:
+        raise ValueError(f"shard group {group} does not exist: groups are 0..{groups - 1}")
+    size, extra = divmod(n_shards, groups)
+    start = group * size + min(group, extra)
+    return range(start, start + size + (group < extra))
+
+
+class Parts:
+    """How a sharded stage makes its parts: `count`, `rows(i)` (part i's table) and
+    `info()` (extra `_SUCCESS` fields, e.g. rows sampled now)."""
+
+    count: int
+
+    def rows(self, i: int) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return {}
+
+
+class ShardedStage(Stage):
+    """A stage whose output is numbered parts (`part-00000.parquet` ...), written and
+    resumed one by one, possibly by several shard groups at once. `planned`: the stage
+    fixes its parts in `prepare` before shard groups start."""
+
+    planned: ClassVar[bool] = False
+
+    def parts(self, data_root: str) -> Parts:
+        raise NotImplementedError
+
+    def n_parts(self, data_root: str) -> int:
+        raise NotImplementedError
+
+    def prepare(self, data_root: str) -> str | None:
+        """Fix anything every shard group must agree on before they start (the
+        generation plan); returns its URI, None when there is nothing to fix."""
+        return None
+
+
+def _missing_parts(out: str, n_shards: int) -> list[str]:
+    existing = set(storage.list_dir(out))
+    return [part_name(i) for i in range(n_shards) if part_name(i) not in existing]
+
+
+def _seal(out: str, n_shards: int, info: dict) -> None:
+    """Mark a sharded output complete with its total row count (every shard is present)."""
+    storage.mark_complete(out, {"rows": storage.read_parquet(out).height, "shards": n_shards,
+                                **info})
+
+
+def run_once(out: str, work: Callable[[], dict | None]) -> str:
+    """`out` as it is when complete; otherwise `work()` writes it and returns what
+    `_SUCCESS` records, which is written last with the seconds the work took."""
+    if storage.is_complete(out):
+        return out
+    t0 = time.perf_counter()
+    info = work()
+    if info is not None:
+        storage.mark_complete(out, {**info, "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+def run(stage: Stage, data_root: str, *, progress: Progress | None = None,
+        shards: range | None = None, on_shard: Callable[[int], None] | None = None) -> Any:
+    """Run `stage` unless its output is complete; returns `stage.result(data_root)`.
+    `shards` (a `ShardedStage` only): write only these parts (a shard group); `on_shard(i)`
+    is called after part i is written."""
+    if stage.complete(data_root):
+        return stage.result(data_root)
+    if isinstance(stage, ShardedStage):
+        _run_parts(stage, data_root, progress, shards, on_shard)
+        return stage.result(data_root)
+    if shards is not None:
+        raise ValueError(f"{stage.label()}: only a sharded stage takes shards")
+    out = stage.output(data_root)
+    run_once(out, lambda: stage.work(out, progress))
+    return stage.result(data_root)
+
+
+def _run_parts(stage: ShardedStage, data_root: str, progress: Progress | None,
+               shards: range | None, on_shard: Callable[[int], None] | None) -> None:
+    from croco.progress import progress_bar
+
+    t0 = time.perf_counter()
+    out = stage.output(data_root)
+    parts = stage.parts(data_root)
+    n = parts.count
+    wanted = range(n) if shards is None else shards
+    if wanted and (wanted.start < 0 or wanted.stop > n):
+        raise ValueError(f"{out}: shards {wanted.start}..{wanted.stop - 1} asked for, but the "
+                         f"output has shards 0..{n - 1}")
+    existing = set(storage.list_dir(out))
+    todo = [i for i in wanted if part_name(i) not in existing]
+    done = len(wanted) - len(todo)
+    bar = progress_bar(len(wanted), stage.label(), unit="shard", initial=done)
+    for i in todo:
+        storage.write_parquet(parts.rows(i), storage.join(out, part_name(i)))
+        done += 1
+        bar.update(1)
+        if progress:
+            progress(done, len(wanted))
+        if on_shard:
+            on_shard(i)
+    bar.close()
+    if shards is None:
+        _seal(out, n, {"seconds": round(time.perf_counter() - t0, 3), **parts.info()})
+    elif not _missing_parts(out, n):
+        _seal(out, n, {})  # the last group to finish; its own time is not the stage's
+
+
+def seal(stage: ShardedStage, data_root: str) -> str:
+    """Mark a sharded output complete once every shard group has written its parts
+    (cheap: lists the folder, counts rows). Missing parts fail with their names."""
+    out = stage.output(data_root)
+    if storage.is_complete(out):
+        return out
+    n = stage.n_parts(data_root)
+    missing = _missing_parts(out, n)
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} of {n} shards are missing "
+                           f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                           f"rerun {stage.label()}, which writes only the missing shards")
+    _seal(out, n, {})
+    return out
+
+
+def completion_info(uri: str) -> dict:
+    """What a stage output's `_SUCCESS` marker recorded (rows, seconds, ...)."""
+    try:
+        return storage.read_json(storage.join(uri, storage.SUCCESS))
+    except Exception:  # noqa: BLE001 - a marker without info is still a marker
+        return {}
