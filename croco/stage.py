@@ -202,7 +202,9 @@ def _run_parts(stage: ShardedStage, data_root: str, progress: Progress | None,
     existing = set(storage.list_dir(out))
     todo = [i for i in wanted if part_name(i) not in existing]
     done = len(wanted) - len(todo)
-    bar = progress_bar(len(wanted), stage.label(), unit="shard", initial=done)
+    # titled like "generate en" (the stage, then the language or model)
+    bar = progress_bar(len(wanted), stage.label().replace("-", " ", 1), unit="shard",
+                       initial=done)
     for i in todo:
         storage.write_parquet(parts.rows(i), storage.join(out, part_name(i)))
         done += 1
