@@ -60,6 +60,9 @@ from croco.tasks import (
     train_task,
 )
 from croco.tasks.remote import prepare_run, trigger_task
+from croco.flows.engine import adjust_prefect
+
+adjust_prefect()  # flow runs end without waiting on their heartbeat thread
 
 _persist = dict(persist_result=True, result_serializer="json")
 
