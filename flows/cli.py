@@ -174,6 +174,25 @@ def heldout_table(summary) -> Table:
     return table
 
 
+def _preload(cfg, wanted: list[str] | None) -> None:
+    """Import the modules the run's later steps load on first use (reading Parquet through
+    pyarrow's datasets; the report's plots) now, in the seconds `croco run` otherwise
+    spends waiting for its temporary Prefect API to answer. The same imports, earlier."""
+    from croco.preflight import STAGES
+
+    last = max(STAGES.index(s) for s in wanted) if wanted else len(STAGES) - 1
+    if last >= STAGES.index("pair"):
+        import pyarrow.dataset  # noqa: F401 - pyarrow.parquet.read_table's first call
+    if (last >= STAGES.index("evaluate") and cfg.training.enabled
+            and cfg.evaluation.enabled):
+        import matplotlib
+
+        matplotlib.use("Agg")  # as the report sets it
+        import matplotlib.pyplot  # noqa: F401
+
+        import croco.evaluation.report  # noqa: F401
+
+
 @app.command()
 @_clean_errors
 def run(config: ConfigArg = None, set_: SetOpt = None,
@@ -228,6 +247,7 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
                       "kept, the same command continues where it stopped", highlight=False)
 
         if api:
+            _preload(cfg, wanted)  # while the temporary API is still booting
             api.wait_ready()
         result = run_until_stopped(
             lambda: croco_pipeline(config=cfg, stages=wanted, run_id=run_id),
