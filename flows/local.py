@@ -11,7 +11,9 @@
   store); when nothing that hash depends on changed since a start that registered them
   (Prefect's version, the collections' versions, the Prefect settings in the
   environment and profiles, Prefect's memo store), the server is told to skip that
-  step (`BlockRegistration`).
+  step (`BlockRegistration`). Its SQLite transactions take the write lock when they
+  begin, so an API write waits for the server's own services instead of failing with
+  "database is locked" and a 2 s client retry (`croco.flows.apiserver`).
 - **The pipeline runs in a worker thread; the main thread owns the signals.** Prefect
   installs its own SIGTERM handler only in the main thread, where it turns the signal
   into a slow, graceful teardown. Here Ctrl-C (SIGINT) or SIGTERM stop the run at
@@ -154,7 +156,8 @@ class TemporaryAPI:
                        PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION="false")
         self.attempts += 1
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+            [sys.executable, "-m", "croco.flows.apiserver", "--factory",
+             "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error",
              "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
