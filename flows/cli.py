@@ -188,7 +188,7 @@ def _preload(cfg, wanted: list[str] | None) -> None:
         import matplotlib
 
         matplotlib.use("Agg")  # as the report sets it
-        import matplotlib.pyplot  # noqa: F401
+        import matplotlib.pyplot
 
         import croco.evaluation.report  # noqa: F401
 

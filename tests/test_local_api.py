@@ -105,8 +105,9 @@ class _Engine:
 
 
 def test_a_flow_run_ends_without_waiting_for_its_heartbeat_thread():
-    import croco.flows.stages  # noqa: F401 - applies the adjustment
     from prefect import flow_engine
+
+    import croco.flows.stages  # noqa: F401 - applies the adjustment
 
     assert hasattr(flow_engine._send_heartbeats, "croco_original")
     engine = _Engine()
