@@ -201,7 +201,7 @@ def cases(quick: bool = False, **sizes) -> list[Case]:
             Case("first run: wall time vs stage work, tiny model", baseline=timed_first_run,
                  croco=stage_work, unit="s",
                  baseline_label="first run, wall time of the command",
-                 croco_label="stage work in it (manifest outputs' _SUCCESS seconds)",
+                 croco_label="stage work in it (its outputs' _SUCCESS seconds)",
                  setup=overrides, note=share_note)]
 
 

@@ -75,6 +75,10 @@ class BlockRegistration:
     records a start that did not skip, once its server answers."""
 
     MARKER = "croco-block-registration"
+    #: Settings that choose registration: set anywhere, Prefect decides as it would.
+    SETTINGS = ("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "PREFECT_API_BLOCKS_REGISTER_ON_START",
+                "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION",
+                "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION")
 
     def __init__(self) -> None:
         home = _prefect_home()
@@ -110,7 +114,10 @@ class BlockRegistration:
     def skip(self) -> bool:
         try:
             recorded = self.marker.read_text().strip()
+            profiles = self.profiles.read_text() if self.profiles.exists() else ""
         except OSError:
+            return False
+        if any(name in os.environ or name in profiles for name in self.SETTINGS):
             return False
         return bool(recorded) and recorded == self.key()
 

@@ -48,6 +48,14 @@ def test_block_registration_is_skipped_only_after_a_recorded_start_with_the_same
     (home / "profiles.toml").unlink()
     assert BlockRegistration().skip()
 
+    monkeypatch.setenv("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "true")
+    BlockRegistration().done()
+    assert not BlockRegistration().skip()  # the user's choice: Prefect decides
+    monkeypatch.delenv("PREFECT_SERVER_REGISTER_BLOCKS_ON_START")
+    assert not BlockRegistration().skip()  # recorded under other settings
+    BlockRegistration().done()
+    assert BlockRegistration().skip()
+
     (home / "memo_store.toml").write_text('block_auto_registration = "def"\n')
     assert not BlockRegistration().skip()  # Prefect's memo changed: its check runs again
     (home / "memo_store.toml").unlink()
