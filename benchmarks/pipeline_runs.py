@@ -10,6 +10,14 @@ size 32, SmolLM2's tokenizer) written to a temporary folder as policy and judge,
 figure is croco's and Prefect's own cost, not a model's. A rerun must report every stage
 task `Cached`.
 
+A second case measures orchestration's share of a first run: each rep runs a first run
+(fresh data root and PREFECT_HOME, the same pipeline) and reports, as the baseline side,
+the command's wall time and, as the croco side, the stage work in it: the seconds the
+stages recorded in their outputs' `_SUCCESS` markers (the run's manifest `outputs`, and
+any other output completed under its fresh data root). The ratio is wall / work; the note gives the share, (wall - work) / wall, of
+the command and of the flow alone (the manifest's `wall_seconds`). On this tiny model
+the stages do little work, so the share is an upper bound of a real run's.
+
     python benchmarks/pipeline_runs.py [--languages en,de] [--prompts 2] [--k 4] [--reps 3]
 """
 
@@ -17,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the repository root is the import root
@@ -38,11 +49,58 @@ SIZES = {
     True: {"languages": "en,de", "prompts": 2, "k": 4, "max_new_tokens": 8},
 }
 _TASK_STATE = re.compile(r"Task run '([^']+)' - Finished in state (\w+)")
+_MANIFEST = re.compile(r"^manifest:\s+(\S+)", re.MULTILINE)
 
 
 def task_states(log: str) -> dict[str, str]:
     """Final state of every task run named in a `croco run` log, e.g. {'score-en': 'Cached'}."""
     return dict(_TASK_STATE.findall(log))
+
+
+def manifest_of(log: str) -> dict:
+    """The manifest of the run whose `croco run` output is `log`."""
+    found = _MANIFEST.findall(log)
+    if not found:
+        raise AssertionError("no 'manifest:' line in the run's output")
+    return json.loads(Path(found[-1]).read_text())
+
+
+def stage_outputs(node) -> list[dict]:
+    """Every stage output described in a manifest's `outputs` (dicts with key and uri)."""
+    if isinstance(node, dict):
+        if "key" in node and "uri" in node:
+            return [node]
+        return [o for v in node.values() for o in stage_outputs(v)]
+    if isinstance(node, list):
+        return [o for v in node for o in stage_outputs(v)]
+    return []
+
+
+def stage_work_seconds(manifest: dict, data_root: Path | None = None) -> float:
+    """The seconds of stage work a run recorded: the `_SUCCESS` seconds of each output its
+    manifest lists and, with `data_root` (a run's own fresh data root), of every other
+    output marked complete there (the held-out generations, which the manifest does not
+    list). Each output once (the run's pairs appear again under the variant that trains
+    on them), and a pass that wrote several language folders of one output at once
+    (held-out generations and scores: one `seconds` in each folder) counted once."""
+    found = {o["uri"]: (o["key"], o.get("seconds")) for o in stage_outputs(manifest["outputs"])}
+    for marker in sorted(data_root.rglob("_SUCCESS")) if data_root else []:
+        uri = str(marker.parent)
+        if uri in found:
+            continue
+        try:
+            seconds = json.loads(marker.read_text() or "{}").get("seconds")
+        except (ValueError, AttributeError):
+            continue
+        parts = marker.parent.relative_to(data_root).parts  # <stage>/<key>[/lang=..]
+        found[uri] = (parts[1] if len(parts) > 1 else parts[0], seconds)
+    work = {(key, seconds) for key, seconds in found.values() if seconds is not None}
+    return sum(seconds for _, seconds in work)
+
+
+def share(wall: float, work: float) -> float:
+    """Orchestration's share of `wall`: the time that was not stage work."""
+    return (wall - work) / wall if wall else 0.0
 
 
 def croco_run(overrides: list[str], data_root: Path, prefect_home: Path) -> str:
@@ -99,15 +157,52 @@ def cases(quick: bool = False, **sizes) -> list[Case]:
                                  f"{stages or 'not found in its output'}")
         state["cached"] = len(stages)
 
-    def note() -> str:
+    def sizes() -> str:
         return (f"{len(langs)} languages x {size['prompts']} prompts x k={size['k']}, <= "
-                f"{size['max_new_tokens']} new tokens, tiny random model; each rerun: "
-                f"{state['cached']} stage tasks Cached")
+                f"{size['max_new_tokens']} new tokens, tiny random model")
+
+    def note() -> str:
+        return f"{sizes()}; each rerun: {state['cached']} stage tasks Cached"
+
+    shares: dict[str, list] = {"wall": [], "work": [], "flow": []}
+
+    def timed_first_run() -> float:
+        """A first run (its own fresh folders); its command's wall time, in seconds."""
+        rep = tmp / f"share-{len(shares['wall']) + 1}"
+        t = time.perf_counter()
+        log = croco_run(overrides(), rep / "data", rep / "prefect")
+        wall = time.perf_counter() - t
+        manifest = manifest_of(log)
+        shares["wall"].append(wall)
+        shares["work"].append(stage_work_seconds(manifest, rep / "data"))
+        shares["flow"].append(manifest.get("wall_seconds") or 0.0)
+        shutil.rmtree(rep, ignore_errors=True)
+        return wall
+
+    def stage_work() -> float:
+        """The stage work recorded in the manifest of the first run just timed."""
+        return shares["work"][-1]
+
+    def share_note() -> str:
+        run = [share(w, s) for w, s in zip(shares["wall"], shares["work"])]
+        flow = [share(f, s) for f, s in zip(shares["flow"], shares["work"])]
+        return (f"orchestration share of a first run, (wall - stage work) / wall: median "
+                f"{statistics.median(run):.0%} of the command (min {min(run):.0%}), median "
+                f"{statistics.median(flow):.0%} of the flow alone (min {min(flow):.0%}; "
+                f"manifest wall_seconds); stage work = the `_SUCCESS` seconds of the "
+                f"outputs under the run's fresh data root. Computed on this tiny-model "
+                f"pipeline ({sizes()}, --stages pair), whose stages do almost no work: an "
+                f"upper bound of the share in a run of real models")
 
     return [Case("croco run --stages pair, tiny model", baseline=first_run, croco=rerun,
                  unit="s", baseline_label="first run (fresh data root, PREFECT_HOME)",
                  croco_label="unchanged rerun (all stages cached)", setup=overrides,
-                 note=note)]
+                 note=note),
+            Case("first run: wall time vs stage work, tiny model", baseline=timed_first_run,
+                 croco=stage_work, unit="s",
+                 baseline_label="first run, wall time of the command",
+                 croco_label="stage work in it (its outputs' _SUCCESS seconds)",
+                 setup=overrides, note=share_note)]
 
 
 def main() -> None:

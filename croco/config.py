@@ -187,6 +187,24 @@ class RewardConfig(_Strict):
         return scorers
 
 
+def parse_reject_target(name: str) -> tuple[str, float | None]:
+    """('kind', parameter) for a reject target name; raises ValueError for unknown ones."""
+    simple = {"mean_minus_2sigma", "mean_minus_sigma", "q1", "min", "max_min", "random"}
+    if name in simple:
+        return name, None
+    if name.startswith("percentile:"):
+        try:
+            p = float(name.split(":", 1)[1])
+        except ValueError:
+            p = -1.0
+        if not 0.0 <= p <= 100.0:
+            raise ValueError(f"reject_target {name!r}: the percentile must be a number in 0..100")
+        return "percentile", p
+    raise ValueError(
+        f"unknown reject_target {name!r}; use one of {sorted(simple)} or percentile:<p>"
+    )
+
+
 class PairingConfig(_Strict):
     scope: Literal["in_lang", "all_lang"] = "in_lang"
     reject_target: str = "mean_minus_2sigma"
@@ -200,8 +218,6 @@ class PairingConfig(_Strict):
     @field_validator("reject_target")
     @classmethod
     def _known_target(cls, value: str) -> str:
-        from croco.pairing import parse_reject_target
-
         parse_reject_target(value)
         return value
 

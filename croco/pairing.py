@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from croco.config import parse_reject_target
+
 SCOPES = ("in_lang", "all_lang")
 PROMPT_SOURCES = ("chosen", "rejected", "random")
 #: The columns pairing reads; `finish_reason` / `detected_lang` too where present (filters,
@@ -80,24 +82,6 @@ SFT_SCHEMA = {
     "completion": pl.String,
     "reward": pl.Float64,
 }
-
-
-def parse_reject_target(name: str) -> tuple[str, float | None]:
-    """('kind', parameter) for a reject target name; raises ValueError for unknown ones."""
-    simple = {"mean_minus_2sigma", "mean_minus_sigma", "q1", "min", "max_min", "random"}
-    if name in simple:
-        return name, None
-    if name.startswith("percentile:"):
-        try:
-            p = float(name.split(":", 1)[1])
-        except ValueError:
-            p = -1.0
-        if not 0.0 <= p <= 100.0:
-            raise ValueError(f"reject_target {name!r}: the percentile must be a number in 0..100")
-        return "percentile", p
-    raise ValueError(
-        f"unknown reject_target {name!r}; use one of {sorted(simple)} or percentile:<p>"
-    )
 
 
 @dataclass

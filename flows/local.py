@@ -5,7 +5,15 @@
   database under PREFECT_HOME) as a child process in a session of its own, and asks the
   kernel to send it SIGTERM when the run's process dies for any reason
   (`PR_SET_PDEATHSIG`): kill -9 or the OOM killer leave no server behind. It boots
-  while the CLI imports the pipeline, instead of after.
+  while the CLI imports the pipeline, instead of after. On start, Prefect's server
+  imports every installed Prefect collection (prefect-aws, -docker, -kubernetes: about
+  a second) only to hash the block types and find them registered already (its memo
+  store); when nothing that hash depends on changed since a start that registered them
+  (Prefect's version, the collections' versions, the Prefect settings in the
+  environment and profiles, Prefect's memo store), the server is told to skip that
+  step (`BlockRegistration`). Its SQLite transactions take the write lock when they
+  begin, so an API write waits for the server's own services instead of failing with
+  "database is locked" and a 2 s client retry (`croco.flows.apiserver`).
 - **The pipeline runs in a worker thread; the main thread owns the signals.** Prefect
   installs its own SIGTERM handler only in the main thread, where it turns the signal
   into a slow, graceful teardown. Here Ctrl-C (SIGINT) or SIGTERM stop the run at
@@ -31,6 +39,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 STARTUP_TIMEOUT = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
@@ -55,6 +64,75 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
+
+
+class BlockRegistration:
+    """Whether a temporary server may skip block registration: `skip()` is True when a
+    previous start on this PREFECT_HOME registered the block types (or found them
+    registered) with the same Prefect, collections, settings and memo store; `done()`
+    records a start that did not skip, once its server answers."""
+
+    MARKER = "croco-block-registration"
+    #: Settings that choose registration: set anywhere, Prefect decides as it would.
+    SETTINGS = ("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "PREFECT_API_BLOCKS_REGISTER_ON_START",
+                "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION",
+                "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION")
+
+    def __init__(self) -> None:
+        home = _prefect_home()
+        self.marker = home / self.MARKER
+        self.memo = Path(os.environ.get("PREFECT_SERVER_MEMO_STORE_PATH")
+                         or os.environ.get("PREFECT_MEMO_STORE_PATH")
+                         or home / "memo_store.toml").expanduser()
+        self.profiles = Path(os.environ.get("PREFECT_PROFILES_PATH",
+                                            home / "profiles.toml")).expanduser()
+
+    def key(self) -> str | None:
+        """What Prefect's registration hash depends on, hashed; None without a memo store."""
+        import hashlib
+        import importlib.metadata as md
+        import json
+
+        try:
+            memo = self.memo.read_text()
+        except OSError:
+            return None
+        try:
+            profiles = self.profiles.read_text()
+        except OSError:
+            profiles = ""
+        collections = sorted((ep.value, ep.dist.name if ep.dist else "",
+                              ep.dist.version if ep.dist else "")
+                             for ep in md.entry_points(group="prefect.collections"))
+        settings = sorted((k, v) for k, v in os.environ.items()
+                          if k.startswith("PREFECT_") and k != "PREFECT_API_URL")
+        blob = json.dumps([md.version("prefect"), collections, settings, profiles, memo])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def skip(self) -> bool:
+        try:
+            recorded = self.marker.read_text().strip()
+            profiles = self.profiles.read_text() if self.profiles.exists() else ""
+        except OSError:
+            return False
+        if any(name in os.environ or name in profiles for name in self.SETTINGS):
+            return False
+        return bool(recorded) and recorded == self.key()
+
+    def done(self) -> None:
+        key = self.key()
+        if key is None:
+            return
+        try:
+            tmp = self.marker.with_name(f"{self.marker.name}.{os.getpid()}.tmp")
+            tmp.write_text(key)
+            os.replace(tmp, self.marker)
+        except OSError:  # only a missed shortcut next time
+            pass
+
+
 class TemporaryAPI:
     """Prefect's API server for one run, on loopback, bound to this process's life."""
 
@@ -68,17 +146,25 @@ class TemporaryAPI:
         self.port = 0
         self.attempts = 0
         self._log = tempfile.TemporaryFile()
+        self._blocks = BlockRegistration()
+        self._skip_blocks = False
 
     def start(self) -> "TemporaryAPI":
         """Start the server and point this process's Prefect at it (PREFECT_API_URL, to be
         set before Prefect is imported); returns at once, `wait_ready` waits for it."""
         self.port = self.port or _free_port()
         self.url = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{self.port}/api"
+        if not self.attempts:  # before the environment holds this run's settings below
+            self._skip_blocks = self._blocks.skip()
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}
+        if self._skip_blocks:
+            env.update(PREFECT_SERVER_REGISTER_BLOCKS_ON_START="false",
+                       PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION="false")
         self.attempts += 1
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+            [sys.executable, "-m", "croco.flows.apiserver", "--factory",
+             "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error",
              "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -97,10 +183,13 @@ class TemporaryAPI:
                                    f"{self.proc.returncode}: {self._tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
+                    ready = r.status == 200
             except OSError:
-                pass
+                ready = False
+            if ready:
+                if not self._skip_blocks:
+                    self._blocks.done()
+                return
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"the temporary Prefect API did not answer within {timeout:.0f} s "

@@ -55,6 +55,9 @@ from croco.training.run import adapter_path
 from croco.training.spec import variant_spec
 from croco.tasks import heldout_task, stage_task
 from croco.tasks.remote import prepare_run, trigger_task
+from croco.flows.engine import adjust_prefect
+
+adjust_prefect()  # flow runs end without waiting on their heartbeat thread
 
 _persist = dict(persist_result=True, result_serializer="json")
 

@@ -134,3 +134,42 @@ def test_a_failing_case_is_reported_and_sets_the_exit_status(monkeypatch, capsys
     out = capsys.readouterr().out
     assert rc == 1
     assert "- FAILED broken: AssertionError: scores differ" in out
+
+
+def test_stage_work_counts_each_output_once_and_a_multi_language_pass_once(tmp_path):
+    from benchmarks.pipeline_runs import manifest_of, share, stage_work_seconds
+
+    def out(key, lang, seconds):
+        return {"key": key, "uri": f"/d/{key}/lang={lang}", "rows": 1, "seconds": seconds}
+
+    pairs = {"key": "p", "uri": "/d/pairs/p", "rows": 3, "seconds": 0.5}
+    manifest = {"outputs": {
+        "generations": {"en": out("g", "en", 2.0), "de": out("g", "de", 3.0)},
+        "pairs": pairs,
+        "variants": {"dpo": {"rounds": [{"pairs": pairs, "training": out("t", "x", 10.0)}]}},
+        "evaluation": {"scores": {"base": {"en": out("s", "en", 4.0),
+                                           "de": out("s", "de", 4.0)}},
+                       "heldout": {"key": "h", "uri": "/d/h", "seconds": None}},
+    }}
+    # generations 2 + 3, pairs once 0.5, training 10, held-out scores' one pass 4
+    assert stage_work_seconds(manifest) == 19.5
+    # Under a data root: outputs the manifest does not list count too (held-out answers,
+    # one pass for two languages), the listed ones once.
+    root = tmp_path / "data"
+    for lang in ("en", "de"):
+        (root / "generations" / "hg" / f"lang={lang}").mkdir(parents=True)
+        (root / "generations" / "hg" / f"lang={lang}" / "_SUCCESS").write_text(
+            '{"rows": 2, "seconds": 6.0}')
+    (root / "pairs" / "p" / "ref_logps" / "r").mkdir(parents=True)
+    (root / "pairs" / "p" / "ref_logps" / "r" / "_SUCCESS").write_text('{"rows": 2}')
+    listed = root / "g" / "lang=en"
+    listed.mkdir(parents=True)
+    (listed / "_SUCCESS").write_text('{"seconds": 2.0}')
+    manifest["outputs"]["generations"]["en"]["uri"] = str(listed)
+    assert stage_work_seconds(manifest, root) == 25.5
+    assert share(20.0, 19.5) == 0.025
+    log = "croco run ...\nmanifest:  /nowhere/manifest.json\nreport: x\n"
+    with pytest.raises(FileNotFoundError):
+        manifest_of(log)
+    with pytest.raises(AssertionError):
+        manifest_of("no manifest line")
