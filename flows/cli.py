@@ -193,27 +193,6 @@ def _preload(cfg, wanted: list[str] | None) -> None:
         import croco.evaluation.report  # noqa: F401
 
 
-def _end_process() -> None:
-    """End the process of a finished `croco run` now: the normal exit's steps (wait for
-    non-daemon threads, run the exit handlers, flush the output) without the interpreter
-    tearing down its modules, which takes a few tenths of a second with Prefect and the
-    pipeline loaded. Only in a process started as the croco command; a program that
-    called `run` (a test's CLI runner) goes on."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if not ((spec is not None and spec.name == "croco.flows.cli")
-            or os.path.basename(sys.argv[0] or "") == "croco"):
-        return
-    import atexit
-    import threading
-
-    threading._shutdown()  # what the interpreter's exit does first
-    atexit._run_exitfuncs()  # then the exit handlers (logging's among them)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 @app.command()
 @_clean_errors
 def run(config: ConfigArg = None, set_: SetOpt = None,
@@ -320,7 +299,6 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
     console.print(f"manifest:  [green]{result['manifest']}[/]")
     if result.get("report"):
         console.print(f"report:    [green]{result['report']}[/]")
-    _end_process()
 
 
 def structured_table(results) -> Table:
