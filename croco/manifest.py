@@ -72,11 +72,13 @@ class VariantOutputs(BaseModel, Generic[U]):
 
 
 class EvaluationOutputs(BaseModel, Generic[U]):
-    """The evaluation of the base and each variant's final model. `scores`: model -> lang ->
-    held-out scores; `heldout`: their summary table; `structured`: model -> structured
+    """The evaluation of the base and each variant's final model. `generations`: model ->
+    lang -> held-out answers; `scores`: model -> lang -> their scores; `heldout`: their
+    summary table; `structured`: model -> structured
     task results; `judgments`: variant -> pairwise judgments against the base;
     `reward_check`: the reward's ranking accuracy on the preference set."""
 
+    generations: dict[str, dict[str, U]] = {}
     scores: dict[str, dict[str, U]] = {}
     heldout: U | None = None
     reward_check: U | None = None

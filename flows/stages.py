@@ -366,6 +366,7 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
     scores = resolve(stage_task, [dict(stage=ScoreLanguages(
         generations_uris=g, prompts_uris=prompts_by_lang, reward=config.reward, name=name),
         data_root=root) for name, g in zip(names, gens)])
+    out.generations = dict(zip(names, gens))
     out.scores = dict(zip(names, scores))
     # The checks below depend on the held-out scores only, not on each other.
     work: dict[str, list[Stage]] = {}

@@ -398,6 +398,11 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
     assert described["offp"].off_policy is True
     assert described["offp"].generation_policy == tiny_lm_other
     assert described["dpo"].off_policy is False
+    # the held-out answers are in the record with their rows and seconds, like their scores
+    heldout_gens = read_outputs(manifest).evaluation.generations
+    assert set(heldout_gens) == {"base", "dpo", "dpo-all", "sft", "offp", "iter"}
+    assert heldout_gens["base"]["en"].rows == 1 and heldout_gens["base"]["en"].seconds >= 0
+    assert storage.read_parquet(heldout_gens["dpo"]["de"].uri)["lang"].to_list() == ["de"]
 
     summary = storage.read_parquet(outputs.evaluation.heldout)
     assert set(summary["model"]) == {"base", "dpo", "dpo-all", "sft", "offp", "iter"}
