@@ -546,11 +546,11 @@ class Structured(Stage):
 
     def work(self, out: str, progress: Progress | None) -> dict:
         from croco.evaluation.structured import evaluate_euroeval, evaluate_structured
-        from croco.models import pick_device, resolve_model
+        from croco.models import dtype_name, load_model, pick_device, pick_dtype, resolve_model
 
         policy, st, langs = self.policy, self.structured, self.langs
         device = pick_device(policy.device)
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+        dtype = dtype_name(pick_dtype(policy.dtype, device))
         if st.backend == "euroeval":
             df = evaluate_euroeval(
                 resolve_model(policy.model), adapter=policy.adapter, langs=langs,
@@ -558,11 +558,16 @@ class Structured(Stage):
                 few_shot=st.euroeval_few_shot, iterations=st.euroeval_iterations,
                 test_split=st.euroeval_test_split, device=str(device), dtype=dtype)
         else:
+            # The hf backend scores the model croco has in memory (the held-out answers
+            # loaded it, adapter merged) rather than loading it again with the adapter apart.
+            loaded = (load_model(policy.model, adapter=policy.adapter, device=policy.device,
+                                 dtype=policy.dtype) if st.backend == "hf" else None)
             df = evaluate_structured(
                 resolve_model(policy.model), adapter=policy.adapter,
                 tasks={lang: t for lang, t in st.tasks.items() if lang in langs},
                 local_mc=st.local_mc, langs=langs, backend=st.backend,
-                batch_size=st.batch_size, limit=st.limit, device=str(device), dtype=dtype)
+                batch_size=st.batch_size, limit=st.limit, device=str(device), dtype=dtype,
+                loaded=loaded)
         storage.write_parquet(df, storage.join(out, "results.parquet"))
         return {"rows": df.height}
 

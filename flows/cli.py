@@ -174,13 +174,30 @@ def heldout_table(summary) -> Table:
     return table
 
 
+def _strings(value) -> set[str]:
+    """Every string in a nested dict/list."""
+    if isinstance(value, str):
+        return {value}
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return set().union(*(_strings(v) for v in items)) if items else set()
+
+
 def _preload(cfg, wanted: list[str] | None) -> None:
-    """Import the modules the run's later steps load on first use (reading Parquet through
-    pyarrow's datasets; the report's plots) now, in the seconds `croco run` otherwise
-    spends waiting for its temporary Prefect API to answer. The same imports, earlier."""
+    """Do now, in the seconds `croco run` otherwise spends waiting for its temporary
+    Prefect API to answer, what the run's later steps do on first use: convert the embedded
+    models the config names (once per machine) and import the modules for reading Parquet
+    through pyarrow's datasets and for the report's plots. The same work, earlier."""
     from croco.preflight import STAGES
 
     last = max(STAGES.index(s) for s in wanted) if wanted else len(STAGES) - 1
+    if last >= STAGES.index("generate"):
+        # An embedded model's one-time GGUF conversion (about 10 s for SmolLM2 on 2 cores),
+        # on one core while the API boots on the other; then transformers is imported too.
+        from croco.config import EMBEDDED_MODELS
+        from croco.models import resolve_model
+
+        for name in sorted(_strings(cfg.model_dump()) & set(EMBEDDED_MODELS)):
+            resolve_model(name)
     if last >= STAGES.index("pair"):
         import pyarrow.dataset  # noqa: F401 - pyarrow.parquet.read_table's first call
     if (last >= STAGES.index("evaluate") and cfg.training.enabled

@@ -15,6 +15,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `auto` dtypes stay float32 even on a CPU with bf16 instructions, so tests can compare
+# scores exactly; the bf16 path has tests of its own that set CROCO_CPU_BF16=1.
+os.environ.setdefault("CROCO_CPU_BF16", "0")
 
 LANGS = ["en", "de", "fr"]
 

@@ -189,3 +189,43 @@ def test_a_reused_shard_deleted_from_the_store_fails_naming_the_plan_to_delete(
     with pytest.raises(RuntimeError, match=r"stored shard .* prompts q0, is gone; delete "
                                            + re.escape(plan_uri(out))):
         run_generate(prompts_uri, "fr", policy, gen, fewer, root)
+
+
+def test_next_tokens_draws_from_the_tempered_distribution():
+    import torch
+
+    from croco.generation.transformers import next_tokens
+
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.9]])
+    logits = probs.log()  # -inf where the probability is 0
+    torch.manual_seed(0)
+    n = 20000
+    draws = next_tokens(logits.repeat(n, 1), temperature=1.0).view(n, 2)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=4).float() / n
+        assert torch.allclose(freq, probs[row], atol=0.015), (row, freq)
+        assert freq[probs[row] == 0].sum() == 0  # impossible tokens are never drawn
+    # temperature 2 flattens: p ~ sqrt(p0)
+    hot = next_tokens(logits[:1].repeat(n, 1), temperature=2.0)
+    want = probs[0].sqrt() / probs[0].sqrt().sum()
+    assert torch.allclose(torch.bincount(hot, minlength=4).float() / n, want, atol=0.015)
+    assert next_tokens(logits, temperature=0.0).tolist() == [0, 3]  # greedy
+
+
+def test_next_tokens_top_p_keeps_the_nucleus_of_transformers_top_p():
+    import torch
+    from transformers import TopPLogitsWarper
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 12) * 2
+    n = 6000
+    for top_p in (0.5, 0.8, 0.95):
+        kept = TopPLogitsWarper(top_p)(None, logits.clone()).isfinite()
+        want = torch.softmax(logits.masked_fill(~kept, float("-inf")), -1)
+        from croco.generation.transformers import next_tokens
+
+        draws = next_tokens(logits.repeat(n, 1), temperature=1.0, top_p=top_p).view(n, 3)
+        for row in range(3):
+            freq = torch.bincount(draws[:, row], minlength=12).float() / n
+            assert freq[~kept[row]].sum() == 0, (top_p, row)
+            assert torch.allclose(freq, want[row], atol=0.025), (top_p, row)

@@ -43,3 +43,17 @@ def test_lm_eval_scores_a_tiny_model_on_the_local_task(tiny_lm):
     assert out["metric"].to_list() == ["acc", "acc"]
     assert all(0.0 <= v <= 1.0 for v in out["value"])
     assert out["n"].to_list() == [5, 5]
+
+
+def test_a_model_in_memory_scores_as_the_same_model_loaded_by_lm_eval(tiny_lm):
+    """The pipeline hands lm-eval the model croco already loaded: the same accuracies, to
+    the item, as lm-eval loading the path itself."""
+    from croco.evaluation.structured import evaluate_structured
+    from croco.models import load_model
+
+    kw = dict(adapter=None, tasks={}, local_mc="builtin:demo_mc", langs=["en", "fr"],
+              batch_size=8, limit=10)
+    by_path = evaluate_structured(tiny_lm, **kw)
+    in_memory = evaluate_structured(tiny_lm, **kw, loaded=load_model(tiny_lm, device="cpu"))
+    assert in_memory.equals(by_path)
+    assert in_memory["n"].to_list() == [10, 10]

@@ -69,9 +69,10 @@ def test_second_variant_on_the_same_pairs_runs_no_reference_forward(tiny_lm, tmp
     assert second["ref_forward_batches"] == 0
 
 
-def test_reference_logps_are_keyed_by_pairs_policy_and_length():
+def test_reference_logps_are_keyed_by_pairs_policy_length_and_precision():
     a = ref_logps_uri("/d/pairs/k1", "m", None, 64)
     assert a == ref_logps_uri("/d/pairs/k1", "m", None, 64)
+    assert a != ref_logps_uri("/d/pairs/k1", "m", None, 64, bf16=True)
     assert a != ref_logps_uri("/d/pairs/k2", "m", None, 64)
     assert a != ref_logps_uri("/d/pairs/k1", "m2", None, 64)
     assert a != ref_logps_uri("/d/pairs/k1", "m", None, 128)
@@ -408,3 +409,33 @@ def test_a_spec_validates_back_from_its_json_as_its_method():
         assert type(back) is type(spec) and back == spec and back.key() == spec.key()
     with pytest.raises(ValueError, match="pairs_uri"):
         TrainSpecAdapter.validate_python({**online.model_dump(), "method": "dpo"})
+
+
+@pytest.mark.parametrize("bf16", ["0", "1"])
+def test_reference_logps_on_the_cpu_equal_trl_own(tiny_lm, tmp_path, monkeypatch, bf16):
+    """croco's reference pass (the vocabulary only at completion positions) gives TRL's
+    numbers, in float32 and with bf16 autocast."""
+    import torch
+    from trl import DPOConfig, DPOTrainer
+
+    from croco.training.common import load_policy_for_training, precision_args
+    from croco.training.dpo import _trainer_class, to_conversational
+
+    monkeypatch.setenv("CROCO_CPU_BF16", bf16)
+    cfg = TrainingConfig(max_steps=1, **FAST)
+    prec = precision_args(cfg, torch.device("cpu"))
+    assert prec["bf16"] is (bf16 == "1")
+    model, tok, peft_config = load_policy_for_training(tiny_lm, None, cfg, prec)
+    args = DPOConfig(output_dir=str(tmp_path), max_length=64, precompute_ref_log_probs=False,
+                     per_device_train_batch_size=4, report_to=[], **prec)
+    trainer = _trainer_class()(model=model, args=args, processing_class=tok,
+                               train_dataset=to_conversational(separable_pairs(4)),
+                               peft_config=peft_config)
+    assert trainer._lora_base_on_cpu(trainer.model) is not None  # croco's pass is taken
+    batch = next(iter(trainer.get_train_dataloader()))
+    ours = trainer.compute_ref_log_probs(trainer.model, batch)
+    theirs = DPOTrainer.compute_ref_log_probs(trainer, trainer.model, batch)
+    tol = 2e-2 if bf16 == "1" else 1e-4
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape == (4,)
+        assert torch.allclose(a.float(), b.float(), atol=tol, rtol=1e-3), (a, b)

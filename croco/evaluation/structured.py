@@ -77,8 +77,12 @@ def write_local_tasks(jsonl: str | Path, langs: list[str], folder: Path) -> dict
 def evaluate_structured(model_path: str, *, adapter: str | None, tasks: dict[str, list[str]],
                         local_mc: str | None = None, langs: list[str] | None = None,
                         backend: str = "hf", batch_size: int = 8, limit: int | None = None,
-                        device: str = "cpu", dtype: str = "float32") -> pl.DataFrame:
-    """Accuracy per language and task: columns lang, task, metric, value, n."""
+                        device: str = "cpu", dtype: str = "float32",
+                        loaded: tuple | None = None) -> pl.DataFrame:
+    """Accuracy per language and task: columns lang, task, metric, value, n.
+
+    `loaded`: the (model, tokenizer) already in memory (adapter merged) for the `hf`
+    backend; lm-eval then scores that instance instead of loading `model_path` again."""
     lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
 
@@ -96,13 +100,19 @@ def evaluate_structured(model_path: str, *, adapter: str | None, tasks: dict[str
             return pl.DataFrame(schema={"lang": pl.String, "task": pl.String,
                                         "metric": pl.String, "value": pl.Float64,
                                         "n": pl.Int64})
-        args = f"pretrained={model_path},dtype={dtype}"
-        if adapter:
-            args += f",peft={adapter}"
-        if backend == "hf":
-            args += f",device={device}"
+        if loaded is not None and backend == "hf":
+            from lm_eval.models.huggingface import HFLM
+
+            model, args = HFLM(pretrained=loaded[0], tokenizer=loaded[1],
+                               batch_size=batch_size), None
+        else:
+            model, args = backend, f"pretrained={model_path},dtype={dtype}"
+            if adapter:
+                args += f",peft={adapter}"
+            if backend == "hf":
+                args += f",device={device}"
         results = lm_eval.simple_evaluate(
-            model=backend, model_args=args, tasks=list(by_task), batch_size=batch_size,
+            model=model, model_args=args, tasks=list(by_task), batch_size=batch_size,
             limit=limit,
             # lm-eval's own task index (thousands of YAML files) only when its tasks are named
             task_manager=TaskManager(include_path=str(folder),

@@ -17,10 +17,14 @@ from croco.config import TrainingConfig
 
 
 def precision_args(cfg: TrainingConfig, device: torch.device) -> dict:
-    """bf16 and gradient checkpointing where they pay (a GPU), fp32 without checkpointing
-    on the CPU (TRL's defaults, bf16 + checkpointing, make a CPU step ~10x slower)."""
+    """`auto`: bf16 where the hardware multiplies it natively (a GPU with bf16, a CPU with
+    AVX512-BF16 or AMX: `croco.models.bf16_native`), else fp32; gradient checkpointing on
+    a GPU only (TRL's defaults, bf16 + checkpointing, make a step on a CPU without bf16
+    ~10x slower)."""
+    from croco.models import bf16_native
+
     if cfg.precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        bf16 = bf16_native(device)
         fp16 = False
     else:
         bf16, fp16 = cfg.precision == "bf16", cfg.precision == "fp16"

@@ -60,19 +60,47 @@ def to_conversational(pairs: pl.DataFrame):
     return Dataset.from_dict(rows)
 
 
-def ref_logps_uri(pairs_uri: str, policy: str, adapter: str | None, max_length: int) -> str:
-    """Where the reference log-probs of one (pair set, reference model, max length) live:
-    the model and adapter by identity (`croco.identity.path_identity`), so a local model
-    folder retrained in place gets new ones."""
+def ref_logps_uri(pairs_uri: str, policy: str, adapter: str | None, max_length: int,
+                  *, bf16: bool = False) -> str:
+    """Where the reference log-probs of one (pair set, reference model, max length,
+    precision) live: the model and adapter by identity (`croco.identity.path_identity`), so
+    a local model folder retrained in place gets new ones; log-probs computed in bf16 are
+    kept apart from float32 ones."""
     from croco.identity import path_identity
 
-    key = stable_hash({"pairs": pairs_uri.rstrip("/").split("/")[-1],
-                       "policy": path_identity(policy), "adapter": path_identity(adapter),
-                       "max_length": max_length, "v": 1})
+    key = {"pairs": pairs_uri.rstrip("/").split("/")[-1],
+           "policy": path_identity(policy), "adapter": path_identity(adapter),
+           "max_length": max_length, "v": 1}
+    if bf16:
+        key["bf16"] = True
+    key = stable_hash(key)
     return storage.join(pairs_uri, "ref_logps", key)
 
 
+def completion_logps(causal_lm, inputs: dict):
+    """Summed log-probabilities of the completion tokens of a collated DPO batch (chosen
+    rows, then rejected rows), as TRL's `compute_ref_log_probs` defines them, with the
+    vocabulary projected only at completion positions, in float32."""
+    import torch
+
+    model_kwargs = {k: v for k, v in inputs.items()
+                    if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    hidden = causal_lm.base_model(**model_kwargs, use_cache=False).last_hidden_state
+    mask = inputs["completion_mask"][:, 1:].bool()  # position t predicts token t + 1
+    targets = inputs["input_ids"][:, 1:][mask]
+    head = causal_lm.get_output_embeddings()
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = torch.nn.functional.linear(
+            hidden[:, :-1][mask].float(), head.weight.float(),
+            None if head.bias is None else head.bias.float())
+        token_logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    sums = token_logps.new_zeros(mask.shape[0]).index_add_(0, rows, token_logps)
+    return sums.chunk(2, dim=0)
+
+
 def _trainer_class():
+    import torch
     from trl import DPOTrainer
 
     class CrocoDPOTrainer(DPOTrainer):
@@ -83,7 +111,34 @@ def _trainer_class():
 
         def compute_ref_log_probs(self, model, inputs):
             type(self).ref_forward_batches += 1
-            return super().compute_ref_log_probs(model, inputs)
+            causal_lm = self._lora_base_on_cpu(model)
+            if causal_lm is None:
+                return super().compute_ref_log_probs(model, inputs)
+            peft_model = self.accelerator.unwrap_model(self.model)
+            with torch.no_grad(), peft_model.disable_adapter(), self.accelerator.autocast():
+                return completion_logps(causal_lm, inputs)
+
+        def _lora_base_on_cpu(self, model):
+            """The LoRA policy's causal LM when the reference is that model with its
+            adapter off, on the CPU, with plain log-probabilities (no length weighting, no
+            logit scaling); else None. TRL's fused head scores every position on the CPU
+            (prompt and padding too, with entropy and accuracy), only the completion
+            positions on a GPU."""
+            from accelerate.utils import is_peft_model
+
+            peft_model = self.accelerator.unwrap_model(self.model)
+            if (self.accelerator.device.type != "cpu" or self.ld_alpha is not None
+                    or self.ref_model is not None or model is not self.model
+                    or not is_peft_model(peft_model) or "ref" in peft_model.peft_config
+                    or peft_model.active_peft_config.is_prompt_learning):
+                return None
+            causal_lm = peft_model.get_base_model()
+            text = causal_lm.config.get_text_config()
+            if any(getattr(text, name, None) is not None for name in (
+                    "final_logit_softcapping", "logit_scale", "output_multiplier",
+                    "lm_head_multiplier", "logits_scaling")):
+                return None
+            return causal_lm
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):

@@ -58,12 +58,16 @@ def _train(spec: TrainSpec, out: str, callbacks: list | None) -> dict:
     """Run the method's trainer into `out`; its metrics."""
     policy, training = spec.policy, spec.training
     if isinstance(spec, DPOSpec):
+        from croco.models import pick_device
+        from croco.training.common import precision_args
         from croco.training.dpo import ref_logps_uri, train_dpo
 
         data = storage.read_parquet(storage.join(spec.pairs_uri, "dpo"))
         if spec.lang:
             data = data.filter(pl.col("prompt_lang") == spec.lang)
-        ref_uri = ref_logps_uri(spec.pairs_uri, policy.model, policy.adapter, training.max_length)
+        bf16 = precision_args(training, pick_device(training.device))["bf16"]
+        ref_uri = ref_logps_uri(spec.pairs_uri, policy.model, policy.adapter, training.max_length,
+                                bf16=bf16)
         return train_dpo(data, policy=policy.model, adapter=policy.adapter, cfg=training,
                          out_uri=out, ref_uri=ref_uri, callbacks=callbacks)
     if isinstance(spec, SFTSpec):
