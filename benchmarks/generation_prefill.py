@@ -1,6 +1,9 @@
-"""k samples per prompt: one shared prefill (croco's transformers backend) against
-transformers' `num_return_sequences=k` (which prefills k copies of every prompt), and
-against sampling one sequence at a time. Same model, prompts, k and token budget, in one
+"""k samples per prompt: croco's transformers backend (one shared prefill, then its own
+decoding loop, which draws a token with one uniform number per sequence) against
+transformers' `generate(num_return_sequences=k)` (which prefills k copies of every prompt
+and samples with `torch.multinomial`), and against croco sampling one sequence at a time.
+Both run the same model in the same dtype (`dtype: auto`: bf16 on a CPU with bf16
+instructions). Same model, prompts, k and token budget, in one
 process, as two A/B cases (`benchmarks.ab`): croco vs num_return_sequences, croco vs one
 at a time, interleaved `--reps` times.
 
@@ -108,11 +111,11 @@ def cases(quick: bool = False, *, model: str = EMBEDDED_POLICY, **sizes) -> list
 
     def note() -> str:
         return (f"{model}, {len(convs)} prompts of {state['prompt_tokens']} tokens x k={k}, "
-                f"<= {max_new} new tokens, T=1.0")
+                f"<= {max_new} new tokens, T=1.0, {str(state['gen'].model.dtype)[6:]}")
 
     what = f"generation, {len(convs)} prompts x k={k}"
-    common = {"unit": "new tokens/s", "higher_is_better": True, "croco_label": "shared prefill",
-                  "setup": warm_up, "croco": shared}
+    common = {"unit": "new tokens/s", "higher_is_better": True,
+              "croco_label": "croco (shared prefill)", "setup": warm_up, "croco": shared}
     return [
         Case(f"{what}: shared prefill vs num_return_sequences", baseline=num_return_sequences,
              baseline_label="num_return_sequences=k", note=note, **common),

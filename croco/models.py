@@ -27,12 +27,14 @@ import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from croco.config import EMBEDDED_MODELS
 from croco.errors import ModelNotFoundError
 from croco.preflight import check_model
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def resolve_model(name: str, *, field: str = "model") -> str:
     with _lock:
         if (target / "config.json").exists():
             return str(target)
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s from GGUF to safetensors in %s (once)", name, target)
@@ -114,6 +117,8 @@ def _gguf_parsed_once():
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -151,6 +156,8 @@ def _cpuinfo_has_bf16() -> bool:
 def bf16_native(device: torch.device) -> bool:
     """bf16 is the fast dtype on this device: a GPU with bf16, or a CPU with bf16 matmul
     instructions (`cpu_has_bf16`)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_has_bf16()
@@ -159,6 +166,8 @@ def bf16_native(device: torch.device) -> bool:
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 where the hardware multiplies it natively (`bf16_native`), else float32
     (bf16 matmuls are emulated, and slow, on most other CPUs)."""
+    import torch
+
     if dtype == "auto":
         return torch.bfloat16 if bf16_native(device) else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -240,6 +249,8 @@ def merge_adapter(model: str, adapter: str, folder: str | Path, *, device: str =
     merged.save_pretrained(folder)
     load_tokenizer(model).save_pretrained(folder)
     del merged
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return str(folder)
@@ -248,5 +259,7 @@ def merge_adapter(model: str, adapter: str, folder: str | Path, *, device: str =
 def clear_model_cache() -> None:
     with _lock:
         _cache.clear()
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

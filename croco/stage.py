@@ -115,6 +115,26 @@ def shard_group(n_shards: int, group: int, groups: int) -> range:
     return range(start, start + size + (group < extra))
 
 
+class LanguagesTogether(Stage):
+    """A stage that runs every language at once (held-out sets are small) and writes one
+    `lang=xx/` folder with its own `_SUCCESS` per language, the layout of the per-language
+    stages: its result maps language -> folder, complete when every folder is.
+    `languages()`: the run's languages (the keys of the stage's per-language inputs)."""
+
+    def languages(self) -> list[str]:
+        raise NotImplementedError
+
+    def folders(self, out: str) -> dict[str, str]:
+        """language -> its folder under the output `out`."""
+        return {lang: storage.join(out, f"lang={lang}") for lang in sorted(self.languages())}
+
+    def result(self, data_root: str) -> dict[str, str]:
+        return self.folders(self.output(data_root))
+
+    def complete(self, data_root: str) -> bool:
+        return all(storage.is_complete(u) for u in self.result(data_root).values())
+
+
 class Parts:
     """How a sharded stage makes its parts: `count`, `rows(i)` (part i's table) and
     `info()` (extra `_SUCCESS` fields, e.g. rows sampled now)."""

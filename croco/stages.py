@@ -46,6 +46,7 @@ from croco.samples import (
     scored_shard,
 )
 from croco.stage import (
+    LanguagesTogether,
     Parts,
     Progress,
     ShardedStage,
@@ -63,10 +64,6 @@ from croco.training.spec import TrainSpec
 
 def _keys(uris: dict[str, str]) -> dict[str, str]:
     return {k: key_of(u) for k, u in sorted(uris.items())}
-
-
-def _by_language(out: str, langs) -> dict[str, str]:
-    return {lang: storage.join(out, f"lang={lang}") for lang in sorted(langs)}
 
 
 def _prompts(uris: dict[str, str], langs) -> pl.DataFrame:
@@ -197,7 +194,7 @@ class _GenerateParts(Parts):
         return {"generated_rows": self.sampler.generated_rows}
 
 
-class GenerateLanguages(Stage):
+class GenerateLanguages(LanguagesTogether):
     """Held-out answers: k samples for the selected prompts of every language, generated
     together (one model load, full batches however few prompts a language has); the
     `Generate` layout, one part and `_SUCCESS` per language. All or nothing: the sets it
@@ -218,11 +215,8 @@ class GenerateLanguages(Stage):
     def label(self) -> str:
         return f"generate-{self.name}"
 
-    def result(self, data_root: str) -> dict[str, str]:
-        return _by_language(self.output(data_root), self.prompts_uris)
-
-    def complete(self, data_root: str) -> bool:
-        return all(storage.is_complete(u) for u in self.result(data_root).values())
+    def languages(self) -> list[str]:
+        return list(self.prompts_uris)
 
     def work(self, out: str, progress: Progress | None) -> None:
         import time
@@ -249,7 +243,7 @@ class GenerateLanguages(Stage):
             seed=_together_seed(gen.seed), policy=policy_label(policy.model, policy.adapter),
             respond_in_language=gen.respond_in_language,
             instruction_template=gen.instruction_template)
-        _write_by_language(df, _by_language(out, self.prompts_uris), time.perf_counter() - t0)
+        _write_by_language(df, self.folders(out), time.perf_counter() - t0)
         return None
 
 
@@ -330,7 +324,7 @@ class _ScoreParts(Parts):
         return score_frame(gens, self.prompts, s.reward.scorers, device=s.reward.device)
 
 
-class ScoreLanguages(Stage):
+class ScoreLanguages(LanguagesTogether):
     """The rewards of every language's held-out answers, scored together (full batches,
     each scorer loaded once); the `Score` layout, one part and `_SUCCESS` per language."""
 
@@ -347,11 +341,8 @@ class ScoreLanguages(Stage):
     def label(self) -> str:
         return f"score-{self.name}"
 
-    def result(self, data_root: str) -> dict[str, str]:
-        return _by_language(self.output(data_root), self.generations_uris)
-
-    def complete(self, data_root: str) -> bool:
-        return all(storage.is_complete(u) for u in self.result(data_root).values())
+    def languages(self) -> list[str]:
+        return list(self.generations_uris)
 
     def work(self, out: str, progress: Progress | None) -> None:
         import time
@@ -367,7 +358,7 @@ class ScoreLanguages(Stage):
                          how="diagonal_relaxed")
         scored = score_frame(gens, _prompts(self.prompts_uris, langs), self.reward.scorers,
                              device=self.reward.device)
-        _write_by_language(scored, _by_language(out, langs), time.perf_counter() - t0)
+        _write_by_language(scored, self.folders(out), time.perf_counter() - t0)
         return None
 
 
