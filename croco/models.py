@@ -23,6 +23,7 @@ import platform
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -72,6 +73,7 @@ def resolve_model(name: str, *, field: str = "model") -> str:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s from GGUF to safetensors in %s (once)", name, target)
+        started = time.perf_counter()
         with _gguf_parsed_once():
             tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
             model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file,
@@ -87,6 +89,7 @@ def resolve_model(name: str, *, field: str = "model") -> str:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        log.info("converted %s in %.1f s", name, time.perf_counter() - started)
     return str(target)
 
 
