@@ -120,14 +120,16 @@ def _trainer_class():
 
         def _lora_base_on_cpu(self, model):
             """The LoRA policy's causal LM when the reference is that model with its
-            adapter off, on the CPU, with plain log-probabilities (no length weighting, no
-            logit scaling); else None. TRL's fused head scores every position on the CPU
+            adapter off, on the CPU without gradient checkpointing, with plain
+            log-probabilities (no length weighting, no logit scaling); else None. TRL's fused head scores every position on the CPU
             (prompt and padding too, with entropy and accuracy), only the completion
             positions on a GPU."""
             from accelerate.utils import is_peft_model
 
             peft_model = self.accelerator.unwrap_model(self.model)
-            if (self.accelerator.device.type != "cpu" or self.ld_alpha is not None
+            if (self.accelerator.device.type != "cpu"
+                    or getattr(self, "ld_alpha", None) is not None
+                    or self.args.gradient_checkpointing
                     or self.ref_model is not None or model is not self.model
                     or not is_peft_model(peft_model) or "ref" in peft_model.peft_config
                     or peft_model.active_peft_config.is_prompt_learning):
