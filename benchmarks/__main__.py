@@ -1,6 +1,7 @@
 """Every benchmark as an A/B pair, interleaved in one process, in one table.
 
     python -m benchmarks [--quick] [--reps N] [--only NAME ...] [--markdown FILE]
+                         [--json FILE] [--compare EARLIER.json]
 
 Run from the repository root. Each module of `benchmarks.MODULES` (or of `--only`) gives
 its cases (`cases(quick)`); each case runs baseline and croco alternately `--reps` times
@@ -8,6 +9,9 @@ its cases (`cases(quick)`); each case runs baseline and croco alternately `--rep
 available and skipped; a case that fails is reported with its error and the others still
 run (exit status 1). `--quick` runs every case at a small size (seconds to a minute or
 two each), for checking that the benchmarks work, not for recording figures.
+`--json FILE` keeps the rows (figures, ratios) and the machine line; `--compare` reads
+such a file from an earlier run and adds a table of how far each ratio moved (best-of and
+per-rep median, held to +-25 %).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import json
 import os
 import shlex
 import sys
@@ -96,9 +101,20 @@ def main(argv: list[str] | None = None) -> int:
                     "1 avoids threads spinning against each other")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table, the command and "
                     "the machine line to FILE")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows and the machine line "
+                    "to FILE, for a later --compare")
+    ap.add_argument("--compare", metavar="EARLIER", help="the --json file of an earlier run: "
+                    "add how far each figure's ratios moved since (within +-25 %%?)")
     a = ap.parse_args(argv)
     if a.reps < 1:
         ap.error("--reps must be at least 1 (3 or more for a figure worth recording)")
+    earlier = None
+    if a.compare:  # read it now: a wrong path should not wait for the benchmarks to end
+        try:
+            with open(a.compare) as f:
+                earlier = json.load(f)["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--compare {a.compare}: not the --json file of a run ({e})")
     if a.threads:
         set_threads(a.threads)
     t0 = time.perf_counter()
@@ -117,7 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             r.release()
         release_models()
     text = report(results, unavailable, failures)
+    if earlier is not None:
+        moved, steady = ab.compare([r.row() for r in results], earlier)
+        text += (f"\n\nagainst {a.compare}:\n\n{moved}\n\n"
+                 + ("every figure held within +-25 %" if steady
+                    else "some figures moved more than 25 % (NO above)"))
     print(f"\n{text}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"rows": [r.row() for r in results], "machine": ab.machine(),
+                       "unavailable": unavailable, "failures": failures}, f, indent=1)
     if a.markdown:
         command = "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:])
         with open(a.markdown, "w") as f:

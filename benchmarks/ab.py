@@ -1,9 +1,16 @@
 """The A/B harness every benchmark uses: a baseline and croco's way of doing one thing, run
-in the same process, interleaved A, B, A, B ... `reps` times, timed (or measured by the
-callables themselves), reported as min and median of each and the ratio baseline / croco.
+in the same process, interleaved `reps` times (A B, B A, A B ...: each rep is a pair run
+back to back, the order swapped every other rep), timed (or measured by the callables
+themselves), reported as min and median of each side, the ratio baseline / croco of those,
+and the median and range of the per-rep ratios.
 
 Shared, noisy machines make a benchmark that runs each phase once report nonsense (a
 slow minute during phase B inverts the ratio); interleaving spreads the noise over both.
+The per-rep ratio compares two runs a few seconds apart, so load that comes and goes over
+minutes mostly cancels in it; swapping the order cancels what the first of two runs pays
+for the second (a warm page cache, a model already in memory) and a steady drift. A case
+whose croco side needs its baseline to have run just before (a rerun after a first run)
+says `alternate=False` and keeps A before B.
 
 A figure is a `Case`: a name, the unit, and two zero-argument callables. A callable
 returns None to be timed by the harness (seconds), or a number it measured itself in the
@@ -33,6 +40,8 @@ class Case:
     setup: Callable[[], None] | None = None  # once, before the first rep (e.g. warm-up)
     #: After the last rep: one line for under the table (a check's result, a one-time cost).
     note: Callable[[], str] | None = None
+    #: Swap the order (B before A) every other rep; False when B needs A to have run first.
+    alternate: bool = True
 
 
 @dataclass
@@ -62,6 +71,16 @@ class Result:
     def ratio_median(self) -> float:
         return self._ratio(statistics.median(self.baseline), statistics.median(self.croco))
 
+    @property
+    def ratios(self) -> list[float]:
+        """One ratio per rep: the baseline and croco runs of that rep, back to back."""
+        return [self._ratio(b, c) for b, c in zip(self.baseline, self.croco)]
+
+    @property
+    def ratio_paired(self) -> float:
+        """The median of the per-rep ratios: the figure least moved by a busy machine."""
+        return statistics.median(self.ratios)
+
     def row(self) -> dict:
         pick = max if self.case.higher_is_better else min
         return {
@@ -70,6 +89,8 @@ class Result:
             "baseline_best": pick(self.baseline), "baseline_median": statistics.median(self.baseline),
             "croco_best": pick(self.croco), "croco_median": statistics.median(self.croco),
             "ratio_best": self.ratio_min, "ratio_median": self.ratio_median,
+            "ratio_paired": self.ratio_paired, "ratio_paired_low": min(self.ratios),
+            "ratio_paired_high": max(self.ratios),
         }
 
 
@@ -84,13 +105,20 @@ def _measure(fn: Callable[[], float | None]) -> float:
 
 
 def run_case(case: Case, reps: int = 3, log: Callable[[str], None] = print) -> Result:
-    """A, B, A, B ... `reps` times each; `reps` >= 3 for a figure worth recording."""
+    """`reps` pairs, back to back: A B, then B A, A B ... (A B every time when the case
+    says `alternate=False`); `reps` >= 3 for a figure worth recording."""
     if case.setup:
         case.setup()
     res = Result(case)
     for i in range(reps):
-        res.baseline.append(_measure(case.baseline))
-        res.croco.append(_measure(case.croco))
+        if case.alternate and i % 2:
+            c = _measure(case.croco)
+            b = _measure(case.baseline)
+        else:
+            b = _measure(case.baseline)
+            c = _measure(case.croco)
+        res.baseline.append(b)
+        res.croco.append(c)
         log(f"  {case.name} rep {i + 1}/{reps}: baseline {res.baseline[-1]:.4g} {case.unit}, "
             f"croco {res.croco[-1]:.4g} {case.unit}")
     if case.note:
@@ -137,14 +165,45 @@ def machine() -> str:
 
 
 def table(results: list[Result]) -> str:
-    """A Markdown table: figure, baseline and croco (best / median), ratio (best / median)."""
+    """A Markdown table: figure, baseline and croco (best / median), ratio (best / median),
+    per-rep ratio (median, low-high)."""
     lines = [("| figure | baseline | croco | baseline best / median | croco best / median "
-             "| ratio best / median | reps |"), "|---|---|---|---|---|---|---|"]
+             "| ratio best / median | per-rep ratio median (low-high) | reps |"),
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         d = r.row()
         lines.append(
             f"| {d['figure']} | {d['baseline']} | {d['croco']} "
             f"| {d['baseline_best']:.4g} / {d['baseline_median']:.4g} {d['unit']} "
             f"| {d['croco_best']:.4g} / {d['croco_median']:.4g} {d['unit']} "
-            f"| **{d['ratio_best']:.2f}x** / {d['ratio_median']:.2f}x | {d['reps']} |")
+            f"| **{d['ratio_best']:.2f}x** / {d['ratio_median']:.2f}x "
+            f"| {d['ratio_paired']:.2f}x ({d['ratio_paired_low']:.2f}-"
+            f"{d['ratio_paired_high']:.2f}) | {d['reps']} |")
     return "\n".join(lines)
+
+
+def compare(rows: list[dict], earlier: list[dict], tolerance: float = 0.25) -> tuple[str, bool]:
+    """A Markdown table of each figure's ratios now against an earlier run's (`row()`
+    dicts, e.g. read back from `--json`), and whether every figure both runs have moved by
+    at most `tolerance` (a fraction) in its best-of ratio and in its per-rep median ratio
+    (the median of medians is shown in the main table but not held to this: one slow rep
+    of one side moves it)."""
+    before = {r["figure"]: r for r in earlier}
+    lines = [(f"| figure | ratio best: earlier -> now | per-rep median: earlier -> now "
+              f"| within ±{tolerance:.0%} |"),
+             "|---|---|---|---|"]
+    steady = True
+    for d in rows:
+        e = before.get(d["figure"])
+        if e is None:
+            lines.append(f"| {d['figure']} | (not in the earlier run) | | |")
+            continue
+        moves = [abs(d[k] / e[k] - 1) if e[k] else float("inf")
+                 for k in ("ratio_best", "ratio_paired") if k in e]
+        held = max(moves) <= tolerance
+        steady &= held
+        paired = (f"{e['ratio_paired']:.2f}x -> {d['ratio_paired']:.2f}x"
+                  if "ratio_paired" in e else f"- -> {d['ratio_paired']:.2f}x")
+        lines.append(f"| {d['figure']} | {e['ratio_best']:.2f}x -> {d['ratio_best']:.2f}x "
+                     f"| {paired} | {'yes' if held else 'NO'} (moved {max(moves):.0%}) |")
+    return "\n".join(lines), steady

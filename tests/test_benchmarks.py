@@ -4,6 +4,7 @@ No model is loaded; every case here takes milliseconds."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import types
@@ -48,12 +49,37 @@ def test_best_is_the_minimum_for_times_and_the_maximum_for_rates():
     assert rate.ratio_median == 2.0 / 3.0  # median 2 against median 3
 
 
-def test_the_sides_run_interleaved_after_one_setup():
+def test_the_sides_run_in_pairs_the_order_swapped_every_other_rep_after_one_setup():
     calls = []
     case = ab.Case("order", baseline=lambda: calls.append("A"), croco=lambda: calls.append("B"),
                    setup=lambda: calls.append("setup"))
+    ab.run_case(case, reps=4, log=quiet)
+    assert calls == ["setup", "A", "B", "B", "A", "A", "B", "B", "A"]
+
+
+def test_a_case_whose_croco_side_needs_its_baseline_first_keeps_the_order():
+    calls = []
+    case = ab.Case("rerun", baseline=lambda: calls.append("A"), croco=lambda: calls.append("B"),
+                   alternate=False)
     ab.run_case(case, reps=3, log=quiet)
-    assert calls == ["setup", "A", "B", "A", "B", "A", "B"]
+    assert calls == ["A", "B"] * 3
+
+
+def test_per_rep_ratios_pair_the_two_runs_of_each_rep_whatever_ran_first():
+    # Rep 1: baseline 10 then croco 5; rep 2 (swapped): croco 30 then baseline 90 (a busy
+    # minute slows both); rep 3: baseline 8 then croco 4.
+    values = iter([10.0, 5.0, 30.0, 90.0, 8.0, 4.0])
+    res = ab.run_case(ab.Case("busy", baseline=lambda: next(values),
+                              croco=lambda: next(values)), reps=3, log=quiet)
+    assert res.baseline == [10.0, 90.0, 8.0]
+    assert res.croco == [5.0, 30.0, 4.0]
+    assert res.ratios == [2.0, 3.0, 2.0]
+    assert res.ratio_paired == 2.0
+    assert res.ratio_median == 2.0  # median 10 against median 5
+    assert res.ratio_min == 2.0  # best 8 against best 4
+    row = res.row()
+    assert (row["ratio_paired_low"], row["ratio_paired_high"]) == (2.0, 3.0)
+    assert "| 2.00x (2.00-3.00) | 3 |" in ab.table([res])
 
 
 def test_each_rep_is_logged():
@@ -69,7 +95,7 @@ def test_the_table_has_a_header_and_one_row_per_case():
     lines = ab.table(results).splitlines()
     assert len(lines) == 2 + 2
     assert lines[2].startswith("| first figure | baseline | croco |")
-    assert "**2.00x** / 2.00x" in lines[2]
+    assert "**2.00x** / 2.00x | 2.00x (2.00-2.00) |" in lines[2]
     assert lines[3].startswith("| second figure |")
 
 
@@ -106,12 +132,69 @@ def test_the_entry_point_skips_a_missing_module_and_runs_the_others(monkeypatch,
     assert rc == 0
     assert calls == [True]  # --quick reaches the module
     assert "no_such_bench: not available" in out
-    assert "| fake figure | baseline | croco | 4 / 4 s | 2 / 2 s | **2.00x** / 2.00x | 3 |" in out
+    assert ("| fake figure | baseline | croco | 4 / 4 s | 2 / 2 s | **2.00x** / 2.00x "
+            "| 2.00x (2.00-2.00) | 3 |") in out
     assert "machine: " in out
     written = out_md.read_text()
     assert "python -m benchmarks --quick --reps 3 --markdown" in written
     assert "| fake figure |" in written
     assert "- not available: no_such_bench" in written
+
+
+def row(figure: str, best: float, paired: float) -> dict:
+    return {"figure": figure, "ratio_best": best, "ratio_paired": paired}
+
+
+def test_compare_holds_each_figure_to_25_percent_in_both_ratios():
+    earlier = [row("steady", 2.0, 2.0), row("best moved", 2.0, 2.0), row("paired moved", 4.0, 4.0)]
+    now = [row("steady", 2.4, 1.6), row("best moved", 2.6, 2.0), row("paired moved", 4.0, 2.9),
+           row("new figure", 1.0, 1.0)]
+    text, steady = ab.compare(now, earlier)
+    assert not steady
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert lines["steady"].endswith("| yes (moved 20%) |")
+    assert lines["best moved"].endswith("| NO (moved 30%) |")
+    assert lines["paired moved"].endswith("| NO (moved 28%) |")
+    assert "not in the earlier run" in lines["new figure"]
+    assert ab.compare(now[:1], earlier)[1]
+
+
+def test_json_of_one_run_is_compared_by_the_next(monkeypatch, capsys, tmp_path):
+    ratio = {"croco": 2.0}
+    mod = types.ModuleType("benchmarks.fake_bench")
+    mod.cases = lambda quick=False: [ab.Case("fake figure", baseline=lambda: 4.0,
+                                             croco=lambda: ratio["croco"])]
+    monkeypatch.setitem(sys.modules, "benchmarks.fake_bench", mod)
+    first = tmp_path / "first.json"
+    assert entry.main(["--only", "fake_bench", "--json", str(first)]) == 0
+    kept = json.loads(first.read_text())
+    assert kept["rows"][0]["figure"] == "fake figure"
+    assert kept["rows"][0]["ratio_paired"] == 2.0
+    assert kept["machine"]
+    capsys.readouterr()
+    ratio["croco"] = 3.0  # croco slower: 4 / 3 = 1.33x against 2x, moved 33 %
+    md = tmp_path / "second.md"
+    assert entry.main(["--only", "fake_bench", "--compare", str(first), "--markdown",
+                       str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "| fake figure | 2.00x -> 1.33x | 2.00x -> 1.33x | NO (moved 33%) |" in out
+    assert "some figures moved more than 25 %" in out
+    assert "NO (moved 33%)" in md.read_text()
+
+
+def test_compare_with_a_file_that_is_not_a_run_fails_before_any_benchmark(monkeypatch, capsys,
+                                                                         tmp_path):
+    ran = []
+    mod = types.ModuleType("benchmarks.fake_bench")
+    mod.cases = lambda quick=False: ran.append(1) or []
+    monkeypatch.setitem(sys.modules, "benchmarks.fake_bench", mod)
+    bad = tmp_path / "table.md"
+    bad.write_text("| not json |")
+    with pytest.raises(SystemExit) as e:
+        entry.main(["--only", "fake_bench", "--compare", str(bad)])
+    assert e.value.code == 2
+    assert f"--compare {bad}: not the --json file of a run" in capsys.readouterr().err
+    assert ran == []
 
 
 def test_only_with_an_unknown_name_reports_it_and_does_not_crash(capsys):
