@@ -29,6 +29,10 @@
 #   - benchmarks/dpo_reference_logps.py on a random-init ~0.5B Llama made here (saved
 #     bf16, SmolLM2 tokenizer): --batch 16 --max-length 512 --steps 6; prints per-step vs
 #     stored reference log-probs, tokens/s and, on a known card, MFU.
+#   - benchmarks/vllm_backends.py on the embedded SmolLM2-135M, bf16: vLLM against
+#     transformers, generation (32 prompts x k 8, <= 256 new tokens; new tokens/s) and
+#     judge scoring of those 256 responses (seconds; scores equal within 0.1), --reps 3.
+#     Skipped (named) where vllm is not installed.
 #   - benchmarks/generation_prefill.py on the embedded SmolLM2-135M:
 #     --prompts 4 --k 8 --max-new-tokens 64 --reps 1 (shared prefill vs num_return_sequences vs one
 #     at a time).
@@ -269,7 +273,7 @@ print(f"random-init Llama with {n / 1e9:.2f}B parameters in {out}")
 '
 
 if [ -z "$PY" ] || [ "$CUDA" != 1 ]; then
-  for name in make-0.5b-model dpo-reference-logps generation-prefill; do
+  for name in make-0.5b-model dpo-reference-logps vllm-backends generation-prefill; do
     record "$name" skipped 0 "no python whose torch sees CUDA"
   done
 else
@@ -286,6 +290,11 @@ else
       --model "$MODEL_05B" --batch 16 --max-length 512 --steps 6 --pairs 32 --reps 1
   else
     record dpo-reference-logps skipped 0 "no 0.5B model"
+  fi
+  if "$PY" -c 'import vllm' > /dev/null 2>&1; then
+    run_step vllm-backends 200 "$PY" benchmarks/vllm_backends.py --reps 3
+  else
+    record vllm-backends skipped 0 "vllm is not installed in $PY"
   fi
   run_step generation-prefill 120 "$PY" benchmarks/generation_prefill.py \
     --prompts 4 --k 8 --max-new-tokens 64 --reps 1

@@ -256,3 +256,14 @@ def test_stage_work_counts_each_output_once_and_a_multi_language_pass_once(tmp_p
         manifest_of(log)
     with pytest.raises(AssertionError):
         manifest_of("no manifest line")
+
+
+def test_the_vllm_benchmark_is_listed_and_named_not_available_without_a_gpu(monkeypatch):
+    import torch
+
+    assert "vllm_backends" in benchmarks.MODULES
+    monkeypatch.delitem(sys.modules, "benchmarks.vllm_backends", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mod, why = entry.load("vllm_backends")
+    assert mod is None
+    assert why == "needs a CUDA GPU (torch.cuda.is_available() is False)"

@@ -27,6 +27,14 @@ def test_llm_kwargs_enable_lora_only_with_an_adapter():
     assert lora["enable_lora"] is True and lora["dtype"] == "bfloat16"
 
 
+def test_llm_kwargs_pass_a_memory_share_only_when_given():
+    shared = llm_kwargs("m", dtype="auto", tensor_parallel_size=1, adapter=None, seed=0,
+                        gpu_memory_utilization=0.3)
+    assert shared["gpu_memory_utilization"] == 0.3
+    assert "gpu_memory_utilization" not in llm_kwargs("m", dtype="auto", tensor_parallel_size=1,
+                                                      adapter=None, seed=0)
+
+
 def test_map_outputs_keeps_sample_order_and_finish_reasons():
     out = lambda i, text, n, reason: SimpleNamespace(index=i, text=text, token_ids=list(range(n)),
                                                       finish_reason=reason)

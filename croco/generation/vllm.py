@@ -34,12 +34,15 @@ def sampling_kwargs(*, k: int, temperature: float, top_p: float, max_new_tokens:
 
 
 def llm_kwargs(model_path: str, *, dtype: str, tensor_parallel_size: int, adapter: str | None,
-               seed: int) -> dict[str, Any]:
-    """Keyword arguments for `vllm.LLM`."""
+               seed: int, gpu_memory_utilization: float | None = None) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM`. `gpu_memory_utilization` None keeps vLLM's default
+    (0.9 of the GPU); lower it when another engine or model shares the GPU."""
     kwargs: dict[str, Any] = dict(
         model=model_path, tensor_parallel_size=tensor_parallel_size, seed=seed,
         dtype="auto" if dtype == "auto" else dtype,
     )
+    if gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     if adapter:
         kwargs.update(enable_lora=True, max_lora_rank=64)
     return kwargs
@@ -60,14 +63,16 @@ def map_outputs(request_outputs) -> list[list[Completion]]:
 
 class VLLMGenerator:
     def __init__(self, model: str, *, adapter: str | None = None, dtype: str = "auto",
-                 tensor_parallel_size: int = 1, seed: int = 0):
+                 tensor_parallel_size: int = 1, seed: int = 0,
+                 gpu_memory_utilization: float | None = None):
         vllm = require_vllm()
         from croco.models import resolve_model
 
         self.adapter = adapter
         self.llm = vllm.LLM(**llm_kwargs(resolve_model(model), dtype=dtype,
                                          tensor_parallel_size=tensor_parallel_size,
-                                         adapter=adapter, seed=seed))
+                                         adapter=adapter, seed=seed,
+                                         gpu_memory_utilization=gpu_memory_utilization))
 
     def generate(self, conversations: list[list[dict]], *, k: int, temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 64,
