@@ -61,10 +61,14 @@ def run_module(name: str, mod, *, quick: bool, reps: int, log) -> tuple[list, li
 
 
 def set_threads(n: int) -> None:
-    """n torch threads here and in the subprocesses a benchmark starts."""
+    """n threads for torch and for polars, here and in the subprocesses a benchmark starts.
+    Polars sizes its pool once, at its import: this runs before any benchmark imports it."""
+    if "polars" in sys.modules:
+        raise RuntimeError("polars was imported before --threads could cap its pool")
     import torch
 
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+    os.environ["POLARS_MAX_THREADS"] = str(n)
     torch.set_num_threads(n)
 
 
@@ -96,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="A/B repetitions per case (>= 3)")
     ap.add_argument("--only", nargs="+", metavar="NAME",
                     help=f"these modules only (of {', '.join(benchmarks.MODULES)})")
-    ap.add_argument("--threads", type=int, help="torch threads (and OMP_NUM_THREADS of the "
-                    "subprocesses); default: torch's. On a machine busy with other work, "
-                    "1 avoids threads spinning against each other")
+    ap.add_argument("--threads", type=int, help="torch's and polars' threads, here and in "
+                    "the subprocesses (OMP_NUM_THREADS, POLARS_MAX_THREADS); default: theirs. "
+                    "On a machine busy with other work, 1 avoids threads spinning against "
+                    "each other")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table, the command and "
                     "the machine line to FILE")
     ap.add_argument("--json", metavar="FILE", help="also write the rows and the machine line "

@@ -150,6 +150,12 @@ def machine() -> str:
         where = torch.cuda.get_device_name()
     else:
         where = f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        try:
+            import polars
+
+            where += f" ({polars.thread_pool_size()} for polars)"
+        except ImportError:
+            pass
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         where += f", {mem:.0f} GiB"

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -267,3 +268,21 @@ def test_the_vllm_benchmark_is_listed_and_named_not_available_without_a_gpu(monk
     mod, why = entry.load("vllm_backends")
     assert mod is None
     assert why == "needs a CUDA GPU (torch.cuda.is_available() is False)"
+
+
+def test_threads_caps_torch_and_polars_here_and_in_subprocesses():
+    import subprocess
+
+    code = ("import os, sys; from benchmarks import __main__ as m; m.set_threads(1); "
+            "import polars, torch; print(polars.thread_pool_size(), torch.get_num_threads(), "
+            "os.environ['POLARS_MAX_THREADS'], os.environ['OMP_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, cwd=Path(benchmarks.__file__).parents[1]).stdout
+    assert out.split() == ["1", "1", "1", "1"]
+
+
+def test_threads_refuses_once_polars_has_sized_its_pool():
+    import polars  # noqa: F401  (already imported by the suite; sized at import)
+
+    with pytest.raises(RuntimeError, match="polars was imported before --threads"):
+        entry.set_threads(1)
