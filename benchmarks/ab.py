@@ -42,6 +42,10 @@ class Case:
     note: Callable[[], str] | None = None
     #: Swap the order (B before A) every other rep; False when B needs A to have run first.
     alternate: bool = True
+    #: For a side the harness times (returns None): call it again until this many seconds
+    #: have passed and take the mean, as `timeit` does, so a sub-second figure is not at the
+    #: mercy of one busy tenth of a second.
+    min_seconds: float = 0.0
 
 
 @dataclass
@@ -98,10 +102,19 @@ def _released() -> None:
     raise RuntimeError("this case was released after its run; build it again to rerun it")
 
 
-def _measure(fn: Callable[[], float | None]) -> float:
+def _measure(fn: Callable[[], float | None], min_seconds: float = 0.0) -> float:
+    """Seconds of one call of `fn` (the mean of as many calls as fill `min_seconds`), or the
+    figure `fn` returns itself."""
+    calls = 0
     t = time.perf_counter()
-    value = fn()
-    return time.perf_counter() - t if value is None else float(value)
+    while True:
+        value = fn()
+        calls += 1
+        if value is not None:
+            return float(value)
+        elapsed = time.perf_counter() - t
+        if elapsed >= min_seconds:
+            return elapsed / calls
 
 
 def run_case(case: Case, reps: int = 3, log: Callable[[str], None] = print) -> Result:
@@ -112,11 +125,11 @@ def run_case(case: Case, reps: int = 3, log: Callable[[str], None] = print) -> R
     res = Result(case)
     for i in range(reps):
         if case.alternate and i % 2:
-            c = _measure(case.croco)
-            b = _measure(case.baseline)
+            c = _measure(case.croco, case.min_seconds)
+            b = _measure(case.baseline, case.min_seconds)
         else:
-            b = _measure(case.baseline)
-            c = _measure(case.croco)
+            b = _measure(case.baseline, case.min_seconds)
+            c = _measure(case.croco, case.min_seconds)
         res.baseline.append(b)
         res.croco.append(c)
         log(f"  {case.name} rep {i + 1}/{reps}: baseline {res.baseline[-1]:.4g} {case.unit}, "

@@ -477,7 +477,7 @@ def _compute_case(n_rows: int) -> Case:
         vectorised_pools(data["scores"])
 
     return Case(f"pairing compute, {n_rows:.0e} rows", setup=setup, baseline=loop,
-                croco=vectorised,
+                croco=vectorised, min_seconds=2.0,
                 baseline_label="plain Python loop", croco_label="vectorised select_pools")
 
 

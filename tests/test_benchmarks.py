@@ -286,3 +286,22 @@ def test_threads_refuses_once_polars_has_sized_its_pool():
 
     with pytest.raises(RuntimeError, match="polars was imported before --threads"):
         entry.set_threads(1)
+
+
+def test_min_seconds_repeats_a_timed_side_and_takes_the_mean_but_not_a_measured_one():
+    calls = {"timed": 0, "measured": 0}
+
+    def timed():
+        calls["timed"] += 1
+        time.sleep(0.01)
+
+    def measured():
+        calls["measured"] += 1
+        return 5.0
+
+    res = ab.run_case(ab.Case("short", baseline=timed, croco=measured, min_seconds=0.1),
+                      reps=3, log=quiet)
+    assert calls["measured"] == 3  # a side that measures itself runs once per rep
+    assert calls["timed"] >= 3 * 9  # >= 0.1 s of 10-ms calls per rep
+    assert all(0.01 <= b < 0.05 for b in res.baseline)  # seconds per call, not per rep
+    assert res.croco == [5.0, 5.0, 5.0]
