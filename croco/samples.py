@@ -124,7 +124,8 @@ class StoreSampler:
         return storage.read_parquet(uri)
 
     def _sample(self, shard: str, prompt_ids: list[str], uri: str) -> None:
-        from croco.generation import generate_frame, make_generator, policy_label
+        from croco.generation import (generate_frame, make_generator, policy_label,
+                                      vllm_options)
 
         gen, policy = self.gen, self.policy
         prompts = self.prompts().filter(pl.col("prompt_id").is_in(prompt_ids))
@@ -138,7 +139,7 @@ class StoreSampler:
             self.generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
                                             device=policy.device, dtype=policy.dtype,
                                             tensor_parallel_size=gen.tensor_parallel_size,
-                                            seed=gen.seed)
+                                            seed=gen.seed, **vllm_options(gen))
         df = generate_frame(
             self.generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
             max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,

@@ -221,7 +221,8 @@ class GenerateLanguages(LanguagesTogether):
     def work(self, out: str, progress: Progress | None) -> None:
         import time
 
-        from croco.generation import generate_frame, make_generator, policy_label
+        from croco.generation import (generate_frame, make_generator, policy_label,
+                                      vllm_options)
         from croco.prompts import select_for_generation
 
         t0 = time.perf_counter()
@@ -236,7 +237,8 @@ class GenerateLanguages(LanguagesTogether):
                                  f"{self.prompts_uris[lang]}; check prompts.split")
         generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
                                    device=policy.device, dtype=policy.dtype,
-                                   tensor_parallel_size=gen.tensor_parallel_size, seed=gen.seed)
+                                   tensor_parallel_size=gen.tensor_parallel_size, seed=gen.seed,
+                                   **vllm_options(gen))
         df = generate_frame(
             generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
             max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,

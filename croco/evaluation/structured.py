@@ -105,6 +105,10 @@ def evaluate_structured(model_path: str, *, adapter: str | None, tasks: dict[str
 
             model, args = HFLM(pretrained=loaded[0], tokenizer=loaded[1],
                                batch_size=batch_size), None
+        elif backend == "vllm":
+            from croco.generation.vllm import lm_eval_model_args
+
+            model, args = "vllm", lm_eval_model_args(model_path, adapter=adapter, dtype=dtype)
         else:
             model, args = backend, f"pretrained={model_path},dtype={dtype}"
             if adapter:

@@ -34,7 +34,10 @@ GENERATION_SCHEMA = {
 
 
 def make_generator(backend: str, model: str, *, adapter: str | None = None, device: str = "auto",
-                   dtype: str = "auto", tensor_parallel_size: int = 1, seed: int = 0):
+                   dtype: str = "auto", tensor_parallel_size: int = 1, seed: int = 0,
+                   **vllm_options):
+    """The generator of a backend. `vllm_options` (`gpu_memory_utilization`,
+    `enforce_eager`, `adapter_mode`) apply to the vllm backend only."""
     if backend == "transformers":
         from croco.generation.transformers import TransformersGenerator
 
@@ -42,11 +45,18 @@ def make_generator(backend: str, model: str, *, adapter: str | None = None, devi
     if backend == "vllm":
         from croco.generation.vllm import VLLMGenerator
 
-        return VLLMGenerator(
-            model, adapter=adapter, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-            seed=seed,
-        )
+        return VLLMGenerator(model, adapter=adapter, dtype=dtype,
+                             tensor_parallel_size=tensor_parallel_size, seed=seed,
+                             **vllm_options)
     raise ValueError(f"generation.backend: unknown backend {backend!r}; use transformers or vllm")
+
+
+def vllm_options(gen) -> dict:
+    """A `GenerationConfig`'s vllm-only settings, as `make_generator` takes them."""
+    if gen.backend != "vllm":
+        return {}
+    return {"gpu_memory_utilization": gen.gpu_memory_utilization,
+            "adapter_mode": gen.vllm_adapter}
 
 
 def conversations_for(prompts: pl.DataFrame, *, respond_in_language: bool,

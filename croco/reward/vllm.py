@@ -1,4 +1,5 @@
-"""The vLLM reward-scoring backend (GPU, optional extra `croco[vllm]`).
+"""The vLLM reward-scoring backend (optional: `croco[vllm]` on a CUDA host, or vLLM's CPU
+build beside croco with `bash infra/setup-vllm.sh`).
 
 Both scorers tokenize exactly as their transformers counterparts do (same chat rendering,
 same left truncation, see `pair_token_ids` / `question_token_ids`) and hand vLLM the token
@@ -35,10 +36,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
-from croco.generation.vllm import require_vllm
+from croco.generation.vllm import (
+    eager_default,
+    engine_dtype,
+    on_cpu,
+    platform_kwargs,
+    prepare_cpu_environment,
+    require_vllm,
+)
 
 MIN_VERSION_HINT = "croco's vllm reward scoring needs vllm>=0.10.1"
 
@@ -63,14 +72,23 @@ def raw_logit_pooling_kwargs(pooling_fields: set[str]) -> dict[str, Any]:
 
 def scorer_llm_kwargs(model_path: str, *, pooling: bool, dtype: str, tensor_parallel_size: int,
                       gpu_memory_utilization: float, max_model_len: int, seed: int,
-                      enforce_eager: bool, engine_fields: set[str]) -> dict[str, Any]:
+                      enforce_eager: bool | None, engine_fields: set[str], cpu: bool = False,
+                      environ=os.environ) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM`: the pooling runner for a reward model, the default
-    (generate) runner with prefix caching for a judge."""
+    (generate) runner with prefix caching for a judge. dtype, memory and eager mode follow
+    the generation engine's rules (`croco.generation.vllm`): `auto` is croco's precision
+    rule, and on vLLM's CPU build the KV cache is sized instead of `gpu_memory_utilization`
+    (which on a CPU means a share of the machine's memory)."""
     kwargs: dict[str, Any] = {
-        "model": model_path, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
+        "model": model_path, "dtype": engine_dtype(dtype, cpu=cpu),
+        "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
-        "seed": seed, "enforce_eager": enforce_eager,
+        "seed": seed,
+        "enforce_eager": eager_default(cpu) if enforce_eager is None else enforce_eager,
     }
+    if cpu:
+        del kwargs["gpu_memory_utilization"]
+        kwargs.update(platform_kwargs(cpu=cpu, environ=environ))
     if pooling:
         if "runner" not in engine_fields:
             raise RuntimeError(f"this vLLM has no pooling runner option (runner='pooling'); "
@@ -171,12 +189,20 @@ def _engine_fields(vllm) -> set[str]:
     return {f.name for f in dataclasses.fields(vllm.EngineArgs)}
 
 
+def _start_engine(vllm, **kwargs):
+    """A scorer's `vllm.LLM` (`scorer_llm_kwargs`), on the platform vLLM runs on."""
+    cpu = on_cpu()
+    if cpu:
+        prepare_cpu_environment()
+    return vllm.LLM(**scorer_llm_kwargs(**kwargs, engine_fields=_engine_fields(vllm), cpu=cpu))
+
+
 class VLLMClassifierScorer:
     """A one-label sequence-classification reward model on vLLM; the score is its raw logit."""
 
     def __init__(self, model: str, *, dtype: str = "auto", max_length: int = 4096,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0, enforce_eager: bool = False, chunk_size: int = 1024):
+                 seed: int = 0, enforce_eager: bool | None = None, chunk_size: int = 1024):
         vllm = require_vllm()
         from transformers import AutoConfig
 
@@ -192,10 +218,11 @@ class VLLMClassifierScorer:
         self.tokenizer = load_tokenizer(model)
         self.max_length = max_length
         self.chunk_size = chunk_size
-        self.llm = vllm.LLM(**scorer_llm_kwargs(
-            path, pooling=True, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+        self.llm = _start_engine(
+            vllm, model_path=path, pooling=True, dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_length, seed=seed,
-            enforce_eager=enforce_eager, engine_fields=_engine_fields(vllm)))
+            enforce_eager=enforce_eager)
 
     def score(self, prompts: list[str], responses: list[str], progress=None, *,
               langs: list[str] | None = None) -> list[float]:
@@ -217,7 +244,7 @@ class VLLMJudgeScorer:
     def __init__(self, model: str, *, template: str, yes_token: str = "Yes",
                  no_token: str = "No", dtype: str = "auto", max_length: int = 2048,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0, enforce_eager: bool = False, chunk_size: int = 1024):
+                 seed: int = 0, enforce_eager: bool | None = None, chunk_size: int = 1024):
         vllm = require_vllm()
         from croco.models import load_tokenizer, resolve_model
         from croco.reward.judge import answer_token_ids
@@ -231,11 +258,11 @@ class VLLMJudgeScorer:
         self.params = [vllm.SamplingParams(**kw) for kw in judge_sampling_kwargs(
             self.yes_id, self.no_id, logprob_token_ids=by_ids)]
         # One more position than the longest prompt: the answer token.
-        self.llm = vllm.LLM(**scorer_llm_kwargs(
-            resolve_model(model), pooling=False, dtype=dtype,
+        self.llm = _start_engine(
+            vllm, model_path=resolve_model(model), pooling=False, dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_length + 1,
-            seed=seed, enforce_eager=enforce_eager, engine_fields=_engine_fields(vllm)))
+            seed=seed, enforce_eager=enforce_eager)
 
     def score(self, prompts: list[str], responses: list[str], progress=None, *,
               langs: list[str] | None = None) -> list[float]:
@@ -276,3 +303,12 @@ def vllm_scorer(cfg):
         raise TypeError(f"no vllm backend for scorer config {cfg!r}")
     _SCORERS[key] = scorer
     return scorer
+
+
+def release_scorers() -> None:
+    """Shut down every vLLM scorer engine this process started (`vllm_scorer`)."""
+    from croco.generation.vllm import shutdown
+
+    for scorer in _SCORERS.values():
+        shutdown(scorer.llm)
+    _SCORERS.clear()
