@@ -4,4 +4,4 @@ Each module also runs on its own: `python benchmarks/<module>.py`."""
 
 #: The benchmark modules `python -m benchmarks` runs, in this order.
 MODULES = ["generation_prefill", "reward_batching", "dpo_reference_logps", "pairing_scale",
-           "pipeline_runs", "vllm_backends"]
+           "pipeline_runs", "vllm_backends", "vllm_cpu"]

@@ -113,9 +113,12 @@ def check_packages(cfg: CrocoConfig, last: int) -> None:
                 needs.append(("evaluation.structured.backend: vllm", "vllm", "croco[vllm]"))
     for setting, package, requirement in needs:
         if _missing(package):
+            hint = f"pip install '{requirement}'"
+            if package == "vllm":  # no CUDA: vLLM's CPU build, in an environment of its own
+                hint += " on a CUDA host, or bash infra/setup-vllm.sh for vLLM's CPU build"
             raise MissingPackageError(
                 f"{setting} needs the {package} package, which is not installed: "
-                f"pip install '{requirement}' (or choose another backend)")
+                f"{hint} (or choose another backend)")
 
 
 # ------------------------------------------------------------------------------- prompts

@@ -139,7 +139,9 @@ class StoreSampler:
             self.generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
                                             device=policy.device, dtype=policy.dtype,
                                             tensor_parallel_size=gen.tensor_parallel_size,
-                                            seed=gen.seed, **vllm_options(gen))
+                                            seed=gen.seed, **vllm_options(gen),
+                                            work_tokens=prompts.height * gen.k
+                                            * gen.max_new_tokens)
         df = generate_frame(
             self.generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
             max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,

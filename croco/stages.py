@@ -238,6 +238,7 @@ class GenerateLanguages(LanguagesTogether):
         generator = make_generator(gen.backend, policy.model, adapter=policy.adapter,
                                    device=policy.device, dtype=policy.dtype,
                                    tensor_parallel_size=gen.tensor_parallel_size, seed=gen.seed,
+                                   work_tokens=prompts.height * gen.k * gen.max_new_tokens,
                                    **vllm_options(gen))
         df = generate_frame(
             generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,

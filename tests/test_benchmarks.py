@@ -270,6 +270,19 @@ def test_the_vllm_benchmark_is_listed_and_named_not_available_without_a_gpu(monk
     assert why == "needs a CUDA GPU (torch.cuda.is_available() is False)"
 
 
+def test_the_vllm_cpu_benchmark_is_listed_and_names_the_setup_script_without_vllm(monkeypatch):
+    import torch
+
+    assert "vllm_cpu" in benchmarks.MODULES
+    monkeypatch.delitem(sys.modules, "benchmarks.vllm_cpu", raising=False)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mod, why = entry.load("vllm_cpu")
+    assert mod is None
+    assert why == ("needs vLLM's CPU build: bash infra/setup-vllm.sh, then run with "
+                   ".venv-vllm/bin/python")
+
+
 def test_threads_caps_torch_and_polars_here_and_in_subprocesses():
     import subprocess
 

@@ -122,3 +122,23 @@ def test_vllm_judge_without_vllm_names_the_install_command(monkeypatch):
                           "candidate": ["c"], "baseline": ["b"]})
     with pytest.raises(ImportError, match=r"pip install 'croco\[vllm\]'"):
         judge_pairs(pairs, judge_model="some/judge", mode="generate", backend="vllm")
+
+
+def test_auto_takes_vllm_only_where_installed_and_for_calls_that_pay_its_start(monkeypatch):
+    import importlib.util
+
+    from croco.generation import AUTO_VLLM_MIN_TOKENS, resolve_backend
+
+    assert resolve_backend("transformers", 10**9) == "transformers"
+    assert resolve_backend("vllm", 1) == "vllm"
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    assert resolve_backend("auto", 10**9) == "transformers"
+    monkeypatch.delitem(sys.modules, "vllm")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else real(name, *a))
+    assert resolve_backend("auto", AUTO_VLLM_MIN_TOKENS) == "vllm"
+    assert resolve_backend("auto", AUTO_VLLM_MIN_TOKENS - 1) == "transformers"
+    assert resolve_backend("auto", None) == "vllm"  # unknown work: taken as large
+    # the demo's shard (8 prompts x k 8 x 40 tokens) stays on transformers
+    assert resolve_backend("auto", 8 * 8 * 40) == "transformers"

@@ -33,11 +33,37 @@ GENERATION_SCHEMA = {
 }
 
 
+#: `backend: auto` takes vLLM, where it is installed, for a call that may decode at least
+#: this many new tokens (prompts x k x max_new_tokens). Below it an engine's start costs
+#: more than vLLM saves: on 2 CPU cores an engine starts in ~25 s and vLLM decoded ~2x
+#: croco's transformers loop (benchmarks/RESULTS.md, "vLLM's CPU build"), so vLLM wins
+#: past ~25 s of transformers decoding, ~12,000 tokens at its ~500 tokens/s; the bound
+#: keeps a margin over that for slower machines.
+AUTO_VLLM_MIN_TOKENS = 25_000
+
+
+def resolve_backend(backend: str, work_tokens: int | None) -> str:
+    """`auto` -> `vllm` where vLLM is installed and `work_tokens` (the most new tokens the
+    call may decode; None: unknown, taken as large) reaches `AUTO_VLLM_MIN_TOKENS`, else
+    `transformers`; any other backend as it is."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "transformers"
+    if work_tokens is not None and work_tokens < AUTO_VLLM_MIN_TOKENS:
+        return "transformers"
+    return "vllm"
+
+
 def make_generator(backend: str, model: str, *, adapter: str | None = None, device: str = "auto",
                    dtype: str = "auto", tensor_parallel_size: int = 1, seed: int = 0,
-                   **vllm_options):
-    """The generator of a backend. `vllm_options` (`gpu_memory_utilization`,
-    `enforce_eager`, `adapter_mode`) apply to the vllm backend only."""
+                   work_tokens: int | None = None, **vllm_options):
+    """The generator of a backend (`auto`: `resolve_backend` with `work_tokens`).
+    `vllm_options` (`gpu_memory_utilization`, `enforce_eager`, `adapter_mode`) apply to the
+    vllm backend only."""
+    backend = resolve_backend(backend, work_tokens)
     if backend == "transformers":
         from croco.generation.transformers import TransformersGenerator
 
@@ -48,12 +74,13 @@ def make_generator(backend: str, model: str, *, adapter: str | None = None, devi
         return VLLMGenerator(model, adapter=adapter, dtype=dtype,
                              tensor_parallel_size=tensor_parallel_size, seed=seed,
                              **vllm_options)
-    raise ValueError(f"generation.backend: unknown backend {backend!r}; use transformers or vllm")
+    raise ValueError(f"generation.backend: unknown backend {backend!r}; use transformers, vllm "
+                     "or auto")
 
 
 def vllm_options(gen) -> dict:
     """A `GenerationConfig`'s vllm-only settings, as `make_generator` takes them."""
-    if gen.backend != "vllm":
+    if gen.backend == "transformers":
         return {}
     return {"gpu_memory_utilization": gen.gpu_memory_utilization,
             "adapter_mode": gen.vllm_adapter}
