@@ -88,8 +88,9 @@ def _squeue() -> dict[str, dict]:
     return jobs
 
 
-def _sacct(job_ids: list[str] | None = None) -> list[dict]:
-    args = ["sacct", "-X", "-n", "-P", "-a", "-S", "now-2hours",
+def _sacct(job_ids: list[str] | None = None, since: str = "now-2hours") -> list[dict]:
+    """Jobs from accounting; the cluster's database outlives a test session (`since`)."""
+    args = ["sacct", "-X", "-n", "-P", "-a", "-S", since,
             "-o", "JobIDRaw,JobName,State,AllocTRES"]
     if job_ids:
         args += ["-j", ",".join(job_ids)]
@@ -185,6 +186,7 @@ def pipeline(stack, time_limited, tiny_config_maker, tmp_path_factory):
     path = base / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     before = set(_squeue())
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     proc = subprocess.Popen(
         [PY, "-m", "croco.flows.cli", "run", "--deployment", "croco-pipeline/slurm",
          "--set", "orchestration.shards_per_language=2", str(path), "--run-id", "on-slurm"],
@@ -194,7 +196,7 @@ def pipeline(stack, time_limited, tiny_config_maker, tmp_path_factory):
     stack.slurm_worker.wait()
     stack.slurm_worker = _start_slurm_worker(stack, "slurm-2")
     out, _ = proc.communicate(timeout=900)
-    return {"rc": proc.returncode, "out": out, "cfg": cfg, "base": base}
+    return {"rc": proc.returncode, "out": out, "cfg": cfg, "base": base, "started": started}
 
 
 def _stage_runs(stack: Stack) -> list[dict]:
@@ -230,7 +232,7 @@ def test_every_gpu_stage_run_was_its_own_slurm_job_with_a_gpu(stack, pipeline):
 
 def test_a_worker_killed_mid_run_submits_no_job_twice(stack, pipeline):
     runs = _stage_runs(stack)
-    names = [j["name"] for j in _sacct() if j["name"].startswith(
+    names = [j["name"] for j in _sacct(since=pipeline["started"]) if j["name"].startswith(
         ("generate-", "score-", "train-", "evaluate-"))]
     assert sorted(names) == sorted(r["name"] for r in runs), names
     assert len(names) == len(set(names)) == 10, names
