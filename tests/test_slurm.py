@@ -27,7 +27,6 @@ from tests.test_deployments import PY, REPO, Stack
 
 pytestmark = pytest.mark.slow
 
-SLURM_BASE = "/var/tmp/croco-slurm-tests"
 SECRETS = {"HF_TOKEN": "hf-secret-token-27182818", "AWS_SECRET_ACCESS_KEY": "aws-secret-31415926"}
 
 
@@ -44,7 +43,7 @@ def cluster():
     reason = _cluster_unavailable()
     if reason:
         pytest.skip(reason)
-    env = {**os.environ, "SLURM_BASE": SLURM_BASE, "SLURM_FAKE_GPUS": "2",
+    env = {**os.environ, "SLURM_FAKE_GPUS": "2",
            "SLURM_NODE_CPUS": "8", "SLURM_CLEAN": "1"}
     t0 = time.time()
     res = subprocess.run(["bash", str(REPO / "infra/slurm/start-cluster.sh")], env=env,

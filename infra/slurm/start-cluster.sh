@@ -27,6 +27,15 @@ running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 [ "$(id -u)" = 0 ] || { echo "start-cluster.sh: run as root (it installs packages and starts daemons)" >&2; exit 2; }
 
+# One cluster per machine: daemons started from another SLURM_BASE hold the ports.
+for p in slurmctld slurmd slurmdbd; do
+  pid=$(pgrep -x "$p" | head -1 || true)
+  if [ -n "$pid" ] && ! { [ -s "$BASE/run/$p.pid" ] && [ "$(cat "$BASE/run/$p.pid")" = "$pid" ]; }; then
+    echo "start-cluster.sh: $p (pid $pid) runs from another SLURM_BASE; stop it first" \
+      "(SLURM_BASE=<that folder> infra/slurm/stop-cluster.sh)" >&2; exit 4
+  fi
+done
+
 # 1. packages
 missing=()
 for cmd in slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-client munged:munge \
