@@ -3,11 +3,13 @@ what it refuses, and how it reads Slurm's answers. tests/test_slurm.py runs it f
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
+from prefect.states import Cancelling, Pending, Running
 from pydantic import ValidationError
 
 from croco.workers.slurm import (
@@ -19,6 +21,9 @@ from croco.workers.slurm import (
     parse_sacct,
     parse_scontrol,
     parse_squeue,
+    parse_tagged,
+    run_job_id,
+    unsubmitted_action,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,3 +198,74 @@ def test_the_worker_type_is_registered_with_prefect():
 
     worker = BaseWorker.get_worker_class_from_type("slurm")
     assert worker is not None and worker.__module__ == "croco.workers.slurm"
+
+
+def test_a_job_is_found_by_the_flow_run_its_comment_names_the_queued_one_first():
+    text = ("30|COMPLETED|prefect-flow-run:run-a\n"
+            "31|PENDING|prefect-flow-run:run-a\n"
+            "32|FAILED|prefect-flow-run:run-b\n"
+            "33|RUNNING|someone else's job\n")
+    assert parse_tagged(text) == {"run-a": "31", "run-b": "32"}
+
+
+def _run(state, age_seconds: float, labels=None, infrastructure_pid=None):
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import FlowRun
+
+    state.timestamp = NOW - datetime.timedelta(seconds=age_seconds)
+    return FlowRun(flow_id=uuid4(), state=state, labels=labels or {},
+                   infrastructure_pid=infrastructure_pid)
+
+
+NOW = datetime.datetime(2026, 12, 4, 12, 0, tzinfo=datetime.timezone.utc)
+
+
+@pytest.mark.parametrize("state,age,labels,pid,expected", [
+    (Pending(), 301, {}, None, "resubmit"),
+    (Pending(name="Submitting"), 301, {}, None, "resubmit"),
+    (Pending(), 299, {}, None, None),                           # still within the bound
+    (Pending(), 301, {"slurm.job-id": "41"}, None, None),       # submitted: labelled
+    (Pending(), 301, {}, "41", None),                           # submitted: its pid
+    (Pending(), 301, {"slurm.resubmissions": 1}, None, "crash"),  # stuck a second time
+    (Running(), 3600, {}, None, None),                          # its engine reports
+    (Cancelling(), 301, {}, None, "cancel"),
+])
+def test_a_pool_run_without_a_job_is_resubmitted_once_after_the_bound(state, age, labels,
+                                                                       pid, expected):
+    assert unsubmitted_action(_run(state, age, labels, pid), NOW, 300) == expected
+
+
+def test_a_run_is_followed_by_its_job_id_label_when_its_pid_was_not_recorded():
+    assert run_job_id(_run(Running(), 0, {"slurm.job-id": "42"})) == "42"
+    assert run_job_id(_run(Running(), 0, {}, "43")) == "43"
+    assert run_job_id(_run(Running(), 0, {}, "1234-not-slurm")) is None
+
+
+def test_a_job_is_not_taken_for_ended_when_slurmctld_does_not_answer(monkeypatch):
+    import croco.workers.slurm as slurm
+
+    def fake(args, **_):
+        if args[0] == "squeue":
+            return subprocess.CompletedProcess(args, 1, "", "slurm_load_jobs error: "
+                                               "Invalid job id specified")
+        if args[0] == "sacct":
+            return subprocess.CompletedProcess(args, 1, "", "sacct: error: slurmdbd: "
+                                               "Connection refused")
+        return subprocess.CompletedProcess(args, 1, "", "slurm_load_jobs error: Socket "
+                                           "timed out on send/recv operation")
+
+    monkeypatch.setattr(slurm, "_slurm", fake)
+    with pytest.raises(slurm.SlurmError, match="Socket timed out"):
+        slurm.job_statuses(["44"])
+
+
+def test_a_job_unknown_to_squeue_sacct_and_scontrol_has_ended(monkeypatch):
+    import croco.workers.slurm as slurm
+
+    def fake(args, **_):
+        return subprocess.CompletedProcess(args, 1, "", "slurm_load_jobs error: Invalid job "
+                                           "id specified")
+
+    monkeypatch.setattr(slurm, "_slurm", fake)
+    assert slurm.job_statuses(["45"])["45"].state == "UNKNOWN"

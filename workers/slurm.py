@@ -39,6 +39,18 @@ The contract, for one flow run:
    (`kill_infrastructure`, and the loop as a fallback) and the run marked Cancelled. While
    the job runs, the engine inside it sees the cancellation and ends the run; a job still
    there `CANCEL_GRACE_SECONDS` later is `scancel`led.
+6. Runs left without a job. Prefect's worker marks a flow run Pending before `run()`
+   submits it; a worker killed in between leaves it Pending with no job, which no worker
+   picks up again. The loop (of any worker of the pool) looks at the pool's flow runs
+   that have no job id: one with a job in `squeue` whose comment names it (the worker
+   died after `sbatch`) is adopted (job id and labels written, then followed as above).
+   One Pending for longer than `CROCO_SLURM_UNSUBMITTED_SECONDS` (default 300 s, well
+   above the time `run()` may take: two Slurm commands of at most 60 s each) with no such
+   job was never submitted: it is put back to Scheduled, so a worker submits it as any
+   new run (the server lets only one worker move it to Pending), and the pipeline waiting
+   on it carries on. It is resubmitted once: stuck a second time, it is marked Crashed
+   (the pipeline fails naming the stage; its rerun submits a new run). A run Cancelling
+   with no job is marked Cancelled after the same time.
 """
 
 from __future__ import annotations
@@ -66,7 +78,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import InfrastructureNotFound
-from prefect.states import Cancelled, Crashed
+from prefect.states import Cancelled, Crashed, Scheduled
 from prefect.workers.base import (
     BaseJobConfiguration,
     BaseVariables,
@@ -90,6 +102,10 @@ COMMENT_PREFIX = "prefect-flow-run:"
 CANCEL_GRACE_SECONDS = 30.0
 CRASHED_LOOKBACK_SECONDS = 900.0
 LOG_TAIL_LINES = 30
+# A flow run of the pool Pending this long without a job was never submitted.
+UNSUBMITTED_SECONDS = 300.0
+MAX_RESUBMISSIONS = 1
+RESUBMISSIONS_LABEL = "slurm.resubmissions"
 
 # Slurm names: partitions (a comma list), accounts, QOS, reservations.
 _NAMES = r"^[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*$"
@@ -108,6 +124,10 @@ _RESERVED = {"wrap", "export", "parsable", "output", "o", "error", "e", "comment
 
 class SlurmError(RuntimeError):
     """A Slurm command failed; the message is its own first error line."""
+
+
+class SlurmTimeout(SlurmError):
+    """A Slurm command did not answer in time; what it was asked may have been done."""
 
 
 def _no_control(value: str, field: str) -> str:
@@ -320,6 +340,9 @@ def _slurm(args: list[str], *, input: str | None = None, env: dict | None = None
     except FileNotFoundError:
         raise SlurmError(f"{args[0]} not found: run the worker where Slurm's commands are "
                          "on the PATH (a login node)") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmTimeout(f"{args[0]} did not answer within {timeout:.0f}s (slurmctld "
+                           "busy or unreachable)") from None
 
 
 def first_error_line(stderr: str) -> str:
@@ -342,16 +365,37 @@ def sbatch(configuration: SlurmJobConfiguration) -> str:
     return job_id
 
 
-def queued_job_for(flow_run_id: str) -> str | None:
-    """The id of this user's job still in the queue for the flow run, if any."""
-    res = _slurm(["squeue", "-h", "--me", "-o", "%i|%k"])
+def parse_tagged(text: str) -> dict[str, str]:
+    """`squeue -o '%i|%T|%k'` lines: flow run id -> the id of the job whose comment names
+    it, a job Slurm still holds before one that ended, the newest first."""
+    out: dict[str, tuple[bool, int, str]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|", 2)
+        if len(parts) < 3 or not parts[2].strip().startswith(COMMENT_PREFIX):
+            continue
+        job_id, state, comment = (p.strip() for p in parts)
+        run_id = comment[len(COMMENT_PREFIX):]
+        rank = (JobStatus(job_id, state or "UNKNOWN").active,
+                int(job_id.split("_")[0]) if _JOB_ID.match(job_id) else -1, job_id)
+        if run_id not in out or rank > out[run_id]:
+            out[run_id] = rank
+    return {run_id: rank[2] for run_id, rank in out.items()}
+
+
+def tagged_jobs(include_ended: bool = False) -> dict[str, str]:
+    """This user's jobs that Slurm still knows, by the flow run their comment names: only
+    those still in the queue unless `include_ended` (ended ones for `MinJobAge` seconds)."""
+    args = ["squeue", "-h", "--me", "-o", "%i|%T|%k"] + (["-t", "all"] if include_ended
+                                                         else [])
+    res = _slurm(args)
     if res.returncode != 0:
         raise SlurmError(first_error_line(res.stderr))
-    for line in res.stdout.splitlines():
-        job_id, _, comment = line.partition("|")
-        if comment.strip() == COMMENT_PREFIX + flow_run_id:
-            return job_id.strip()
-    return None
+    return parse_tagged(res.stdout)
+
+
+def queued_job_for(flow_run_id: str) -> str | None:
+    """The id of this user's job still in the queue for the flow run, if any."""
+    return tagged_jobs().get(flow_run_id)
 
 
 @dataclass
@@ -431,9 +475,19 @@ def job_statuses(job_ids: list[str]) -> dict[str, JobStatus]:
             out[j] = found[j]
             continue
         res = _slurm(["scontrol", "-o", "show", "job", j])
+        if res.returncode != 0 and "Invalid job id" not in res.stderr:
+            # slurmctld did not answer: not a reason to think the job ended.
+            raise SlurmError(first_error_line(res.stderr))
         st = parse_scontrol(res.stdout) if res.returncode == 0 else None
         out[j] = st or JobStatus(j, "UNKNOWN", "no longer known to squeue, sacct or scontrol")
     return out
+
+
+def job_output(job_id: str) -> str | None:
+    """The job's output file (`StdOut` of `scontrol show job`), while Slurm knows the job."""
+    res = _slurm(["scontrol", "-o", "show", "job", job_id])
+    fields = dict(re.findall(r"(\w+)=(\S*)", res.stdout)) if res.returncode == 0 else {}
+    return fields.get("StdOut") or None
 
 
 def scancel(job_id: str) -> bool:
@@ -463,6 +517,33 @@ def crash_message(job_id: str, name: str, status: JobStatus, log: str | None) ->
             f"finished{where}")
 
 
+def run_job_id(run: "FlowRun") -> str | None:
+    """The flow run's Slurm job id: its `infrastructure_pid`, else its `slurm.job-id` label
+    (the worker records both; either write may have failed)."""
+    for value in (run.infrastructure_pid, (run.labels or {}).get("slurm.job-id")):
+        if value is not None and _JOB_ID.match(str(value)):
+            return str(value)
+    return None
+
+
+def unsubmitted_action(run: "FlowRun", now: datetime.datetime,
+                       bound_seconds: float) -> Literal["resubmit", "crash", "cancel"] | None:
+    """What to do with a flow run of the pool that has no Slurm job (and none in the queue
+    names it): nothing until its state is `bound_seconds` old; then a Pending run is
+    resubmitted (`MAX_RESUBMISSIONS` times, then crashed) and a Cancelling one cancelled.
+    A Running run has its engine, which reports its end itself."""
+    state = run.state
+    if state is None or run_job_id(run) or state.type not in (StateType.PENDING,
+                                                               StateType.CANCELLING):
+        return None
+    if (now - state.timestamp).total_seconds() < bound_seconds:
+        return None
+    if state.type == StateType.CANCELLING:
+        return "cancel"
+    resubmitted = int((run.labels or {}).get(RESUBMISSIONS_LABEL, 0))
+    return "resubmit" if resubmitted < MAX_RESUBMISSIONS else "crash"
+
+
 # ------------------------------------------------------------------------------- worker
 
 
@@ -479,6 +560,8 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reconcile_seconds = float(os.environ.get("CROCO_SLURM_RECONCILE_SECONDS", "10"))
+        self.unsubmitted_seconds = float(os.environ.get("CROCO_SLURM_UNSUBMITTED_SECONDS",
+                                                        str(UNSUBMITTED_SECONDS)))
         self._reconcile_scope: anyio.CancelScope | None = None
 
     async def setup(self) -> None:
@@ -500,10 +583,21 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
                         "again", job_id)
         else:
             Path(os.path.expanduser(configuration.log_dir)).mkdir(parents=True, exist_ok=True)
-            job_id = await anyio.to_thread.run_sync(sbatch, configuration)
+            try:
+                job_id = await anyio.to_thread.run_sync(sbatch, configuration)
+            except SlurmTimeout:
+                # slurmctld may have queued it before sbatch gave up waiting for the answer.
+                job_id = await anyio.to_thread.run_sync(queued_job_for, str(flow_run.id))
+                if not job_id:
+                    raise
         log = configuration.log_path_pattern.replace("%j", job_id)
-        await self.client.update_flow_run_labels(flow_run.id, {
-            "slurm.job-id": job_id, "slurm.job-name": configuration.name, "slurm.log": log})
+        try:
+            await self.client.update_flow_run_labels(flow_run.id, {
+                "slurm.job-id": job_id, "slurm.job-name": configuration.name,
+                "slurm.log": log})
+        except Exception as e:  # noqa: BLE001 - the job is queued: report it all the same
+            logger.warning("Could not label the flow run with its Slurm job %s (%s: %s)",
+                           job_id, type(e).__name__, e)
         logger.info("Slurm job %s (%s) submitted; its output: %s", job_id, configuration.name,
                     log)
         if task_status is not None:
@@ -549,7 +643,9 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
             if len(page) < 200:
                 return runs
 
-    async def _pool_runs(self) -> list["FlowRun"]:
+    async def _pool_runs(self) -> tuple[list["FlowRun"], list["FlowRun"]]:
+        """The pool's unfinished flow runs, and those crashed in the last
+        `CRASHED_LOOKBACK_SECONDS`."""
         live = await self._read_all(FlowRunFilter(state=FlowRunFilterState(
             type=FlowRunFilterStateType(any_=[
                 StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]))))
@@ -558,22 +654,83 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
         crashed = await self._read_all(FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
             end_time=FlowRunFilterEndTime(after_=since)))
-        return [r for r in live + crashed if _JOB_ID.match(r.infrastructure_pid or "")]
+        return live, crashed
 
     async def reconcile(self) -> None:
-        """One pass: every unfinished (or just crashed) flow run of the pool against its job."""
-        runs = await self._pool_runs()
+        """One pass: every unfinished (or just crashed) flow run of the pool against its
+        job, and the runs that have no job (6. in the module's docstring)."""
+        live, crashed = await self._pool_runs()
+        jobless = [r for r in live if not run_job_id(r)]
+        if jobless:
+            await self._reconcile_jobless(jobless)
+        runs = [r for r in live + crashed if run_job_id(r)]
         if not runs:
             return
         statuses = await anyio.to_thread.run_sync(
-            job_statuses, sorted({r.infrastructure_pid for r in runs}))
+            job_statuses, sorted({run_job_id(r) for r in runs}))
         for run in runs:
-            status = statuses.get(run.infrastructure_pid)
+            status = statuses.get(run_job_id(run))
             if status is not None:
                 await self._reconcile_one(run, status)
 
+    async def _reconcile_jobless(self, runs: list["FlowRun"]) -> None:
+        """Adopt the job a flow run has in Slurm's queue; resubmit (or crash, or cancel) a
+        run that has had none for longer than `unsubmitted_seconds`."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        tagged = await anyio.to_thread.run_sync(tagged_jobs, True)
+        for run in runs:
+            job_id = tagged.get(str(run.id))
+            if job_id:
+                await self._adopt(run, job_id)
+                continue
+            action = unsubmitted_action(run, now, self.unsubmitted_seconds)
+            if action is None:
+                continue
+            # The latest word: a worker may have submitted it since it was read.
+            run = await self.client.read_flow_run(run.id)
+            if (run_job_id(run) or unsubmitted_action(run, now, self.unsubmitted_seconds)
+                    != action or str(run.id) in await anyio.to_thread.run_sync(
+                        tagged_jobs, True)):
+                continue
+            await self._act_on_unsubmitted(run, action, now)
+
+    async def _adopt(self, run: "FlowRun", job_id: str) -> None:
+        log = await anyio.to_thread.run_sync(job_output, job_id)
+        labels = {"slurm.job-id": job_id, "slurm.job-name": job_name(run.name)}
+        if log:
+            labels["slurm.log"] = log
+        await self.client.update_flow_run(run.id, infrastructure_pid=job_id)
+        await self.client.update_flow_run_labels(run.id, labels)
+        self.get_flow_run_logger(run).info(
+            "Slurm job %s runs this flow run (its worker stopped before recording it): "
+            "following it", job_id)
+
+    async def _act_on_unsubmitted(self, run: "FlowRun", action: str,
+                                  now: datetime.datetime) -> None:
+        logger = self.get_flow_run_logger(run)
+        waited = (now - run.state.timestamp).total_seconds()
+        if action == "cancel":
+            await self.client.set_flow_run_state(run.id, Cancelled(
+                message="Cancelled: it had no Slurm job"), force=True)
+            logger.info("Flow run cancelled: no Slurm job after %.0fs", waited)
+        elif action == "resubmit":
+            count = int((run.labels or {}).get(RESUBMISSIONS_LABEL, 0)) + 1
+            await self.client.update_flow_run_labels(run.id, {RESUBMISSIONS_LABEL: count})
+            await self.client.set_flow_run_state(run.id, Scheduled(
+                scheduled_time=now, name="Resubmitting",
+                message=f"No Slurm job {waited:.0f}s after it was marked {run.state.name}: "
+                        "its worker stopped before sbatch; scheduled again"), force=True)
+            logger.warning("No Slurm job %.0fs after this flow run was marked %s (its worker "
+                           "stopped before sbatch): scheduled again, to be submitted once",
+                           waited, run.state.name)
+        else:
+            await self._propose_crashed_state(run, (
+                f"No Slurm job {waited:.0f}s after the flow run was marked {run.state.name}, "
+                f"and it was resubmitted {MAX_RESUBMISSIONS} time(s) already: the worker "
+                "that took it stopped before sbatch. Rerun the pipeline to submit it again"))
+
     async def _reconcile_one(self, run: "FlowRun", status: JobStatus) -> None:
-        job_id = run.infrastructure_pid
+        job_id = run_job_id(run)
         labels = run.labels or {}
         name, log = labels.get("slurm.job-name", run.name), labels.get("slurm.log")
         state = run.state
