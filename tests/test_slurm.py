@@ -27,6 +27,7 @@ from tests.test_deployments import PY, REPO, Stack
 
 pytestmark = pytest.mark.slow
 
+UNSUBMITTED_SECONDS = 20  # the worker's bound for a Pending run without a job
 SECRETS = {"HF_TOKEN": "hf-secret-token-27182818", "AWS_SECRET_ACCESS_KEY": "aws-secret-31415926"}
 
 
@@ -87,15 +88,20 @@ def _squeue() -> dict[str, dict]:
     return jobs
 
 
-def _sacct(job_ids: list[str] | None = None, since: str = "now-2hours") -> list[dict]:
-    """Jobs from accounting; the cluster's database outlives a test session (`since`)."""
+def _sacct(job_ids: list[str] | None = None, since: str = "now-2hours",
+           submitted_since: str | None = None) -> list[dict]:
+    """Jobs from accounting; the cluster's database outlives a test session (`since`), and
+    job ids start again at 1 with each clean cluster, so a job of an earlier session may
+    have the id of one of this session: `submitted_since` (sacct's local time) tells them
+    apart."""
     args = ["sacct", "-X", "-n", "-P", "-a", "-S", since,
-            "-o", "JobIDRaw,JobName,State,AllocTRES"]
+            "-o", "JobIDRaw,JobName,State,AllocTRES,Submit"]
     if job_ids:
         args += ["-j", ",".join(job_ids)]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    return [dict(zip(("id", "name", "state", "tres"), ln.split("|")))
+    jobs = [dict(zip(("id", "name", "state", "tres", "submit"), ln.split("|")))
             for ln in out.splitlines() if ln]
+    return [j for j in jobs if submitted_since is None or j["submit"] >= submitted_since]
 
 
 def _start_slurm_worker(stack: Stack, name: str) -> subprocess.Popen:
@@ -111,6 +117,7 @@ def stack(cluster, tmp_path_factory):
     s = Stack(home, _free_port())
     s.env["PATH"] = f"{Path(PY).parent}:{s.env['PATH']}"  # jobs run `prefect flow-run execute`
     s.env["CROCO_SLURM_RECONCILE_SECONDS"] = "2"
+    s.env["CROCO_SLURM_UNSUBMITTED_SECONDS"] = str(UNSUBMITTED_SECONDS)
     s.env.update(SECRETS)
     s.logdir = home / "slurm-logs"
     try:
@@ -140,10 +147,14 @@ def stack(cluster, tmp_path_factory):
         s.stop()
 
 
-def _probe(stack: Stack, tag: str, job_variables: dict | None = None, **params) -> str:
-    run = _api(stack, "POST", f"/deployments/{stack.probe_id}/create_flow_run",
-               {"parameters": {"tag": tag, **params}, "job_variables": job_variables or {}})
-    return run["id"]
+def _probe(stack: Stack, tag: str, job_variables: dict | None = None, *,
+           state: dict | None = None, labels: dict | None = None, **params) -> str:
+    """A probe flow run named `probe-<tag>` from the start (its Slurm job's name too)."""
+    body = {"name": f"probe-{tag}", "parameters": {"tag": tag, **params},
+            "job_variables": job_variables or {}, "labels": labels or {}}
+    if state:
+        body["state"] = state
+    return _api(stack, "POST", f"/deployments/{stack.probe_id}/create_flow_run", body)["id"]
 
 
 def _job_of(stack: Stack, run_id: str, timeout: float = 60) -> str:
@@ -157,6 +168,29 @@ def time_limited(stack):
     the wait overlaps the other tests."""
     return _probe(stack, "time-limit", {"time_limit": "1", "signal_seconds": 0},
                   seconds=600)
+
+
+@pytest.fixture(scope="module")
+def unsubmitted(stack):
+    """Probe flow runs as a worker killed between marking them Pending and sbatch leaves
+    them: one never submitted, one never submitted a second time, one whose job was queued
+    (its comment names the run) but not recorded. Started early, so the worker's bound
+    (UNSUBMITTED_SECONDS) passes while other tests run."""
+    pending = {"type": "PENDING", "name": "Submitting"}
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    runs = {"never": _probe(stack, "never-submitted", state=pending, seconds=1),
+            "again": _probe(stack, "stuck-again", state=pending, seconds=1,
+                            labels={"slurm.resubmissions": 1}),
+            "unrecorded": _probe(stack, "unrecorded", state=pending, seconds=15)}
+    env = {**stack.env, "PREFECT__FLOW_RUN_ID": runs["unrecorded"]}
+    stack.logdir.mkdir(exist_ok=True)  # Slurm fails a job whose output it cannot open
+    res = subprocess.run(
+        ["sbatch", "--parsable", "--job-name=probe-unrecorded", "--export=ALL",
+         f"--output={stack.logdir}/probe-unrecorded-%j.log",
+         f"--comment=prefect-flow-run:{runs['unrecorded']}",
+         "--wrap=exec prefect flow-run execute"],
+        env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    return {**runs, "unrecorded-job": res.stdout.strip(), "since": since}
 
 
 # ------------------------------------------------------------------------ the pipeline
@@ -176,7 +210,7 @@ def _reference(cfg, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pipeline(stack, time_limited, tiny_config_maker, tmp_path_factory):
+def pipeline(stack, time_limited, unsubmitted, tiny_config_maker, tmp_path_factory):
     """`croco-pipeline/slurm`: 2 languages x 2 shard groups, train and evaluate. Once its
     first stage job is in Slurm's queue the slurm worker is SIGKILLed and a new one starts."""
     base = tmp_path_factory.mktemp("slurm-run")
@@ -184,13 +218,16 @@ def pipeline(stack, time_limited, tiny_config_maker, tmp_path_factory):
                                "training.enabled": True, "evaluation.judge.enabled": False})
     path = base / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    before = set(_squeue())
+    def stage_jobs():  # the probes of other tests run meanwhile
+        return {i for i, j in _squeue().items() if not j["name"].startswith("probe-")}
+
+    before = stage_jobs()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     proc = subprocess.Popen(
         [PY, "-m", "croco.flows.cli", "run", "--deployment", "croco-pipeline/slurm",
          "--set", "orchestration.shards_per_language=2", str(path), "--run-id", "on-slurm"],
         env=stack.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait(lambda: set(_squeue()) - before, 300, "the first stage job")
+    _wait(lambda: stage_jobs() - before, 300, "the first stage job")
     os.killpg(stack.slurm_worker.pid, signal.SIGKILL)
     stack.slurm_worker.wait()
     stack.slurm_worker = _start_slurm_worker(stack, "slurm-2")
@@ -313,11 +350,16 @@ def test_a_scancelled_stage_job_crashes_its_run_and_the_rerun_completes(stack, p
     assert "score-en" in out and "CRASHED" in out, out[-3000:]
     message = _wait(lambda: _slurm_message(stack, crashed[0]["id"]), 30, "Slurm's reason")
     assert f"Slurm job {victim}" in message and "CANCELLED" in message, message
-    submitted = {j["id"] for j in _sacct()}
+    # The failed pipeline leaves its other stage jobs running; the rerun reuses their shards.
+    _wait(lambda: not [j for j in _squeue().values()
+                       if j["name"].startswith(("generate-", "score-"))], 120,
+          "the first run's other stage jobs to end")
+    rerun_started = time.strftime("%Y-%m-%dT%H:%M:%S")
     rerun = subprocess.run(cmd, env=stack.env, cwd=REPO, capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
-    new = [j for j in _sacct() if j["id"] not in submitted]
+    new = [j for j in _sacct(submitted_since=rerun_started)
+           if j["name"].startswith(("generate-", "score-"))]
     # Only the killed shard group runs again: generate and the other score group were done.
     assert [j["name"] for j in new] == [_flow_run(stack, crashed[0]["id"])["name"]], new
 
@@ -364,8 +406,10 @@ def test_a_partition_with_shell_code_submits_nothing_and_runs_nothing(stack, tmp
         run_id = None
     if run_id:
         assert "partition" in _crash_message(stack, run_id)
-    jobs = _sacct() + [dict(name=j["name"]) for j in _squeue().values()]
+    jobs = _sacct(since="now-10minutes") + [dict(name=j["name"]) for j in _squeue().values()]
     assert not [j for j in jobs if j["name"] == "probe-inject"], jobs
+    if run_id:
+        assert "slurm.job-id" not in (_flow_run(stack, run_id).get("labels") or {})
     time.sleep(2)
     assert not marker.exists()
 
@@ -376,6 +420,9 @@ def test_shell_code_in_a_parameter_reaches_the_job_only_as_a_safe_name(stack, tm
     _wait(lambda: _flow_run(stack, run_id)["state_type"] == "COMPLETED", 120, "COMPLETED")
     assert not marker.exists()
     assert (tmp_path / "r.json").exists()
+    name = _flow_run(stack, run_id)["labels"]["slurm.job-name"]
+    assert name.startswith("probe--touch-") and set(name) <= set(
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"), name
 
 
 def test_secrets_reach_the_job_but_not_its_script_or_log(stack, tmp_path):
@@ -394,3 +441,38 @@ def test_secrets_reach_the_job_but_not_its_script_or_log(stack, tmp_path):
     assert "prefect flow-run execute" in script and "slurm job" in log
     for value in SECRETS.values():
         assert value not in script and value not in log
+
+
+# ------------------------------------------------- runs a killed worker left without a job
+
+
+def _final(stack: Stack, run_id: str, timeout: float) -> dict:
+    return _wait(lambda: (lambda r: r if r["state_type"] in (
+        "COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None)(_flow_run(stack, run_id)),
+        timeout, f"flow run {run_id} to finish")
+
+
+def test_a_pending_run_never_submitted_is_submitted_once_and_completes(stack, unsubmitted):
+    run = _final(stack, unsubmitted["never"], UNSUBMITTED_SECONDS + 120)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert run["labels"]["slurm.resubmissions"] == 1, run["labels"]
+    jobs = [j for j in _sacct(submitted_since=unsubmitted["since"])
+            if j["name"] == "probe-never-submitted"]
+    assert [j["id"] for j in jobs] == [run["labels"]["slurm.job-id"]], jobs
+
+
+def test_a_pending_run_stuck_after_its_resubmission_is_crashed(stack, unsubmitted):
+    run = _final(stack, unsubmitted["again"], UNSUBMITTED_SECONDS + 60)
+    assert run["state_type"] == "CRASHED", run["state"]
+    assert run["state"]["message"].startswith("No Slurm job "), run["state"]["message"]
+    assert "slurm.job-id" not in run["labels"], run["labels"]
+
+
+def test_a_job_queued_but_not_recorded_is_adopted_not_submitted_again(stack, unsubmitted):
+    run = _final(stack, unsubmitted["unrecorded"], 180)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert run["labels"]["slurm.job-id"] == unsubmitted["unrecorded-job"], run["labels"]
+    assert "slurm.resubmissions" not in run["labels"], run["labels"]
+    jobs = [j for j in _sacct(submitted_since=unsubmitted["since"])
+            if j["name"] == "probe-unrecorded"]
+    assert [j["id"] for j in jobs] == [unsubmitted["unrecorded-job"]], jobs
