@@ -395,10 +395,15 @@ def deploy(name: Annotated[Optional[list[str]], typer.Option(
     """Create or update croco's Prefect deployments (infra/prefect.yaml) on the current
     Prefect API (PREFECT_API_URL); the same as `prefect --no-prompt deploy --all
     --prefect-file infra/prefect.yaml` run from the project directory."""
-    from croco.flows.deploy import PROJECT_DIR, deploy as run_deploy
+    from croco.flows.deploy import PROJECT_DIR, deploy as run_deploy, missing_work_pools, work_pools
 
     if not (PROJECT_DIR / prefect_file).is_file():
         _fail(f"{PROJECT_DIR / prefect_file} not found: deploy from a croco checkout")
+    missing = missing_work_pools(work_pools(prefect_file, name))
+    if missing:  # prefect deploy would stop at the first one, half done
+        _fail(f"no work pool {', '.join(missing)} on the Prefect API: create the pools first "
+              "(PREFECT_API_URL=... infra/work-pools/setup.sh; croco-slurm is worker type "
+              "'slurm', from croco), or deploy others with --name")
     rc = run_deploy(prefect_file, name)
     if rc:
         _fail(f"prefect deploy exited {rc}", code=rc)

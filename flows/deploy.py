@@ -45,6 +45,37 @@ def deploy_command(prefect_file: str = PREFECT_FILE, names: list[str] | None = N
     return cmd
 
 
+def work_pools(prefect_file: str = PREFECT_FILE, names: list[str] | None = None) -> set[str]:
+    """The work pools the deployments of `prefect_file` (those of `names`, `flow/name`
+    or `name`, if given) run on."""
+    import yaml
+
+    spec = yaml.safe_load((PROJECT_DIR / prefect_file).read_text())
+    pools = set()
+    for dep in spec.get("deployments") or []:
+        flow = dep.get("entrypoint", "").rsplit(":", 1)[-1].replace("_", "-")
+        if names and not ({dep.get("name"), f"{flow}/{dep.get('name')}"} & set(names)):
+            continue
+        if (dep.get("work_pool") or {}).get("name"):
+            pools.add(dep["work_pool"]["name"])
+    return pools
+
+
+def missing_work_pools(pools: set[str]) -> list[str]:
+    """Those of `pools` that the current Prefect API does not have."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    missing = []
+    with get_client(sync_client=True) as client:
+        for pool in sorted(pools):
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                missing.append(pool)
+    return missing
+
+
 def deploy(prefect_file: str = PREFECT_FILE, names: list[str] | None = None) -> int:
     """Create or update the deployments against the current Prefect API."""
     return subprocess.call(deploy_command(prefect_file, names), cwd=PROJECT_DIR)

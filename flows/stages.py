@@ -218,7 +218,7 @@ class Stages:
         if "evaluate" in self.deployments:
             (out,) = self._remote("evaluate", [dict(config=self.config, prompt_uris=prompt_uris,
                                                     finals=finals, run_id=run_id)],
-                                  ["evaluate"], cached=False)
+                                  [f"evaluate-{run_id}"], cached=False)
         else:
             out = croco_evaluate(config=self.config, prompt_uris=prompt_uris, finals=finals,
                                  run_id=run_id, runtime=self.runtime)

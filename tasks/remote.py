@@ -82,8 +82,10 @@ def run_stage_deployment(deployment: str, parameters: dict[str, Any], label: str
     ctx = TaskRunContext.get()
     # A transient retry of the calling task re-attaches to the same child flow run.
     key = f"croco-{ctx.task_run.id}" if ctx else None
+    # Named after the stage from the start (`generate-de-1`), so the infrastructure a worker
+    # creates for it before the flow renames itself (a Slurm job, a pod) says what runs.
     flow_run = run_deployment(deployment, parameters=parameters, timeout=timeout,
-                              idempotency_key=key, poll_interval=2)
+                              idempotency_key=key, poll_interval=2, flow_run_name=label)
     _check_final(flow_run, deployment, label, timeout)
     try:
         return flow_run.state.result()

@@ -532,15 +532,18 @@ def test_setup_script_creates_the_pools_and_can_be_rerun(prefect_harness, tmp_pa
             return {p.name: p for p in client.read_work_pools()
                     if p.name.startswith("croco-")}
 
-    pools = run(CROCO_GPU_POOL_LIMIT="4")
+    pools = run(CROCO_GPU_POOL_LIMIT="4", CROCO_SLURM_POOL_LIMIT="3")
     assert {name: p.type for name, p in pools.items()} == {
         "croco-cpu": "process", "croco-gpu": "process",
-        "croco-k8s-gpu": "kubernetes", "croco-docker-gpu": "docker"}
+        "croco-k8s-gpu": "kubernetes", "croco-docker-gpu": "docker", "croco-slurm": "slurm"}
     assert pools["croco-k8s-gpu"].base_job_template == _template("kubernetes-gpu.json")
     assert pools["croco-docker-gpu"].base_job_template == _template("docker-gpu.json")
+    assert pools["croco-slurm"].base_job_template == _template("slurm.json")
     assert pools["croco-gpu"].concurrency_limit == 4
+    assert pools["croco-slurm"].concurrency_limit == 3
 
     again = run()
     assert set(again) == set(pools)
     assert again["croco-gpu"].concurrency_limit is None
+    assert again["croco-slurm"].concurrency_limit is None
     assert again["croco-k8s-gpu"].base_job_template == _template("kubernetes-gpu.json")

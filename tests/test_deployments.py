@@ -86,6 +86,9 @@ class Stack:
         for pool in ("croco-cpu", "croco-gpu"):
             self.cli(PY, "-m", "prefect", "work-pool", "create", pool, "--type", "process",
                      "--overwrite")
+        # `croco deploy` deploys the Slurm stage deployments too (tests/test_slurm.py runs them).
+        self.cli(PY, "-m", "prefect", "work-pool", "create", "croco-slurm", "--type", "slurm",
+                 "--base-job-template", str(REPO / "infra/work-pools/slurm.json"), "--overwrite")
         res = self.cli(PY, "-m", "croco.flows.cli", "deploy",
                        *(["--gpu-slots", str(gpu_slots)] if gpu_slots else []), timeout=600)
         assert "croco-pipeline/scale-out" in res.stdout + res.stderr

@@ -27,11 +27,13 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"croco"}, sorted(top)
     for module in ("croco/flows/pipeline.py", "croco/flows/cli.py", "croco/tasks/stages.py",
-                   "croco/plan.py", "croco/data/demo_prompts.jsonl"):
+                   "croco/plan.py", "croco/data/demo_prompts.jsonl",
+                   "croco/workers/slurm.py"):
         assert module in names, module
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "croco = croco.flows.cli:app" in text, text
+    assert "[prefect.collections]\ncroco_workers = croco.workers" in text, text
 
 
 def test_the_repository_folders_are_the_packages():

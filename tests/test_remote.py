@@ -24,9 +24,10 @@ def fake_run_deployment(monkeypatch):
     calls = []
 
     def install(state):
-        def run_deployment(name, *, parameters, timeout, idempotency_key, poll_interval):
+        def run_deployment(name, *, parameters, timeout, idempotency_key, poll_interval,
+                           flow_run_name=None):
             calls.append(dict(name=name, parameters=parameters, timeout=timeout,
-                              idempotency_key=idempotency_key))
+                              idempotency_key=idempotency_key, flow_run_name=flow_run_name))
             return _flow_run(state)
 
         import prefect.deployments
@@ -51,6 +52,12 @@ def test_a_child_that_did_not_complete_fails_with_its_name_and_state(fake_run_de
     if state.message:
         assert state.message in msg
     assert calls[0]["parameters"] == {"lang": "de"}
+
+
+def test_a_child_is_created_with_its_stage_name(fake_run_deployment):
+    calls = fake_run_deployment(Completed(data="s3://b/generations/k/lang=de"))
+    remote.run_stage_deployment("croco-generate/slurm", {"lang": "de"}, "generate-de-1")
+    assert calls[0]["flow_run_name"] == "generate-de-1"
 
 
 def test_a_child_still_running_after_the_timeout_fails(fake_run_deployment):

@@ -7,7 +7,7 @@
 # template in this directory (or the worker type's default) whatever it had before.
 # Optional pool-wide caps on concurrent flow runs, one per pool; unset clears the cap:
 #   CROCO_CPU_POOL_LIMIT, CROCO_GPU_POOL_LIMIT, CROCO_K8S_GPU_POOL_LIMIT,
-#   CROCO_DOCKER_GPU_POOL_LIMIT
+#   CROCO_DOCKER_GPU_POOL_LIMIT, CROCO_SLURM_POOL_LIMIT
 # Needs the prefect CLI (the dev environment or the croco images have it).
 set -euo pipefail
 
@@ -35,10 +35,15 @@ prefect work-pool create croco-k8s-gpu --type kubernetes \
 prefect work-pool create croco-docker-gpu --type docker \
     --base-job-template "$here/docker-gpu.json" --overwrite
 
+# GPU stage flows as Slurm batch jobs (worker type `slurm`, shipped by croco).
+prefect work-pool create croco-slurm --type slurm \
+    --base-job-template "$here/slurm.json" --overwrite
+
 pool_limit croco-cpu "${CROCO_CPU_POOL_LIMIT:-}"
 pool_limit croco-gpu "${CROCO_GPU_POOL_LIMIT:-}"
 pool_limit croco-k8s-gpu "${CROCO_K8S_GPU_POOL_LIMIT:-}"
 pool_limit croco-docker-gpu "${CROCO_DOCKER_GPU_POOL_LIMIT:-}"
+pool_limit croco-slurm "${CROCO_SLURM_POOL_LIMIT:-}"
 
 cat <<EOF
 
@@ -62,6 +67,10 @@ croco-k8s-gpu: one worker anywhere with access to the cluster (pip install prefe
 
 croco-docker-gpu: on each GPU host with the NVIDIA Container Toolkit (pip install prefect-docker):
   prefect worker start --pool croco-docker-gpu --type docker --limit 1
+
+croco-slurm: one worker on a login node, where sbatch/squeue/sacct work, with croco
+installed (it provides the worker type) and the S3 variables exported (jobs inherit them):
+  nohup prefect worker start --pool croco-slurm --type slurm >slurm-worker.log 2>&1 &
 
 See infra/work-pools/README.md for the job variables of each pool.
 EOF
