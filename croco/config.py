@@ -120,7 +120,9 @@ class GenerationConfig(_Strict):
     shard_size: int = Field(16, ge=1, description="prompts per output shard")
     respond_in_language: bool = False
     instruction_template: str = "Respond in {language}."
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm only", **EXECUTION_ONLY)
+    tensor_parallel_size: int = Field(
+        1, ge=0, description="vllm only; 0: every GPU the process sees (e.g. a Slurm job's "
+        "--gpus-per-node)", **EXECUTION_ONLY)
     gpu_memory_utilization: float | None = Field(
         None, gt=0.0, le=1.0, description="vllm only: the share of GPU memory the generation "
         "engine may take (None: vLLM's 0.9; on vLLM's CPU build the KV cache is sized instead, "
@@ -142,7 +144,9 @@ class ClassifierScorer(_Strict):
     max_length: int = Field(4096, ge=8)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["transformers", "vllm"] = "transformers"
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm only", **EXECUTION_ONLY)
+    tensor_parallel_size: int = Field(
+        1, ge=0, description="vllm only; 0: every GPU the process sees (e.g. a Slurm job's "
+        "--gpus-per-node)", **EXECUTION_ONLY)
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="vllm only: the share of GPU memory this scorer's "
         "engine may take (lower it when two vllm scorers share a GPU)", **EXECUTION_ONLY)
@@ -162,7 +166,9 @@ class JudgeScorer(_Strict):
     max_length: int = Field(2048, ge=8)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["transformers", "vllm"] = "transformers"
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm only", **EXECUTION_ONLY)
+    tensor_parallel_size: int = Field(
+        1, ge=0, description="vllm only; 0: every GPU the process sees (e.g. a Slurm job's "
+        "--gpus-per-node)", **EXECUTION_ONLY)
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="vllm only: the share of GPU memory this scorer's "
         "engine may take (lower it when two vllm scorers share a GPU)", **EXECUTION_ONLY)

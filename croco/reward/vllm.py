@@ -44,6 +44,7 @@ from croco.generation.vllm import (
     eager_default,
     engine_dtype,
     on_cpu,
+    parallel_size,
     platform_kwargs,
     prepare_cpu_environment,
     require_vllm,
@@ -81,7 +82,7 @@ def scorer_llm_kwargs(model_path: str, *, pooling: bool, dtype: str, tensor_para
     (which on a CPU means a share of the machine's memory)."""
     kwargs: dict[str, Any] = {
         "model": model_path, "dtype": engine_dtype(dtype, cpu=cpu),
-        "tensor_parallel_size": tensor_parallel_size,
+        "tensor_parallel_size": parallel_size(tensor_parallel_size, cpu=cpu),
         "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
         "seed": seed,
         "enforce_eager": eager_default(cpu) if enforce_eager is None else enforce_eager,
