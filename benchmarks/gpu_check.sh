@@ -22,10 +22,11 @@
 # Checks, each under `timeout`, the whole within $BUDGET_S seconds (default 470, ~8 min;
 # a step gets what is left of it, and is skipped when too little is left):
 #   - nvidia-smi: read only. Nothing here resets or reconfigures the GPU.
-#   - pytest -m "gpu or vllm" over the test files that carry those marks. Today:
-#       tests/test_vllm_scoring.py::test_vllm_classifier_matches_transformers  (gpu, vllm)
-#       tests/test_vllm_scoring.py::test_vllm_judge_matches_transformers       (gpu, vllm)
-#     Both skip with the reason where vllm or CUDA is missing.
+#   - pytest -m "(gpu or vllm) and not slow" over the test files that carry those marks:
+#     the vLLM engine tests (tests/test_vllm_engine.py, tests/test_vllm_scoring.py: greedy
+#     and sampled generation, LoRA, both scorers, the judge, lm-eval's vllm model), on the
+#     CUDA build here (CI runs them on vLLM's CPU build). They skip, with the reason, where
+#     vllm is missing. The whole-pipeline vllm tests (slow) are CI's, not this budget's.
 #   - benchmarks/dpo_reference_logps.py on a random-init ~0.5B Llama made here (saved
 #     bf16, SmolLM2 tokenizer): --batch 16 --max-length 512 --steps 6; prints per-step vs
 #     stored reference log-probs, tokens/s and, on a known card, MFU.
@@ -204,7 +205,7 @@ elif ((${#GPU_TEST_FILES[@]} == 0)); then
   record pytest-gpu skipped 0 "no test file carries mark.gpu or mark.vllm"
 else
   rm -f "$OUT/pytest-gpu.xml"
-  timed pytest-gpu 240 "$PY" -m pytest -m "gpu or vllm" -q -rs \
+  timed pytest-gpu 240 "$PY" -m pytest -m "(gpu or vllm) and not slow" -q -rs \
     -o cache_dir="$CHECK_HOME/pytest-cache" --junitxml="$OUT/pytest-gpu.xml" \
     "${GPU_TEST_FILES[@]}"
   if ((!STEP_RAN)); then

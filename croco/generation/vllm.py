@@ -243,6 +243,48 @@ def map_outputs(request_outputs) -> list[list[Completion]]:
 
 # ------------------------------------------------------------------------------ engines
 
+#: The reaper: a small process that outlives this one by a moment. It notes this process's
+#: vLLM engine processes every second, and when this process ends (its stdin pipe closes:
+#: any exit, kill -9 included) kills those still running. vLLM's engine core does not watch
+#: the process that started it: after a kill -9 it ran on, orphaned (seen here).
+_REAPER_CODE = r"""
+import sys, threading, psutil
+parent = psutil.Process(int(sys.argv[1]))
+seen, ended = {}, threading.Event()
+threading.Thread(target=lambda: (sys.stdin.buffer.read(), ended.set()), daemon=True).start()
+while not ended.wait(1.0):
+    try:
+        children = parent.children(recursive=True)
+    except psutil.Error:
+        break
+    for p in children:
+        try:
+            if p.name().startswith("VLLM") or " ".join(p.cmdline()[:1]).startswith("VLLM"):
+                seen[p.pid] = p
+        except psutil.Error:
+            pass
+for p in seen.values():
+    try:
+        if p.is_running():  # the same process (start time checked), not a reused pid
+            p.kill()
+    except psutil.Error:
+        pass
+"""
+_reaper = None
+
+
+def guard_engine_processes() -> None:
+    """Start this process's reaper (`_REAPER_CODE`) once, before its first vLLM engine."""
+    global _reaper
+    with _lock:
+        if _reaper is not None and _reaper.poll() is None:
+            return
+        import subprocess
+
+        _reaper = subprocess.Popen([sys.executable, "-c", _REAPER_CODE, str(os.getpid())],
+                                   stdin=subprocess.PIPE, start_new_session=True)
+
+
 _lock = threading.RLock()
 _engine: dict[str, Any] = {}  # at most one generation engine per process: kwargs -> LLM
 
@@ -260,6 +302,7 @@ def engine(kwargs: dict[str, Any]):
         release_engines()
         if on_cpu():
             prepare_cpu_environment()
+        guard_engine_processes()
         _engine[key] = vllm.LLM(**kwargs)
         return _engine[key]
 
@@ -314,6 +357,7 @@ def lm_eval_model_args(model_path: str, *, adapter: str | None, dtype: str) -> s
     cpu = on_cpu()
     if cpu:
         prepare_cpu_environment()
+    guard_engine_processes()
     path = merged_model(model_path, adapter) if adapter else model_path
     kwargs = llm_kwargs(path, dtype=dtype, tensor_parallel_size=1, lora_rank=None, seed=1234,
                         cpu=cpu)

@@ -43,6 +43,7 @@ from typing import Any
 from croco.generation.vllm import (
     eager_default,
     engine_dtype,
+    guard_engine_processes,
     on_cpu,
     parallel_size,
     platform_kwargs,
@@ -195,6 +196,7 @@ def _start_engine(vllm, **kwargs):
     cpu = on_cpu()
     if cpu:
         prepare_cpu_environment()
+    guard_engine_processes()
     return vllm.LLM(**scorer_llm_kwargs(**kwargs, engine_fields=_engine_fields(vllm), cpu=cpu))
 
 
