@@ -121,9 +121,15 @@ def cases(quick: bool = False) -> list[Case]:
         if "lora" not in state:
             import vllm as v
 
-            from croco.generation.vllm import lora_rank, platform_kwargs, prepare_cpu_environment
+            from croco.generation.vllm import (
+                guard_engine_processes,
+                lora_rank,
+                platform_kwargs,
+                prepare_cpu_environment,
+            )
 
             prepare_cpu_environment()
+            guard_engine_processes()
             folder = Path(tempfile.mkdtemp(prefix="croco-bench-lora-"))
             adapter = random_adapter(resolve_model(EMBEDDED_POLICY), folder / "adapter")
             from vllm.lora.request import LoRARequest
@@ -197,8 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", default="", help="comma-separated words: run only the cases "
+                   "whose name holds one (e.g. LoRA,judge)")
     a = p.parse_args(argv)
-    run_and_print(cases(a.quick), reps=a.reps)
+    chosen = [c for c in cases(a.quick)
+              if not a.only or any(w.lower() in c.name.lower() for w in a.only.split(","))]
+    run_and_print(chosen, reps=a.reps)
 
 
 if __name__ == "__main__":
