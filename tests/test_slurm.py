@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.test_deployments import PY, REPO, Stack
+from tests.test_deployments import _reference_stages as reference_stages
 
 pytestmark = pytest.mark.slow
 
@@ -196,19 +197,6 @@ def unsubmitted(stack):
 # ------------------------------------------------------------------------ the pipeline
 
 
-def _reference(cfg, root: str) -> dict:
-    """The stages in this process, one call per language: what the cluster must match."""
-    from croco import stages
-
-    out: dict = {"prompts": {}, "scores": {}}
-    for lang in cfg.languages:
-        p = out["prompts"][lang] = stages.run_prompts(cfg.prompts, lang, root)
-        g = stages.run_generate(p, lang, cfg.policy, cfg.generation, cfg.prompts, root)
-        out["scores"][lang] = stages.run_score(g, p, lang, cfg.reward, root)
-    out["pairs"] = stages.run_pairs(out["scores"], out["prompts"], cfg.pairing, root)
-    return out
-
-
 @pytest.fixture(scope="module")
 def pipeline(stack, time_limited, unsubmitted, tiny_config_maker, tmp_path_factory):
     """`croco-pipeline/slurm`: 2 languages x 2 shard groups, train and evaluate. Once its
@@ -280,7 +268,7 @@ def test_scores_and_pairs_on_slurm_equal_the_in_process_run(pipeline):
     cfg, base = pipeline["cfg"], pipeline["base"]
     manifest = json.loads((Path(cfg.data_root) / "runs/on-slurm/manifest.json").read_text())
     local = cfg.model_copy(update={"data_root": str(base / "local")})
-    ref = _reference(local, local.data_root)
+    ref = reference_stages(local, local.data_root)
     for lang in ("en", "de"):
         entry = manifest["outputs"]["scores"][lang]
         got = Path(cfg.data_root) / "scores" / entry["key"] / f"lang={lang}"
