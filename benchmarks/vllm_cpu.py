@@ -121,15 +121,9 @@ def cases(quick: bool = False) -> list[Case]:
         if "lora" not in state:
             import vllm as v
 
-            from croco.generation.vllm import (
-                guard_engine_processes,
-                lora_rank,
-                platform_kwargs,
-                prepare_cpu_environment,
-            )
+            from croco.generation.vllm import lora_rank, platform_kwargs, prepare_engine_start
 
-            prepare_cpu_environment()
-            guard_engine_processes()
+            prepare_engine_start()
             folder = Path(tempfile.mkdtemp(prefix="croco-bench-lora-"))
             adapter = random_adapter(resolve_model(EMBEDDED_POLICY), folder / "adapter")
             from vllm.lora.request import LoRARequest

@@ -243,6 +243,8 @@ def map_outputs(request_outputs) -> list[list[Completion]]:
 
 # ------------------------------------------------------------------------------ engines
 
+_lock = threading.RLock()
+
 #: The reaper: a small process that outlives this one by a moment. It notes this process's
 #: vLLM engine processes every second, and when this process ends (its stdin pipe closes:
 #: any exit, kill -9 included) kills those still running. vLLM's engine core does not watch
@@ -273,6 +275,16 @@ for p in seen.values():
 _reaper = None
 
 
+def prepare_engine_start() -> bool:
+    """What every engine start needs first: the CPU build's variables (on a CPU) and the
+    reaper. Returns whether vLLM runs on the CPU."""
+    cpu = on_cpu()
+    if cpu:
+        prepare_cpu_environment()
+    guard_engine_processes()
+    return cpu
+
+
 def guard_engine_processes() -> None:
     """Start this process's reaper (`_REAPER_CODE`) once, before its first vLLM engine."""
     global _reaper
@@ -285,7 +297,6 @@ def guard_engine_processes() -> None:
                                    stdin=subprocess.PIPE, start_new_session=True)
 
 
-_lock = threading.RLock()
 _engine: dict[str, Any] = {}  # at most one generation engine per process: kwargs -> LLM
 
 
@@ -300,9 +311,7 @@ def engine(kwargs: dict[str, Any]):
         if key in _engine:
             return _engine[key]
         release_engines()
-        if on_cpu():
-            prepare_cpu_environment()
-        guard_engine_processes()
+        prepare_engine_start()
         _engine[key] = vllm.LLM(**kwargs)
         return _engine[key]
 
@@ -354,10 +363,7 @@ def lm_eval_model_args(model_path: str, *, adapter: str | None, dtype: str) -> s
     released first: lm-eval starts its own."""
     require_vllm()
     release_engines()
-    cpu = on_cpu()
-    if cpu:
-        prepare_cpu_environment()
-    guard_engine_processes()
+    cpu = prepare_engine_start()
     path = merged_model(model_path, adapter) if adapter else model_path
     kwargs = llm_kwargs(path, dtype=dtype, tensor_parallel_size=1, lora_rank=None, seed=1234,
                         cpu=cpu)

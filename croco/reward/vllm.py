@@ -43,11 +43,9 @@ from typing import Any
 from croco.generation.vllm import (
     eager_default,
     engine_dtype,
-    guard_engine_processes,
-    on_cpu,
     parallel_size,
     platform_kwargs,
-    prepare_cpu_environment,
+    prepare_engine_start,
     require_vllm,
 )
 
@@ -193,10 +191,7 @@ def _engine_fields(vllm) -> set[str]:
 
 def _start_engine(vllm, **kwargs):
     """A scorer's `vllm.LLM` (`scorer_llm_kwargs`), on the platform vLLM runs on."""
-    cpu = on_cpu()
-    if cpu:
-        prepare_cpu_environment()
-    guard_engine_processes()
+    cpu = prepare_engine_start()
     return vllm.LLM(**scorer_llm_kwargs(**kwargs, engine_fields=_engine_fields(vllm), cpu=cpu))
 
 
