@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+RETRY_CODES = (429, 502, 503)  # what Prefect's client retries
+RETRIES = 6
 
 
 class Stack:
@@ -65,6 +68,23 @@ class Stack:
             raise AssertionError(f"{' '.join(args)} exited {res.returncode}:\n"
                                  f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         return res
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 20):
+        """One call of the server's REST API, JSON in and out. Retried on 429, 502 and 503
+        as Prefect's own client retries them (`PrefectHttpxAsyncClient`): the server answers
+        503 when SQLite is locked by a concurrent writer, and the transaction was rolled back."""
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(RETRIES + 1):
+            req = urllib.request.Request(f"{self.api}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    text = r.read()
+                return json.loads(text) if text else None
+            except urllib.error.HTTPError as e:
+                if e.code not in RETRY_CODES or attempt == RETRIES:
+                    raise
+            time.sleep(min(2 ** attempt, 10))
 
     def wait_healthy(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -166,17 +186,11 @@ def stack(tmp_path_factory, s3_server):
 
 
 def _flow_runs(stack: Stack) -> list[dict]:
-    req = urllib.request.Request(f"{stack.api}/flow_runs/filter", data=b"{}",
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    return stack.request("POST", "/flow_runs/filter", {})
 
 
 def _flow_names(stack: Stack) -> dict[str, str]:
-    req = urllib.request.Request(f"{stack.api}/flows/filter", data=b"{}",
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return {f["id"]: f["name"] for f in json.loads(r.read())}
+    return {f["id"]: f["name"] for f in stack.request("POST", "/flows/filter", {})}
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 import urllib.error
-import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -57,12 +57,7 @@ def cluster():
 
 
 def _api(stack: Stack, method: str, path: str, body: dict | None = None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{stack.api}{path}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=20) as r:
-        text = r.read()
-    return json.loads(text) if text else None
+    return stack.request(method, path, body)
 
 
 def _flow_run(stack: Stack, run_id: str) -> dict:
@@ -152,7 +147,9 @@ def _probe(stack: Stack, tag: str, job_variables: dict | None = None, *,
            state: dict | None = None, labels: dict | None = None, **params) -> str:
     """A probe flow run named `probe-<tag>` from the start (its Slurm job's name too)."""
     body = {"name": f"probe-{tag}", "parameters": {"tag": tag, **params},
-            "job_variables": job_variables or {}, "labels": labels or {}}
+            "job_variables": job_variables or {}, "labels": labels or {},
+            # a retried request (503) must not make a second run
+            "idempotency_key": f"probe-{tag}-{uuid.uuid4()}"}
     if state:
         body["state"] = state
     return _api(stack, "POST", f"/deployments/{stack.probe_id}/create_flow_run", body)["id"]
