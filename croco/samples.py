@@ -13,10 +13,10 @@ no part. Part i is the stored shard's rows of the plan's prompts.
 Scoring works the same way: `scored/<key>/lang=xx/<shard>.parquet` holds the rewards of a
 whole stored shard under one reward config, and a run's score part i is its rows of the
 plan's prompts. So a grown prompt source samples and scores only the new prompts, and
-pairs and everything after rerun on the whole set. A prompt's samples are those drawn
-when it first appeared: an incremental result can differ from a from-scratch run of the
-same final prompt set only in the random draws (another shard, so another seed), never in
-which prompts, policy or settings they come from.
+pairs and everything after rerun on the whole set. A sample's draws depend only on the
+generation seed, its prompt and its index (`croco.generation.conversation_seed`), not on
+the shard or batch it was sampled in, so an incremental result equals a from-scratch run
+of the same final prompt set (exactly in float32; see `croco.generation.transformers`).
 """
 
 from __future__ import annotations
@@ -49,11 +49,6 @@ def prompt_identity(prompts: pl.DataFrame) -> list[list[str]]:
     cols = [c for c in ("prompt", "messages") if c in prompts.columns]
     return [[row["prompt_id"], stable_hash({c: row[c] for c in cols})]
             for row in prompts.select("prompt_id", *cols).to_dicts()]
-
-
-def content_seed(seed: int, shard: str) -> int:
-    """A stored shard's sampling seed, from its name (the hash of its prompts)."""
-    return (seed * 1_000_003 + int(shard, 16)) % (2**31)
 
 
 def _store_index(store: str) -> dict[tuple[str, str], str]:
@@ -145,7 +140,7 @@ class StoreSampler:
         df = generate_frame(
             self.generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
             max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-            seed=content_seed(gen.seed, shard),
+            seed=gen.seed,
             policy=policy_label(policy.model, policy.adapter),
             respond_in_language=gen.respond_in_language,
             instruction_template=gen.instruction_template,

@@ -243,17 +243,11 @@ class GenerateLanguages(LanguagesTogether):
         df = generate_frame(
             generator, prompts, k=gen.k, temperature=gen.temperature, top_p=gen.top_p,
             max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-            seed=_together_seed(gen.seed), policy=policy_label(policy.model, policy.adapter),
+            seed=gen.seed, policy=policy_label(policy.model, policy.adapter),
             respond_in_language=gen.respond_in_language,
             instruction_template=gen.instruction_template)
         _write_by_language(df, self.folders(out), time.perf_counter() - t0)
         return None
-
-
-def _together_seed(seed: int) -> int:
-    import zlib
-
-    return (seed * 1_000_003 + zlib.crc32(b"*")) % (2**31)
 
 
 def _write_by_language(df: pl.DataFrame, outs: dict[str, str], seconds: float) -> None:

@@ -270,6 +270,7 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
             lambda: croco_pipeline(config=cfg, stages=wanted, run_id=run_id),
             on_stop=stopping, api_url=api.url if api else "", flow_run_name=f"croco-{run_id}")
     finally:
+        _release_engines()
         if api:
             api.stop()
     outputs = result["outputs"]
@@ -316,6 +317,14 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
     console.print(f"manifest:  [green]{result['manifest']}[/]")
     if result.get("report"):
         console.print(f"report:    [green]{result['report']}[/]")
+
+
+def _release_engines() -> None:
+    """Stop the vLLM engines the run started (if it started any) before the command
+    prints and exits, not from finalizers while the interpreter shuts down."""
+    engines = sys.modules.get("croco.generation.vllm")
+    if engines is not None:
+        engines.release_all()
 
 
 def structured_table(results) -> Table:

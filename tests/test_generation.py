@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -229,3 +230,80 @@ def test_next_tokens_top_p_keeps_the_nucleus_of_transformers_top_p():
             freq = torch.bincount(draws[:, row], minlength=12).float() / n
             assert freq[~kept[row]].sum() == 0, (top_p, row)
             assert torch.allclose(freq, want[row], atol=0.025), (top_p, row)
+
+
+# ------------------------------------------------- draws independent of batching
+
+FOUR = [[{"role": "user", "content": text}] for text in
+        ("Name a fruit.", "Was ist Regen?", "Cite une couleur, s'il te plaît.", "Why?")]
+
+
+def test_a_sample_is_the_same_whatever_the_batch_size(tiny_lm):
+    gen = TransformersGenerator(tiny_lm)
+    runs = {bs: gen.generate(FOUR, k=4, temperature=1.0, max_new_tokens=6, seed=0,
+                             batch_size=bs) for bs in (1, 7, 16, 64)}
+    assert runs[1] == runs[7] == runs[16] == runs[64]
+    assert len({s.text for samples in runs[1] for s in samples}) > 4  # real draws
+
+
+def test_a_sample_is_the_same_whatever_other_prompts_share_the_call(tiny_lm):
+    gen = TransformersGenerator(tiny_lm)
+    together = gen.generate(FOUR, k=3, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=5)
+    alone = [gen.generate([conv], k=3, temperature=1.0, top_p=0.9, max_new_tokens=6,
+                          seed=5)[0] for conv in reversed(FOUR)]
+    assert together == alone[::-1]
+
+
+def test_sample_i_draws_with_its_conversation_seed_plus_i(tiny_lm):
+    # vLLM's rule for a request of n samples: a k = 3 call's sample 1 is a k = 1 call's
+    # sample 0 whose conversation seed is one higher
+    from croco.generation.transformers import uniforms
+
+    assert (uniforms(np.array([7, 8]), 3)[1] == uniforms(np.array([8]), 3)[0])
+    draws = uniforms(np.arange(20_000), 0)
+    assert 0.0 <= draws.min() and draws.max() < 1.0
+    assert abs(draws.mean() - 0.5) < 0.01 and abs(draws.var() - 1 / 12) < 0.005
+    assert np.corrcoef(uniforms(np.arange(20_000), 1), draws)[0, 1] < 0.03
+
+
+def _generations(uri: str) -> list[dict]:
+    return storage.read_parquet(uri).sort("prompt_id", "sample_idx").drop("policy").to_dicts()
+
+
+def test_shard_groups_and_a_resume_with_another_batch_size_give_the_one_call_samples(
+        tiny_lm, prompt_file, tmp_path):
+    from croco.stages import shard_group
+
+    pcfg = PromptsConfig(path=str(prompt_file), limit=4)
+    policy = PolicyConfig(model=tiny_lm)
+
+    def gen(batch_size: int) -> GenerationConfig:
+        return GenerationConfig(k=3, max_new_tokens=5, batch_size=batch_size, shard_size=1)
+
+    def root(name: str) -> tuple[str, str]:
+        r = str(tmp_path / name)
+        return r, run_prompts(pcfg, "en", r)
+
+    whole_root, p = root("whole")
+    whole = _generations(run_generate(p, "en", policy, gen(64), pcfg, whole_root))
+    # three shard groups, each on a worker with another batch size
+    grouped_root, p = root("grouped")
+    for g, bs in zip(range(3), (1, 7, 64)):
+        out = run_generate(p, "en", policy, gen(bs), pcfg, grouped_root,
+                           shards=shard_group(4, g, 3))
+    assert storage.is_complete(out) and _generations(out) == whole
+    # killed after two shards at batch size 1, resumed at batch size 7
+    resumed_root, p = root("resumed")
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_after_two(i):
+        if i == 1:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        run_generate(p, "en", policy, gen(1), pcfg, resumed_root, on_shard=kill_after_two)
+    out = run_generate(p, "en", policy, gen(7), pcfg, resumed_root)
+    assert _generations(out) == whole
+    assert len({r["response"] for r in whole}) > 4

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import pytest
 
 from croco.generation import Completion
+from croco.generation import conversation_seed as request_seed
 from croco.generation.vllm import (
     engine_dtype,
     llm_kwargs,
     lora_rank,
     map_outputs,
-    request_seed,
     sampling_kwargs,
 )
 

@@ -106,23 +106,36 @@ def evaluate_structured(model_path: str, *, adapter: str | None, tasks: dict[str
             model, args = HFLM(pretrained=loaded[0], tokenizer=loaded[1],
                                batch_size=batch_size), None
         elif backend == "vllm":
+            from lm_eval.api.registry import get_model
+
             from croco.generation.vllm import lm_eval_model_args
 
-            model, args = "vllm", lm_eval_model_args(model_path, adapter=adapter, dtype=dtype)
+            # built here, not by name, so its engine is shut down when scoring ends
+            # (`finally` below) rather than whenever it is collected, or at exit
+            model, args = get_model("vllm").create_from_arg_string(
+                lm_eval_model_args(model_path, adapter=adapter, dtype=dtype),
+                {"batch_size": batch_size}), None
         else:
             model, args = backend, f"pretrained={model_path},dtype={dtype}"
             if adapter:
                 args += f",peft={adapter}"
             if backend == "hf":
                 args += f",device={device}"
-        results = lm_eval.simple_evaluate(
-            model=model, model_args=args, tasks=list(by_task), batch_size=batch_size,
-            limit=limit,
-            # lm-eval's own task index (thousands of YAML files) only when its tasks are named
-            task_manager=TaskManager(include_path=str(folder),
-                                     include_defaults=any(tasks.values())),
-            log_samples=False,
-        )
+        try:
+            results = lm_eval.simple_evaluate(
+                model=model, model_args=args, tasks=list(by_task), batch_size=batch_size,
+                limit=limit,
+                # lm-eval's own task index (thousands of YAML files) only when its tasks
+                # are named
+                task_manager=TaskManager(include_path=str(folder),
+                                         include_defaults=any(tasks.values())),
+                log_samples=False,
+            )
+        finally:
+            if backend == "vllm":
+                from croco.generation.vllm import shutdown
+
+                shutdown(model.model)
     rows = []
     for name, res in results["results"].items():
         if name not in by_task:

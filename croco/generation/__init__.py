@@ -8,18 +8,14 @@ list[list[Completion]]` (one list of k completions per conversation):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import polars as pl
 
+from croco.generation.contract import Completion, conversation_seed
 from croco.prompts import with_language_instruction
 
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    n_tokens: int
-    finish_reason: str  # "stop" or "length"
+__all__ = ["Completion", "conversation_seed", "GENERATION_SCHEMA", "generate_frame",
+           "make_generator", "conversations_for", "policy_label", "resolve_backend",
+           "vllm_options"]
 
 
 GENERATION_SCHEMA = {

@@ -6,26 +6,56 @@ decoding continues from there (the usual `num_return_sequences` would prefill k 
 Decoding is croco's own loop over the model's forward pass (`next_tokens` picks each
 token): transformers' `generate` samples with `torch.multinomial`, which on the CPU costs
 as much as a quarter of the step.
+
+Random draws are counter-based: the uniform number that picks token t of a sample is a
+hash of (the sample's seed, t) (`uniforms`), where the sample's seed is its
+conversation's seed plus its index (`croco.generation.conversation_seed`). No generator
+state is shared between sequences, so a sample is the same whatever the batch size, the
+shard or the other prompts of the call (exactly in float32; in bf16 the logits
+themselves move slightly with the padding of a batch, and a draw that falls within that
+rounding of a token boundary can change).
 """
 
 from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 
-from croco.generation import Completion
+from croco.generation.contract import Completion, conversation_seed
 from croco.models import load_model
 
 
-def next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (Steele, Lea and Flood 2014): a bijection of uint64 whose
+    outputs pass BigCrush for consecutive inputs."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seeds: np.ndarray, step: int) -> np.ndarray:
+    """One uniform number in [0, 1) per sequence for decoding step `step` (0-based), a pure
+    function of (the sequence's seed, step): the counter-based generator behind sampling."""
+    with np.errstate(over="ignore"):
+        x = _mix64(_mix64(seeds.astype(np.uint64) * _GOLDEN) + np.uint64(step + 1) * _GOLDEN)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0,
+                u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of `logits` (rows x vocabulary): the most likely one when
     `temperature` is 0, else a draw from softmax(logits / temperature), restricted to the
     smallest set of most likely tokens whose probability reaches `top_p` (nucleus
     sampling, as transformers' `TopPLogitsWarper`). The draw inverts the cumulative
     distribution with one uniform number per row; `torch.multinomial` draws an
     exponential number per row and token (on the CPU, a quarter of a decoding step of
-    SmolLM2-135M at 56 rows). Uses torch's global generator (`torch.manual_seed`)."""
+    SmolLM2-135M at 56 rows). `u`: the rows' uniform numbers in [0, 1) (`uniforms`);
+    None draws them from torch's global generator."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -35,7 +65,10 @@ def next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0)
         before = probs.cumsum(-1) - probs  # the mass of the more likely tokens
         probs = probs.masked_fill(before >= top_p, 0.0)  # the most likely always stays
     cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(cdf.shape[0], device=cdf.device)
+    # float32 rounds a u just below 1 up to 1, which would pick past the last token
+    u = u.to(device=cdf.device, dtype=cdf.dtype).clamp(max=1 - 2**-24).view(-1, 1) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
     # A token of probability 0 is never picked: searchsorted lands past equal cdf values.
     if order is not None:
@@ -82,7 +115,7 @@ class TransformersGenerator:
         return out.logits[:, -1, :].float()
 
     @torch.inference_mode()
-    def _sample_batch(self, conversations, *, k, temperature, top_p, max_new_tokens):
+    def _sample_batch(self, conversations, *, k, temperature, top_p, max_new_tokens, seed):
         from transformers import DynamicCache
 
         enc = self._encode(conversations)
@@ -100,9 +133,13 @@ class TransformersGenerator:
         position = positions[:, -1:]
         eos = torch.tensor(sorted(self.eos_ids), device=self.device)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        # sample j of conversation i is row i * k + j; its seed: the conversation's + j
+        seeds = np.repeat(np.array([conversation_seed(seed, c) for c in conversations],
+                                   dtype=np.int64), k) + np.tile(np.arange(k), len(conversations))
         steps = []
         for step in range(max_new_tokens):
-            token = next_tokens(logits, temperature=temperature, top_p=top_p)
+            u = (torch.from_numpy(uniforms(seeds, step)) if temperature > 0 else None)
+            token = next_tokens(logits, temperature=temperature, top_p=top_p, u=u)
             token = token.masked_fill(done, pad_id)  # a finished sequence only pads
             steps.append(token)
             done |= torch.isin(token, eos)
@@ -129,13 +166,13 @@ class TransformersGenerator:
     def generate(self, conversations: list[list[dict]], *, k: int, temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 64,
                  seed: int = 0) -> list[list[Completion]]:
-        """k completions per conversation. `batch_size` counts decoded sequences."""
-        torch.manual_seed(seed)
+        """k completions per conversation. `batch_size` counts decoded sequences; it
+        changes how fast, not what is drawn (see the module docstring)."""
         prompts_per_batch = max(1, batch_size // k)
         results: list[list[Completion]] = []
         for start in range(0, len(conversations), prompts_per_batch):
             results.extend(self._sample_batch(
                 conversations[start:start + prompts_per_batch], k=k, temperature=temperature,
-                top_p=top_p, max_new_tokens=max_new_tokens,
+                top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
             ))
         return results

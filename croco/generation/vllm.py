@@ -5,7 +5,8 @@ One `LLM.chat` call with `SamplingParams(n=k)` per conversation: vLLM shares the
 prefill across the k samples itself. Each conversation's request carries its own seed,
 derived from the stage's seed and the conversation's content (`request_seed`), so a
 prompt's samples do not depend on which other prompts share the call; vLLM gives sample i
-of a request the seed `seed + i`.
+of a request the seed `seed + i` (`croco.generation.conversation_seed`, which the
+transformers backend follows too).
 
 A tuned policy (`adapter`) is sampled from its merged weights by default
 (`adapter_mode="merge"`: the adapter is merged once into a folder under the croco cache,
@@ -34,8 +35,8 @@ engine paths are tested against the real CPU build (tests marked `vllm`).
 
 from __future__ import annotations
 
+import atexit
 import gc
-import hashlib
 import importlib.abc
 import importlib.metadata
 import json
@@ -45,7 +46,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from croco.generation import Completion
+from croco.generation.contract import Completion, conversation_seed
 
 INSTALL_HINT = ("the vllm backend needs vLLM: pip install 'croco[vllm]' on a CUDA host, or "
                 "bash infra/setup-vllm.sh for vLLM's CPU build (in .venv-vllm)")
@@ -187,13 +188,6 @@ def lora_rank(adapter: str) -> int:
                      "use adapter_mode merge")
 
 
-def request_seed(seed: int, conversation: list[dict]) -> int:
-    """A conversation's request seed: from the stage's seed and its content only."""
-    digest = hashlib.sha256(json.dumps([seed, conversation], sort_keys=True,
-                                       ensure_ascii=False).encode()).digest()
-    return int.from_bytes(digest[:4], "big") % (2**31 - 2**16)  # room for seed + i
-
-
 def sampling_kwargs(*, k: int, temperature: float, top_p: float, max_new_tokens: int,
                     seed: int) -> dict[str, Any]:
     """Keyword arguments for `vllm.SamplingParams` (temperature 0 means greedy)."""
@@ -276,13 +270,32 @@ _reaper = None
 
 
 def prepare_engine_start() -> bool:
-    """What every engine start needs first: the CPU build's variables (on a CPU) and the
-    reaper. Returns whether vLLM runs on the CPU."""
+    """What every engine start needs first: the CPU build's variables (on a CPU), the
+    reaper, and `release_all` at exit. Returns whether vLLM runs on the CPU."""
+    global _release_registered
     cpu = on_cpu()
     if cpu:
         prepare_cpu_environment()
     guard_engine_processes()
+    with _lock:
+        if not _release_registered:
+            atexit.register(release_all)
+            _release_registered = True
     return cpu
+
+
+_release_registered = False
+
+
+def release_all() -> None:
+    """Shut down every engine this process started: the generation engine and the scorers'
+    (`croco.reward.vllm`, if it was imported). `croco run` calls it when the run ends, and
+    it runs at exit (registered with the first engine), so engines stop while the
+    interpreter is whole rather than from finalizers during its teardown."""
+    release_engines()
+    scorers = sys.modules.get("croco.reward.vllm")
+    if scorers is not None:
+        scorers.release_scorers()
 
 
 def guard_engine_processes() -> None:
@@ -390,7 +403,7 @@ class VLLMGenerator:
         if adapter and adapter_mode == "merge":
             path = merged_model(model, adapter)
         elif adapter:
-            from croco.preflight import check_model
+            from croco.models import check_model
 
             check_model(adapter, field="adapter", kind="adapter")
             from vllm.lora.request import LoRARequest
@@ -410,6 +423,6 @@ class VLLMGenerator:
 
         params = [SamplingParams(**sampling_kwargs(
             k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            seed=request_seed(seed, conv))) for conv in conversations]
+            seed=conversation_seed(seed, conv))) for conv in conversations]
         outputs = self.llm.chat(conversations, params, lora_request=self.lora, use_tqdm=True)
         return map_outputs(outputs)
