@@ -183,6 +183,7 @@ def run_once(out: str, work: Callable[[], dict | None]) -> str:
     `_SUCCESS` records, which is written last with the seconds the work took."""
     if storage.is_complete(out):
         return out
+    storage.sweep_temporary(out)  # what a writer killed here earlier left
     t0 = time.perf_counter()
     info = work()
     if info is not None:
@@ -219,6 +220,7 @@ def _run_parts(stage: ShardedStage, data_root: str, progress: Progress | None,
     if wanted and (wanted.start < 0 or wanted.stop > n):
         raise ValueError(f"{out}: shards {wanted.start}..{wanted.stop - 1} asked for, but the "
                          f"output has shards 0..{n - 1}")
+    storage.sweep_temporary(out)
     existing = set(storage.list_dir(out))
     todo = [i for i in wanted if part_name(i) not in existing]
     done = len(wanted) - len(todo)

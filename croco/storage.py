@@ -12,6 +12,7 @@ never leaves something a rerun trusts.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -20,6 +21,8 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import fsspec
+
+from croco.errors import UserError
 
 if TYPE_CHECKING:  # polars and pyarrow load on first use: `croco --help` stays quick
     import polars as pl
@@ -125,21 +128,74 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.makedirs(os.path.dirname(path), exist_ok=True)
     # Object stores need no folders, and s3fs's makedirs creates a missing bucket: a
     # misspelt data_root would silently start a new bucket instead of failing.
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
         with fs.open(tmp, "wb") as f:
             f.write(data)
-    except FileNotFoundError as e:
-        # s3fs says no more than "The specified bucket does not exist".
-        raise FileNotFoundError(f"cannot write {uri}: {e}; check that the bucket exists "
-                                "(data_root)") from e
-    try:
         fs.mv(tmp, path)
-    except Exception:
-        try:
-            fs.rm(tmp)
-        finally:
-            raise
+    except BaseException as e:
+        _remove_quietly(fs, tmp)  # a failed write leaves nothing behind
+        if isinstance(e, OSError) and e.errno in _FULL:
+            raise StorageFullError(
+                f"cannot write {uri}: {os.strerror(e.errno).lower()} on the data root's "
+                "filesystem; free space there (or raise the quota), then rerun the same "
+                "command: finished work is kept") from e
+        if isinstance(e, FileNotFoundError):
+            # s3fs says no more than "The specified bucket does not exist".
+            raise FileNotFoundError(f"cannot write {uri}: {e}; check that the bucket exists "
+                                    "(data_root)") from e
+        raise
+
+
+#: Temporary files are named `<file>.tmp-<random>` beside the file they become.
+TMP_MARK = ".tmp-"
+#: A temporary file untouched this long belongs to a writer that died (kill -9, power
+#: loss): `sweep_temporary` removes it. A live writer's file is younger (written in one go).
+STALE_TMP_SECONDS = 3600.0
+#: A full disk or quota: no retry helps, the user must act.
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class StorageFullError(UserError):
+    """The data root's filesystem is full or over quota."""
+
+
+def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        if fs.exists(path):
+            fs.rm(path)
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass
+
+
+def sweep_temporary(uri: str, older_than: float = STALE_TMP_SECONDS) -> int:
+    """Remove temporary files (`TMP_MARK`) anywhere under `uri` older than `older_than`
+    seconds: what writers killed mid-write left. Returns how many were removed."""
+    import time
+
+    fs, path = filesystem(uri)
+    try:
+        entries = fs.find(path, detail=True).values()
+    except FileNotFoundError:
+        return 0
+    now, removed = time.time(), 0
+    for entry in entries:
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        if TMP_MARK not in name or entry.get("type") == "directory":
+            continue
+        modified = _modified(entry)
+        if modified is not None and now - modified > older_than:
+            _remove_quietly(fs, entry["name"])
+            removed += 1
+    return removed
+
+
+def _modified(entry: dict) -> float | None:
+    """An fsspec listing entry's modification time (seconds since the epoch)."""
+    value = entry.get("mtime", entry.get("LastModified", entry.get("created")))
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -171,7 +227,7 @@ def read_parquet(uri: str) -> pl.DataFrame:
     fs, path = filesystem(uri)
     if fs.isdir(path):
         files = sorted(
-            p for p in fs.find(path) if p.endswith(".parquet") and ".tmp-" not in p
+            p for p in fs.find(path) if p.endswith(".parquet") and TMP_MARK not in p
         )
         if not files:
             raise FileNotFoundError(f"no Parquet files under {uri}")
@@ -196,7 +252,7 @@ def parquet_files(uri: str) -> list[str]:
         found = fs.find(path)
     else:
         found = [path] if fs.exists(path) else []
-    files = sorted(p for p in found if p.endswith(".parquet") and ".tmp-" not in p)
+    files = sorted(p for p in found if p.endswith(".parquet") and TMP_MARK not in p)
     return files if protocol == "file" else [f"{protocol}://{p}" for p in files]
 
 

@@ -88,3 +88,61 @@ def test_adapter_identity_is_the_training_key_wherever_the_adapter_lives(tmp_pat
     assert first["path"] == str(mine)
     (mine / "adapter_config.json").write_text('{"r": 8}')
     assert path_identity(str(mine)) != first
+
+
+def _disk_fills_after(monkeypatch, n_bytes: int, code: int):
+    """Local writes fail with `code` (ENOSPC, EDQUOT) once `n_bytes` are on disk, as a full
+    filesystem fails them: part of the file is written first."""
+    import os
+
+    from fsspec.implementations.local import LocalFileOpener
+
+    real_write = LocalFileOpener.write
+
+    def write(self, data):
+        real_write(self, bytes(data)[:n_bytes])
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(LocalFileOpener, "write", write)
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_a_full_disk_fails_in_one_line_naming_the_file_and_leaves_nothing(
+        tmp_path, monkeypatch, code):
+    import errno
+
+    from croco.errors import UserError
+    from croco.tasks.stages import _is_transient
+
+    _disk_fills_after(monkeypatch, 100, getattr(errno, code))
+    uri = str(tmp_path / "pairs" / "k1" / "data.parquet")
+    with pytest.raises(storage.StorageFullError) as info:
+        storage.write_parquet(pl.DataFrame({"a": list(range(10_000))}), uri)
+    message = str(info.value)
+    assert message.startswith(f"cannot write {uri}: ")
+    assert "free space there (or raise the quota), then rerun" in message
+    assert isinstance(info.value, UserError)  # exit 2, never retried
+    assert not _is_transient(info.value)
+    assert not _is_transient(OSError(getattr(errno, code), "raw"))  # raised elsewhere
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_stage_sweeps_temporary_files_a_killed_writer_left(tmp_path, prompt_file):
+    import os
+    import time
+
+    from croco.stages import Prompts
+
+    root = str(tmp_path)
+    stage = Prompts(cfg=PromptsConfig(path=str(prompt_file)), lang="en")
+    out = tmp_path / stage.where()
+    out.mkdir(parents=True)
+    stale = out / "data.parquet.tmp-dead0001"
+    stale.write_bytes(b"half a file")
+    hour_ago = time.time() - storage.STALE_TMP_SECONDS - 60
+    os.utime(stale, (hour_ago, hour_ago))
+    live = out / "other.parquet.tmp-live0001"  # a writer still at work
+    live.write_bytes(b"being written")
+    run_prompts(PromptsConfig(path=str(prompt_file)), "en", root)
+    assert storage.is_complete(str(out))
+    assert not stale.exists() and live.exists()
