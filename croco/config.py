@@ -380,8 +380,10 @@ class OrchestrationConfig(_Strict):
         "a killed run frees its slots with it), 'global' (the Prefect server's 'gpu' limit, "
         "held through expiring leases), 'auto' (global inside a deployment's flow run, i.e. "
         "on a worker; local otherwise)")
-    retries: int = Field(2, ge=0)
-    retry_delay_seconds: int = Field(5, ge=0)
+    retries: int = Field(2, ge=0, description="retries of a task that failed on a transient "
+                         "error (I/O, network, object storage); bad input is never retried")
+    retry_delay_seconds: int = Field(5, ge=0, description="seconds before the first retry; "
+                                     "each further one waits twice as long")
     deployments: dict[Literal["generate", "score", "train", "evaluate"], str] = Field(
         default_factory=dict,
         description="stage -> deployment name, e.g. {generate: croco-generate/gpu}")

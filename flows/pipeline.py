@@ -27,7 +27,7 @@ from croco.manifest import RunOutputs
 from croco.preflight import STAGES
 from croco.stages import Prompts
 from croco.flows.stages import Stages, resolve
-from croco.tasks import manifest_task, report_task, stage_task
+from croco.tasks import manifest_task, report_task
 from croco.tasks.remote import prepare_run
 
 
@@ -88,7 +88,7 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
                         "see it (a shared filesystem); on a cluster use s3://...", root)
     out = RunOutputs[str]()
 
-    prompt_uris = resolve(stage_task, [
+    prompt_uris = resolve(run.stage_task, [
         dict(stage=Prompts(cfg=config.prompts, lang=lang), data_root=root) for lang in langs])
     out.prompts = dict(zip(langs, prompt_uris))
     if last >= STAGES.index("generate"):
@@ -105,11 +105,12 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
     if last >= STAGES.index("evaluate") and config.evaluation.enabled:
         finals = {name: v.final for name, v in out.variants.items() if v.final}
         out.evaluation = run.evaluate(prompt_uris, finals, run_id)
-    manifest_uri = manifest_task(root, run_id, config.model_dump(mode="json"), out,
-                                 wall_seconds=round(time.perf_counter() - t0, 2))
+    manifest_uri = run.runtime.retrying(manifest_task)(
+        root, run_id, config.model_dump(mode="json"), out,
+        wall_seconds=round(time.perf_counter() - t0, 2))
     log.info("manifest: %s", manifest_uri)
     result = {"run_id": run_id, "manifest": manifest_uri, "outputs": out}
     if out.evaluation is not None:
-        result["report"] = report_task(root, run_id)
+        result["report"] = run.runtime.retrying(report_task)(root, run_id)
         log.info("report: %s", result["report"])
     return result

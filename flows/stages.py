@@ -30,6 +30,7 @@ from croco import storage
 from croco.config import (
     CrocoConfig,
     GenerationConfig,
+    OrchestrationConfig,
     PairingConfig,
     PolicyConfig,
     PromptsConfig,
@@ -55,6 +56,7 @@ from croco.training.run import adapter_path
 from croco.training.spec import variant_spec
 from croco.tasks import heldout_task, stage_task
 from croco.tasks.remote import prepare_run, trigger_task
+from croco.tasks.stages import with_retries
 from croco.flows.engine import adjust_prefect
 
 adjust_prefect()  # flow runs end without waiting on their heartbeat thread
@@ -69,13 +71,20 @@ class Runtime(BaseModel):
     storage_block: str | None = None
     gpu_slots: int = 1
     gpu_limit: str = "auto"
+    retries: int = OrchestrationConfig().retries
+    retry_delay_seconds: float = OrchestrationConfig().retry_delay_seconds
 
     @classmethod
     def of(cls, config: CrocoConfig) -> "Runtime":
+        orch = config.orchestration
         return cls(data_root=storage.normalize_root(config.data_root),
-                   storage_block=config.storage_block,
-                   gpu_slots=config.orchestration.gpu_slots,
-                   gpu_limit=config.orchestration.gpu_limit)
+                   storage_block=config.storage_block, gpu_slots=orch.gpu_slots,
+                   gpu_limit=orch.gpu_limit, retries=orch.retries,
+                   retry_delay_seconds=orch.retry_delay_seconds)
+
+    def retrying(self, task):
+        """`task` with this run's retry settings (`orchestration.retries`, ...)."""
+        return with_retries(task, self.retries, self.retry_delay_seconds)
 
 
 def _complete(result: Any) -> bool:
@@ -133,6 +142,8 @@ class Stages:
         orch = config.orchestration
         self.deployments = {} if local else dict(orch.deployments)
         self.timeout = orch.deployment_timeout
+        self.stage_task = self.runtime.retrying(stage_task)
+        self.trigger_task = self.runtime.retrying(trigger_task)
 
     @property
     def root(self) -> str:
@@ -145,8 +156,8 @@ class Stages:
                          identity=stable_hash({"call": identity(call), "root": self.root}))
                     for call, label in zip(calls, labels)]
         if cached:
-            return resolve(trigger_task, triggers, complete)
-        uncached = trigger_task.with_options(cache_policy=NO_CACHE)
+            return resolve(self.trigger_task, triggers, complete)
+        uncached = self.trigger_task.with_options(cache_policy=NO_CACHE)
         return [f.result() for f in [uncached.submit(**t) for t in triggers]]
 
     def _per_language(self, stage: str, work: list[ShardedStage]) -> list[str]:
@@ -161,9 +172,9 @@ class Stages:
             if remote:
                 return self._remote(stage, [_call(s, root) for s in work],
                                     [s.label() for s in work])
-            return resolve(stage_task, [dict(stage=s, data_root=root) for s in work])
+            return resolve(self.stage_task, [dict(stage=s, data_root=root) for s in work])
         if any(s.planned for s in work):  # every group must number the parts alike
-            resolve(stage_task, [dict(stage=s, data_root=root, step="plan") for s in work],
+            resolve(self.stage_task, [dict(stage=s, data_root=root, step="plan") for s in work],
                     complete=storage.exists)
         if remote:
             self._remote(stage, [dict(_call(s, root), group=g, groups=n)
@@ -171,9 +182,9 @@ class Stages:
                          [f"{s.label()}-{g}" for s in work for g in range(n)],
                          complete=_parts_written)
         else:
-            resolve(stage_task, [dict(stage=s, data_root=root, group=g, groups=n)
+            resolve(self.stage_task, [dict(stage=s, data_root=root, group=g, groups=n)
                                  for s in work for g in range(n)], complete=_parts_written)
-        return resolve(stage_task, [dict(stage=s, data_root=root, step="seal") for s in work])
+        return resolve(self.stage_task, [dict(stage=s, data_root=root, step="seal") for s in work])
 
     def generate_and_score(self, prompt_uris: list[str],
                            policy: PolicyConfig | dict[str, PolicyConfig],
@@ -197,7 +208,7 @@ class Stages:
         return dict(zip(langs, gen_uris)), dict(zip(langs, score_uris))
 
     def pair(self, score_uris: dict, prompt_uris: dict, pairing: PairingConfig) -> str:
-        (uri,) = resolve(stage_task, [dict(stage=Pairs(
+        (uri,) = resolve(self.stage_task, [dict(stage=Pairs(
             score_uris=score_uris, prompts_uris=prompt_uris, pairing=pairing),
             data_root=self.root)])
         return uri
@@ -254,12 +265,14 @@ def _call(stage: Stage, data_root: str) -> dict:
         "data_root": data_root}
 
 
-def _one(stage: ShardedStage, data_root: str, group: int | None, groups: int) -> str | dict:
+def _one(stage: ShardedStage, runtime: Runtime, data_root: str, group: int | None,
+         groups: int) -> str | dict:
+    task = runtime.retrying(stage_task)
     if group is None:
-        (uri,) = resolve(stage_task, [dict(stage=stage, data_root=data_root)])
+        (uri,) = resolve(task, [dict(stage=stage, data_root=data_root)])
         return uri
-    (done,) = resolve(stage_task, [dict(stage=stage, data_root=data_root, group=group,
-                                        groups=groups)], complete=_parts_written)
+    (done,) = resolve(task, [dict(stage=stage, data_root=data_root, group=group,
+                                  groups=groups)], complete=_parts_written)
     return done
 
 
@@ -270,9 +283,9 @@ def croco_generate(prompts_uri: str, lang: str, policy: PolicyConfig, gen: Gener
     """Sample `gen.k` answers per prompt of one language (the generations table). With
     `group` (0-based, of `groups`): only that shard group's shards, returning `{"uri",
     "parts"}`; the pipeline seals the language's output once every group is done."""
-    _runtime(runtime, data_root)
+    runtime = _runtime(runtime, data_root)
     return _one(Generate(prompts_uri=prompts_uri, lang=lang, policy=policy, gen=gen,
-                         prompts_cfg=prompts_cfg), data_root, group, groups)
+                         prompts_cfg=prompts_cfg), runtime, data_root, group, groups)
 
 
 @flow(name="croco-score", flow_run_name=_stage_run_name("score"), **_persist)
@@ -281,9 +294,9 @@ def croco_score(generations_uri: str, prompts_uri: str, lang: str, reward: Rewar
                 group: int | None = None, groups: int = 1) -> str | dict:
     """Score one language's generations with the configured reward scorers; `group` as in
     `croco_generate` (the generation shards at those positions)."""
-    _runtime(runtime, data_root)
+    runtime = _runtime(runtime, data_root)
     return _one(Score(generations_uri=generations_uri, prompts_uri=prompts_uri, lang=lang,
-                      reward=reward), data_root, group, groups)
+                      reward=reward), runtime, data_root, group, groups)
 
 
 @flow(name="croco-train", flow_run_name="train-{variant.name}", **_persist)
@@ -330,7 +343,7 @@ def _train_variant(stages: Stages, variant: VariantConfig, prompt_uris: list,
                     prompt_uris, policies if variant.per_language else policies[None])
                 this.scores = scores
             this.pairs = stages.pair(scores, prompts_by_lang, pairing)
-        uris = resolve(stage_task, [dict(stage=Train(spec=variant_spec(
+        uris = resolve(stages.stage_task, [dict(stage=Train(spec=variant_spec(
             config, variant, policy=policies[lang], pairs_uri=this.pairs,
             prompts_uris=prompts_by_lang, lang=lang)), data_root=stages.root) for lang in langs])
         if variant.per_language:
@@ -360,10 +373,10 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
                    for name, uri in finals.items()})
     prompts_by_lang = dict(zip(langs, prompt_uris))
     names = list(models)
-    gens = resolve(stage_task, [dict(stage=GenerateLanguages(
+    gens = resolve(stages.stage_task, [dict(stage=GenerateLanguages(
         prompts_uris=prompts_by_lang, policy=models[name], gen=eval_gen,
         prompts_cfg=eval_prompts, name=name), data_root=root) for name in names])
-    scores = resolve(stage_task, [dict(stage=ScoreLanguages(
+    scores = resolve(stages.stage_task, [dict(stage=ScoreLanguages(
         generations_uris=g, prompts_uris=prompts_by_lang, reward=config.reward, name=name),
         data_root=root) for name, g in zip(names, gens)])
     out.generations = dict(zip(names, gens))
@@ -382,9 +395,9 @@ def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id:
                                    baseline_scores=out.scores["base"],
                                    prompts_uris=prompts_by_lang, judge=ev.judge, name=name)
                              for name in finals]
-    out.heldout = heldout_task(out.scores, root, run_id)
+    out.heldout = stages.runtime.retrying(heldout_task)(out.scores, root, run_id)
     done = dict(zip(work, resolve_together([
-        (stage_task, [dict(stage=s, data_root=root) for s in stages_])
+        (stages.stage_task, [dict(stage=s, data_root=root) for s in stages_])
         for stages_ in work.values()])))
     if "reward_check" in done:
         (out.reward_check,) = done["reward_check"]

@@ -16,10 +16,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS
 from prefect.context import TaskRunContext
-from prefect.tasks import exponential_backoff
 
 from croco import storage
-from croco.tasks.stages import retry_transient
+from croco.tasks.stages import DEFAULT_RETRIES
 
 
 class StageRunFailed(RuntimeError):
@@ -97,9 +96,7 @@ def run_stage_deployment(deployment: str, parameters: dict[str, Any], label: str
 
 
 @task(name="run-deployment", task_run_name="{label}",
-      cache_policy=INPUTS - "label" - "timeout" - "parameters",
-      retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_condition_fn=retry_transient)
+      cache_policy=INPUTS - "label" - "timeout" - "parameters", **DEFAULT_RETRIES)
 def trigger_task(deployment: str, parameters: dict[str, Any], label: str, identity: str,
                  timeout: float | None = None) -> Any:
     """A stage's flow run on a deployment; cached on the deployment and `identity` (the

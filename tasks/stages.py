@@ -14,6 +14,7 @@ I/O, network, object storage; bad input fails at once.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from prefect.utilities.hashing import hash_objects
 
 from croco import stage as contract
 from croco import stages, storage
+from croco.config import OrchestrationConfig
 from croco.errors import UserError
 from croco.identity import identity
 from croco.manifest import RunOutputs, write_manifest
@@ -60,6 +62,8 @@ _TRANSIENT = (OSError, ConnectionError, TimeoutError)
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (UserError, ValueError, TypeError, KeyError)):
         return False  # retrying cannot fix bad input
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return False  # a full disk or quota waits for the user, not for a retry
     if isinstance(exc, _TRANSIENT):
         return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
     name = type(exc).__module__
@@ -86,12 +90,26 @@ def retry_transient(task, task_run, state) -> bool:
     return True
 
 
-_common = dict(
-    cache_policy=STAGE_CACHE,
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=retry_transient,
-)
+def retry_options(retries: int, retry_delay_seconds: float) -> dict:
+    """Task options for `orchestration.retries` retries of a transient error, after
+    `retry_delay_seconds` x 1, 2, 4, ... seconds (`retry_transient` decides what is
+    transient)."""
+    return {"retries": retries,
+            "retry_delay_seconds": exponential_backoff(backoff_factor=retry_delay_seconds),
+            "retry_condition_fn": retry_transient}
+
+
+def with_retries(task, retries: int, retry_delay_seconds: float):
+    """`task` with a run's retry settings (`retry_options`)."""
+    return task.with_options(**retry_options(retries, retry_delay_seconds))
+
+
+_DEFAULT = OrchestrationConfig()
+#: The tasks' own retry settings: the config's defaults; a flow run applies its config's
+#: (`with_retries`).
+DEFAULT_RETRIES = retry_options(_DEFAULT.retries, _DEFAULT.retry_delay_seconds)
+
+_common = dict(cache_policy=STAGE_CACHE, **DEFAULT_RETRIES)
 
 
 # --------------------------------------------------------------------------- GPU slots
@@ -308,8 +326,7 @@ def stage_task(stage: Stage, data_root: str, step: str = "run", group: int | Non
     return result
 
 
-@task(name="manifest", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_condition_fn=retry_transient)
+@task(name="manifest", **DEFAULT_RETRIES)
 def manifest_task(data_root: str, run_id: str, config: dict, outputs: RunOutputs[str],
                   wall_seconds: float | None = None) -> str:
     return write_manifest(data_root, run_id, config, outputs, wall_seconds=wall_seconds)
@@ -329,8 +346,7 @@ def heldout_task(score_uris: dict[str, dict[str, str]], data_root: str, run_id: 
     return table
 
 
-@task(name="report", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_condition_fn=retry_transient)
+@task(name="report", **DEFAULT_RETRIES)
 def report_task(data_root: str, run_id: str) -> str:
     """Render the run report and publish it as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact

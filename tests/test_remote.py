@@ -125,7 +125,8 @@ def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_pat
     assert p["prompts_uri"] == "p-da" and p["lang"] == "da"
     assert p["policy"]["model"] == cfg.policy.model  # a plain dict: JSON for the API
     assert p["runtime"] == {"data_root": str(tmp_path), "storage_block": "aws-credentials/team",
-                            "gpu_slots": 4, "gpu_limit": "auto"}
+                            "gpu_slots": 4, "gpu_limit": "auto", "retries": 2,
+                            "retry_delay_seconds": 5}
     # Inside a stage's own flow run everything runs locally: no deployment is named.
     assert flow_stages.Stages(cfg, local=True).deployments == {}
 
