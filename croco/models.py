@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from croco.cache import cache_dir
 from croco.config import EMBEDDED_MODELS
 from croco.errors import ModelNotFoundError
+from croco.internals import require, version
 
 if TYPE_CHECKING:
     import torch
@@ -133,10 +134,14 @@ def resolve_model(name: str, *, field: str = "model") -> str:
 
         log.info("converting %s from GGUF to safetensors in %s (once)", name, target)
         started = time.perf_counter()
-        with _gguf_parsed_once():
+        with _gguf_parsed_once() as readers:
             tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
             model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file,
                                                          dtype=torch.float32)
+        if not readers:  # transformers no longer looks gguf's reader up at call time
+            log.warning("the GGUF file was parsed without croco's parse-once shortcut "
+                        "(transformers %s); the conversion is slower, not different",
+                        version("transformers"))
         # The dequantized weights are plain float32: drop the GGUF marker so they save.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -157,12 +162,16 @@ def _gguf_parsed_once():
     """transformers reads a GGUF file's metadata (with its whole vocabulary, field by field)
     anew for the tokenizer's config, the tokenizer, the model's config and the weights, and
     builds gguf's tensor-name map once per submodule: most of a conversion's time. Within
-    this block each file is parsed once and each name map built once."""
+    this block each file is parsed once and each name map built once; yields the readers
+    made, so the caller can tell whether transformers went through them."""
     import functools
 
     import gguf
 
-    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    reader_cls = getattr(gguf, "GGUFReader", None)
+    name_map = getattr(gguf, "get_tensor_name_map", None)
+    require(callable(reader_cls) and callable(name_map), "gguf",
+            "gguf.GGUFReader and gguf.get_tensor_name_map")
     readers: dict = {}
 
     def reader(path, *args, **kwargs):
@@ -173,7 +182,7 @@ def _gguf_parsed_once():
 
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(None)(name_map)
     try:
-        yield
+        yield readers
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 

@@ -20,15 +20,19 @@ from __future__ import annotations
 import sys
 from contextlib import asynccontextmanager
 
+from croco.internals import has_parameters, require
+
 
 def immediate_sqlite_transactions() -> None:
     """Begin every SQLite transaction of Prefect's API IMMEDIATE (see above)."""
     from prefect.server.database import configurations
 
     config = configurations.AioSqliteConfiguration
-    begin = config.begin_transaction
+    begin = getattr(config, "begin_transaction", None)
     if getattr(begin, "croco_original", None) is not None:
         return
+    require(has_parameters(begin, "session", "with_for_update"), "prefect",
+            "AioSqliteConfiguration.begin_transaction(session, with_for_update)")
 
     @asynccontextmanager
     async def begin_transaction(self, session, with_for_update: bool = False):
@@ -39,7 +43,25 @@ def immediate_sqlite_transactions() -> None:
     config.begin_transaction = begin_transaction
 
 
+def check_ephemeral_server() -> None:
+    """What `croco.flows.local.TemporaryAPI` relies on to start Prefect's server as
+    Prefect's own ephemeral mode does: `create_app` reads the private variables
+    PREFECT__SERVER_EPHEMERAL and PREFECT__SERVER_FINAL, and block registration is
+    memoized (`_memoize_block_auto_registration`) on the inputs `BlockRegistration`
+    hashes."""
+    import inspect
+
+    from prefect.server.api import server
+
+    source = inspect.getsource(server.create_app)
+    require("PREFECT__SERVER_EPHEMERAL" in source and "PREFECT__SERVER_FINAL" in source,
+            "prefect", "create_app reads PREFECT__SERVER_EPHEMERAL and PREFECT__SERVER_FINAL")
+    require(callable(getattr(server, "_memoize_block_auto_registration", None)), "prefect",
+            "prefect.server.api.server._memoize_block_auto_registration")
+
+
 def main(argv: list[str]) -> None:
+    check_ephemeral_server()
     immediate_sqlite_transactions()
     from uvicorn.main import main as uvicorn
 

@@ -10,13 +10,14 @@
   it so (`join_on_exit=False`). The heartbeats sent while the run lives are unchanged.
 
 Each adjustment checks that Prefect still has the function and argument it adjusts, and
-leaves Prefect as it is otherwise.
+stops with `croco.internals.InternalChanged` (naming Prefect's version) if not.
 """
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
+
+from croco.internals import has_parameters, require
 
 
 def _unjoined_heartbeats(original):
@@ -30,16 +31,13 @@ def _unjoined_heartbeats(original):
     return send_heartbeats
 
 
-def adjust_prefect() -> bool:
-    """Apply the adjustments above (once); True if the heartbeat one is in place."""
+def adjust_prefect() -> None:
+    """Apply the adjustments above (once)."""
     from prefect import flow_engine
 
     current = getattr(flow_engine, "_send_heartbeats", None)
-    if current is None:
-        return False
     if hasattr(current, "croco_original"):
-        return True
-    if "join_on_exit" not in inspect.signature(current).parameters:
-        return False
+        return
+    require(has_parameters(current, "engine", "join_on_exit"), "prefect",
+            "prefect.flow_engine._send_heartbeats(engine, join_on_exit)")
     flow_engine._send_heartbeats = _unjoined_heartbeats(current)
-    return True

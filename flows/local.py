@@ -259,29 +259,31 @@ def _terminate_children() -> None:
             pass
 
 
-def _cancel_flow_run(api_url: str, flow_run_name: str | None, reason: str) -> None:
-    """Mark the run's flow run cancelled in the API, so the UI does not show it running
-    (best effort: two requests of at most 2 s each)."""
+def _cancel_flow_run(api_url: str, flow_run_name: str | None, reason: str,
+                     timeout: float = 2.0) -> None:
+    """Mark the run's flow run cancelled in the API (Prefect's client, a forced state), so
+    the UI does not show it running. Best effort, at most `timeout` seconds: the process
+    is stopping."""
     if not (api_url and flow_run_name):
         return
-    import json
 
-    def post(path: str, body: dict) -> Any:
-        req = urllib.request.Request(f"{api_url}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"},
-                                     method="POST")
-        with urllib.request.urlopen(req, timeout=2) as r:
-            return json.loads(r.read() or b"null")
+    def cancel() -> None:
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+        from prefect.states import Cancelled
 
-    try:
-        runs = post("/flow_runs/filter", {"flow_runs": {"name": {"any_": [flow_run_name]}},
-                                          "limit": 5})
-        for run in runs:
-            post(f"/flow_runs/{run['id']}/set_state",
-                 {"state": {"type": "CANCELLED", "name": "Cancelled", "message": reason},
-                  "force": True})
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+        try:
+            with SyncPrefectClient(api_url, httpx_settings={"timeout": timeout}) as client:
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    name=FlowRunFilterName(any_=[flow_run_name])), limit=5)
+                for run in runs:
+                    client.set_flow_run_state(run.id, Cancelled(message=reason), force=True)
+        except Exception:  # noqa: BLE001 - the API may already be gone
+            pass
+
+    worker = threading.Thread(target=cancel, name="croco-cancel", daemon=True)
+    worker.start()
+    worker.join(timeout)
 
 
 def run_until_stopped(fn: Callable[[], Any], *, on_stop: Callable[[str], None],

@@ -130,3 +130,26 @@ def test_a_flow_run_ends_without_waiting_for_its_heartbeat_thread():
     assert engine.beats >= 1
     beat_thread.join(timeout=3)  # told to stop: it ends at its next step, beating no more
     assert not beat_thread.is_alive()
+
+
+def test_a_stopped_run_marks_its_flow_run_cancelled_within_the_bound(prefect_harness):
+    import uuid
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    @flow
+    def stopped():
+        pass
+
+    name = f"croco-stopped-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(stopped, name=name)
+        local._cancel_flow_run(PREFECT_API_URL.value(), name, "stopped by SIGINT")
+        state = client.read_flow_run(run.id).state
+    assert state.type.value == "CANCELLED" and state.message == "stopped by SIGINT"
+    # an API that is already gone costs at most the bound
+    t0 = time.monotonic()
+    local._cancel_flow_run("http://127.0.0.1:9/api", name, "stopped by SIGTERM", timeout=1.0)
+    assert time.monotonic() - t0 < 3.0

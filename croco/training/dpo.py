@@ -103,6 +103,16 @@ def _trainer_class():
     import torch
     from trl import DPOTrainer
 
+    from croco.internals import has_parameters, require
+
+    # overridden below: with another signature the override would silently never run
+    require(has_parameters(getattr(DPOTrainer, "_precompute_ref_logps", None),
+                           "dataset", "name", "batch_size"),
+            "trl", "DPOTrainer._precompute_ref_logps(dataset, name, batch_size)")
+    require(has_parameters(getattr(DPOTrainer, "compute_ref_log_probs", None),
+                           "model", "inputs"),
+            "trl", "DPOTrainer.compute_ref_log_probs(model, inputs)")
+
     class CrocoDPOTrainer(DPOTrainer):
         """DPOTrainer that reuses reference log-probs already present in the dataset and
         counts the reference forward passes it does run."""
