@@ -259,6 +259,27 @@ def load_tokenizer(name: str, *, padding_side: str = "left"):
     return tok
 
 
+def local_adapter(ref: str | None) -> str | None:
+    """A local path to the adapter `ref`: itself when it is local; an adapter in remote
+    storage (a croco training run's `<training>/<key>/adapter` on s3://...) is downloaded
+    once into the croco cache (`adapters/<key>`) and read from there."""
+    if not ref or "://" not in ref or ref.startswith("file://"):
+        return ref.removeprefix("file://") if ref else ref
+    from croco import storage
+
+    fs, path = storage.filesystem(ref)
+    local = cache_dir() / "adapters" / storage.key_of(ref.rstrip("/").rsplit("/", 1)[0])
+    if not (local / "adapter_config.json").exists():
+        tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+        fs.get(path, str(tmp), recursive=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, local)
+        except OSError:  # another process put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(local)
+
+
 def _load(kind: str, name: str, adapter: str | None, device: torch.device,
           dtype: torch.dtype | str):
     import transformers
@@ -269,6 +290,7 @@ def _load(kind: str, name: str, adapter: str | None, device: torch.device,
         "classifier": transformers.AutoModelForSequenceClassification,
     }[kind]
     model = cls.from_pretrained(path, dtype=dtype)
+    adapter = local_adapter(adapter)
     if adapter:
         check_model(adapter, field="adapter", kind="adapter")
         from peft import PeftModel

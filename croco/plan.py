@@ -1,11 +1,12 @@
 """The stages of a run, declared once, and their identities computed from a config alone.
 
 `STAGES` declares every stage of the pipeline: the folder its outputs live in, the stages
-it reads, and the config fields it depends on. `run_identities(cfg)` computes the key of
-every output a run of `cfg` would produce, by the same key functions the stages use
-(`croco.stages`), wiring them the way the flows do (`flows/pipeline.py`,
-`flows/stages.py`) — without running anything, so it answers "what would this change
-rerun?" in milliseconds. A stage reruns exactly when one of its identities is new:
+it reads, and the config fields it depends on. `build_plan(cfg)` is the one wiring of a
+run: every stage call as data (`Plan`), each call's inputs the outputs of the calls before
+it, so every key is known before anything runs. The flows execute that plan
+(`flows/pipeline.py`, `flows/stages.py`); `run_identities(cfg)` reads the key of every
+output off it, without running anything, so it answers "what would this change rerun?"
+in milliseconds. A stage reruns exactly when one of its identities is new:
 `reruns(before, after)`.
 
 The cache truth table (`truth_table`, written to docs/what-a-change-reruns.md by
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
@@ -26,6 +27,7 @@ from pydantic import BaseModel
 from croco import storage
 from croco.config import CrocoConfig, PolicyConfig, VariantConfig
 from croco.identity import field_marks
+from croco.manifest import EvaluationOutputs, RoundOutputs, VariantOutputs
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ STAGES: tuple[StageDecl, ...] = (
         "the reward's ranking accuracy on a preference set", "RewardCheck"),
 )
 BY_NAME = {s.name: s for s in STAGES}
+BY_SPEC = {s.spec: s for s in STAGES}
 
 
 def downstream(names: set[str]) -> set[str]:
@@ -109,120 +112,284 @@ def _general(field: str) -> str:
     return ".".join(p for p in field.split(".") if not p.isdigit())
 
 
+# ------------------------------------------------------------------------------ the plan
+
+#: The steps of a run in order: the one vocabulary of `croco run --until`, the pipeline
+#: and the pre-run checks.
+RUN_STAGES = ("prompts", "generate", "score", "pair", "train", "evaluate")
+
+
+def last_stage(cfg: CrocoConfig, stages: list[str] | None = None) -> str:
+    """The last step a run of `cfg` reaches: the latest of `stages` (None: all of them),
+    and no further than `pair` while training is off."""
+    from croco.errors import UserError
+
+    unknown = sorted(set(stages or []) - set(RUN_STAGES))
+    if unknown:
+        raise UserError(f"--until: unknown stage {', '.join(unknown)}; choose from "
+                        f"{', '.join(RUN_STAGES)}")
+    last = max(RUN_STAGES.index(s) for s in (stages or RUN_STAGES))
+    if not cfg.training.enabled:
+        last = min(last, RUN_STAGES.index("pair"))
+    return RUN_STAGES[last]
+
+
+def reaches(last: str, step: str) -> bool:
+    """Whether a run whose last step is `last` runs `step`."""
+    return RUN_STAGES.index(last) >= RUN_STAGES.index(step)
+
+
+@dataclass
+class RoundPlan:
+    """One training round of a variant: round r > 1 of DPO/SFT samples (`generate`,
+    `score`, lang -> call) from adapter r-1; `pairs` is what it trains on (none for online
+    DPO); `train`: one call, or lang -> call for per-language models (key None: one)."""
+
+    generate: dict[str, Any] = field(default_factory=dict)
+    score: dict[str, Any] = field(default_factory=dict)
+    pairs: Any = None
+    train: dict[str | None, Any] = field(default_factory=dict)
+
+    def stages(self) -> list:
+        return [*self.generate.values(), *self.score.values(),
+                *([self.pairs] if self.pairs else []), *self.train.values()]
+
+
+@dataclass
+class VariantPlan:
+    """One variant of the experiment grid: the off-policy model's samples and scores
+    (`generate`, `score`, lang -> call) when it has `generation_policy`, then its rounds."""
+
+    variant: VariantConfig
+    generate: dict[str, Any] = field(default_factory=dict)
+    score: dict[str, Any] = field(default_factory=dict)
+    rounds: list[RoundPlan] = field(default_factory=list)
+
+    def stages(self) -> list:
+        return [*self.generate.values(), *self.score.values(),
+                *(s for r in self.rounds for s in r.stages())]
+
+    @property
+    def final(self):
+        """The training call the evaluation uses: the last round's (none for per-language
+        models, which are not evaluated against the base)."""
+        if self.variant.per_language or not self.rounds:
+            return None
+        return self.rounds[-1].train[None]
+
+    def outputs(self, root: str) -> VariantOutputs[str]:
+        """What the variant's calls write under `root`, as the run's record holds it."""
+        out = VariantOutputs[str](scores=_results(self.score, root))
+        for r in self.rounds:
+            trained = _results(r.train, root)
+            out.rounds.append(RoundOutputs[str](
+                scores=_results(r.score, root), pairs=r.pairs.result(root) if r.pairs else None,
+                training=None if self.variant.per_language else trained[None],
+                training_by_lang={} if not self.variant.per_language else trained))
+        return out
+
+
+@dataclass
+class EvaluationPlan:
+    """Held-out answers (`generate`) and their scores (`score`) of each model (model name
+    -> call: `base` and each variant's final model), the reward check, the structured
+    tasks of each model and the pairwise judge of each variant against the base."""
+
+    generate: dict[str, Any] = field(default_factory=dict)
+    score: dict[str, Any] = field(default_factory=dict)
+    reward_check: Any = None
+    structured: dict[str, Any] = field(default_factory=dict)
+    judgments: dict[str, Any] = field(default_factory=dict)
+
+    def stages(self) -> list:
+        return [*self.generate.values(), *self.score.values(),
+                *([self.reward_check] if self.reward_check else []),
+                *self.structured.values(), *self.judgments.values()]
+
+    def outputs(self, root: str) -> EvaluationOutputs[str]:
+        """What the evaluation's calls write under `root` (the run's own held-out summary,
+        `heldout`, is the pipeline's to add)."""
+        return EvaluationOutputs[str](
+            generations=_results(self.generate, root), scores=_results(self.score, root),
+            reward_check=self.reward_check.result(root) if self.reward_check else None,
+            structured=_results(self.structured, root),
+            judgments=_results(self.judgments, root))
+
+
+def _results(calls: dict, root: str) -> dict:
+    return {name: stage.result(root) for name, stage in calls.items()}
+
+
+@dataclass
+class Plan:
+    """Every stage call of one run, as data: each a stage spec (`croco.stages`) whose
+    inputs are the outputs of the calls before it, so each call's key, and so its output,
+    is known before anything runs. The flows execute it (flows/pipeline.py); the
+    identities, the truth table and `croco config plan` read it. `root`: the data root;
+    `last`: the last step the run reaches (`RUN_STAGES`)."""
+
+    root: str
+    last: str
+    prompts: dict[str, Any] = field(default_factory=dict)
+    generate: dict[str, Any] = field(default_factory=dict)
+    score: dict[str, Any] = field(default_factory=dict)
+    pairs: Any = None
+    variants: dict[str, VariantPlan] = field(default_factory=dict)
+    evaluation: EvaluationPlan | None = None
+
+    def stages(self) -> list:
+        """Every call, in an order that runs each after the calls it reads."""
+        return [*self.prompts.values(), *self.generate.values(), *self.score.values(),
+                *([self.pairs] if self.pairs else []),
+                *(s for v in self.variants.values() for s in v.stages()),
+                *(self.evaluation.stages() if self.evaluation else [])]
+
+    def uri(self, stage) -> Any:
+        """A call's result: its output URI (lang -> URI for one that writes one per
+        language)."""
+        return stage.result(self.root)
+
+
+def adapter_of(training_uri: str) -> str:
+    """The adapter a training run writes (`<training output>/adapter`), as the policy of
+    the calls that sample from it or continue it."""
+    return storage.join(training_uri, "adapter")
+
+
+def build_plan(cfg: CrocoConfig, stages: list[str] | None = None,
+               root: str | None = None) -> Plan:
+    """The plan of a run of `cfg` up to the last of `stages` (`last_stage`), its outputs
+    under `root` (default: the config's data root). Reads no stage output; reads the
+    prompt and model files a key fingerprints."""
+    from croco import stages as st
+
+    root = storage.normalize_root(root or cfg.data_root)
+    plan = Plan(root=root, last=last_stage(cfg, stages))
+    langs = cfg.languages
+    plan.prompts = {lang: st.Prompts(cfg=cfg.prompts, lang=lang) for lang in langs}
+    prompts = {lang: plan.uri(s) for lang, s in plan.prompts.items()}
+
+    def generate_and_score(policies: dict[str, PolicyConfig], score: bool = True):
+        gens = {lang: st.Generate(prompts_uri=prompts[lang], lang=lang, policy=policies[lang],
+                                  gen=cfg.generation, prompts_cfg=cfg.prompts)
+                for lang in langs}
+        scores = {lang: st.Score(generations_uri=plan.uri(g), prompts_uri=prompts[lang],
+                                 lang=lang, reward=cfg.reward)
+                  for lang, g in gens.items()} if score else {}
+        return gens, scores
+
+    if not reaches(plan.last, "generate"):
+        return plan
+    plan.generate, plan.score = generate_and_score(
+        {lang: cfg.policy for lang in langs}, score=reaches(plan.last, "score"))
+    if not reaches(plan.last, "pair"):
+        return plan
+    scores = {lang: plan.uri(s) for lang, s in plan.score.items()}
+    plan.pairs = st.Pairs(score_uris=scores, prompts_uris=prompts, pairing=cfg.pairing)
+    if reaches(plan.last, "train"):
+        for variant in cfg.experiments:
+            plan.variants[variant.name] = _variant_plan(cfg, variant, scores, prompts,
+                                                        generate_and_score, plan)
+    if reaches(plan.last, "evaluate") and cfg.evaluation.enabled:
+        plan.evaluation = _evaluation_plan(cfg, prompts, plan)
+    return plan
+
+
+def _variant_plan(cfg: CrocoConfig, variant: VariantConfig, scores: dict[str, str],
+                  prompts: dict[str, str], generate_and_score, plan: Plan) -> VariantPlan:
+    """A variant's calls, round by round: round r starts from adapter r-1. DPO and SFT train
+    on pairs from the round's scores (round r > 1 samples, scores and pairs anew from
+    adapter r-1); online DPO samples its own pairs while it trains, so it reads the
+    training prompts in every round and nothing is generated, scored or paired for it.
+    Per-language models go through the rounds side by side: language L's round r samples
+    from (and continues) L's adapter r-1."""
+    from croco import stages as st
+    from croco.training.spec import variant_spec
+
+    out = VariantPlan(variant=variant)
+    pairing = cfg.variant_pairing(variant)
+    online = variant.method == "online_dpo"
+    models = cfg.languages if variant.per_language else [None]
+    if variant.generation_policy:
+        gen_policy = PolicyConfig(model=variant.generation_policy, device=cfg.policy.device)
+        out.generate, out.score = generate_and_score({lang: gen_policy
+                                                      for lang in cfg.languages})
+        scores = {lang: plan.uri(s) for lang, s in out.score.items()}
+    policies = {model: cfg.policy for model in models}  # each model's starting point
+    for rnd in range(1, variant.rounds + 1):
+        this = RoundPlan()
+        if rnd > 1:
+            policies = {model: cfg.policy.model_copy(update={
+                "adapter": adapter_of(plan.uri(train))})
+                for model, train in out.rounds[-1].train.items()}
+        if not online:
+            if rnd > 1:  # round r samples from the policy with adapter r-1: new on-policy data
+                this.generate, this.score = generate_and_score(
+                    {lang: policies[lang if variant.per_language else None]
+                     for lang in cfg.languages})
+                scores = {lang: plan.uri(s) for lang, s in this.score.items()}
+            this.pairs = st.Pairs(score_uris=scores, prompts_uris=prompts, pairing=pairing)
+        pairs_uri = plan.uri(this.pairs) if this.pairs else None
+        this.train = {model: st.Train(spec=variant_spec(
+            cfg, variant, policy=policies[model], pairs_uri=pairs_uri, prompts_uris=prompts,
+            lang=model)) for model in models}
+        out.rounds.append(this)
+    return out
+
+
+def _evaluation_plan(cfg: CrocoConfig, prompts: dict[str, str], plan: Plan) -> EvaluationPlan:
+    """The evaluation of the base and each variant's final model."""
+    from croco import stages as st
+
+    ev = cfg.evaluation
+    out = EvaluationPlan()
+    eval_prompts = cfg.prompts.model_copy(update={"split": ev.split, "limit": ev.limit})
+    # Held-out sets are small: every language of a model is sampled in one batched pass.
+    eval_gen = cfg.generation.model_copy(update={
+        "k": ev.k, "temperature": ev.temperature, "shard_size": 256,
+        "max_new_tokens": ev.max_new_tokens or cfg.generation.max_new_tokens})
+    finals = {name: v.final for name, v in plan.variants.items() if v.final is not None}
+    models = {"base": cfg.policy}
+    models.update({name: cfg.policy.model_copy(update={"adapter": adapter_of(plan.uri(t))})
+                   for name, t in finals.items()})
+    for name, policy in models.items():
+        out.generate[name] = st.GenerateLanguages(
+            prompts_uris=prompts, policy=policy, gen=eval_gen, prompts_cfg=eval_prompts,
+            name=name)
+        out.score[name] = st.ScoreLanguages(
+            generations_uris=plan.uri(out.generate[name]), prompts_uris=prompts,
+            reward=cfg.reward, name=name)
+    if ev.reward_check:
+        out.reward_check = st.RewardCheck(path=ev.reward_check, reward=cfg.reward,
+                                          langs=cfg.languages)
+    sc = ev.structured
+    if sc.enabled and (sc.local_mc or sc.tasks or sc.backend == "euroeval"):
+        out.structured = {name: st.Structured(policy=policy, structured=sc,
+                                              langs=cfg.languages, name=name)
+                          for name, policy in models.items()}
+    if ev.judge.enabled and finals:
+        out.judgments = {name: st.Judge(candidate_scores=plan.uri(out.score[name]),
+                                        baseline_scores=plan.uri(out.score["base"]),
+                                        prompts_uris=prompts, judge=ev.judge, name=name)
+                         for name in finals}
+    return out
+
+
 # ------------------------------------------------------------------------- identities
 
 
 def run_identities(cfg: CrocoConfig) -> dict[str, set[str]]:
-    """Stage name -> the outputs a full run of `cfg` produces: `key/lang` for each language
-    of a per-language output, `key` otherwise (a stage the config turns off has none)."""
-    from croco import stages as st
-
-    root = "/plan"
+    """Stage name (`STAGES`) -> the outputs a full run of `cfg` produces: `key/lang` for
+    each language of a per-language output, `key` otherwise (a stage the config turns off
+    has none). Read off `build_plan`."""
     ids: dict[str, set[str]] = {s.name: set() for s in STAGES}
-
-    def uri(folder: str, key: str, lang: str | None = None) -> str:
-        return storage.join(root, folder, key, *([f"lang={lang}"] if lang else []))
-
-    langs = cfg.languages
-    pkey = st.Prompts(cfg=cfg.prompts, lang="-").key()
-    prompts = {lang: uri("prompts", pkey, lang) for lang in langs}
-    ids["prompts"] = {f"{pkey}/{lang}" for lang in langs}
-
-    def generate_and_score(policy) -> dict[str, str]:
-        """`policy`: one for every language, or lang -> policy (as the flow takes it)."""
-        scores = {}
-        for lang in langs:
-            p = policy[lang] if isinstance(policy, dict) else policy
-            g = st.Generate(prompts_uri=prompts[lang], lang=lang, policy=p, gen=cfg.generation,
-                            prompts_cfg=cfg.prompts).key()
-            ids["generations"].add(f"{g}/{lang}")
-            s = st.Score(generations_uri=uri("generations", g, lang), prompts_uri=prompts[lang],
-                         lang=lang, reward=cfg.reward).key()
-            ids["scores"].add(f"{s}/{lang}")
-            scores[lang] = uri("scores", s, lang)
-        return scores
-
-    scores = generate_and_score(cfg.policy)
-    ids["pairs"].add(st.Pairs(score_uris=scores, prompts_uris=prompts,
-                              pairing=cfg.pairing).key())
-    finals: dict[str, str] = {}
-    if cfg.training.enabled:
-        for variant in cfg.experiments:
-            final = _variant(cfg, variant, scores, prompts, generate_and_score, ids, uri)
-            if final:
-                finals[variant.name] = final
-    if cfg.evaluation.enabled:
-        _evaluation(cfg, prompts, finals, ids, uri)
+    for stage in build_plan(cfg, root="/plan").stages():
+        key = stage.key()
+        langs = (stage.languages() if hasattr(stage, "languages")
+                 else [stage.lang] if getattr(stage, "lang", None) else [])
+        ids[BY_SPEC[type(stage).__name__].name].update(
+            [f"{key}/{lang}" for lang in langs] if langs else [key])
     return ids
-
-
-def _variant(cfg, variant: VariantConfig, scores, prompts, generate_and_score, ids, uri):
-    """The identities `croco.flows.stages._train_variant` produces for one variant."""
-    from croco import stages as st
-    from croco.training.spec import variant_spec
-
-    pairing = cfg.variant_pairing(variant)
-    online = variant.method == "online_dpo"
-    langs = cfg.languages if variant.per_language else [None]
-    if variant.generation_policy:
-        scores = generate_and_score(PolicyConfig(model=variant.generation_policy,
-                                                 device=cfg.policy.device))
-    policies = {lang: cfg.policy for lang in langs}
-    runs: dict = {}
-    for rnd in range(1, variant.rounds + 1):
-        if rnd > 1:
-            policies = {lang: cfg.policy.model_copy(update={
-                "adapter": storage.join(u, "adapter")}) for lang, u in runs.items()}
-        pairs = None
-        if not online:
-            if rnd > 1:
-                scores = generate_and_score(policies if variant.per_language
-                                            else policies[None])
-            pairs = uri("pairs", st.Pairs(score_uris=scores, prompts_uris=prompts,
-                                          pairing=pairing).key())
-            ids["pairs"].add(storage.key_of(pairs))
-        runs = {lang: uri("training", variant_spec(
-            cfg, variant, policy=policies[lang], pairs_uri=pairs, prompts_uris=prompts,
-            lang=lang).key()) for lang in langs}
-        ids["training"].update(storage.key_of(u) for u in runs.values())
-    return None if variant.per_language else runs[None]
-
-
-def _evaluation(cfg: CrocoConfig, prompts, finals, ids, uri) -> None:
-    """The identities `croco.flows.stages.croco_evaluate` produces."""
-    from croco import stages as st
-
-    ev = cfg.evaluation
-    eval_prompts = cfg.prompts.model_copy(update={"split": ev.split, "limit": ev.limit})
-    eval_gen = cfg.generation.model_copy(update={
-        "k": ev.k, "temperature": ev.temperature, "shard_size": 256,
-        "max_new_tokens": ev.max_new_tokens or cfg.generation.max_new_tokens})
-    models = {"base": cfg.policy}
-    models.update({name: cfg.policy.model_copy(update={"adapter": storage.join(u, "adapter")})
-                   for name, u in finals.items()})
-    eval_scores = {}
-    for name, policy in models.items():
-        g = st.GenerateLanguages(prompts_uris=prompts, policy=policy, gen=eval_gen,
-                                 prompts_cfg=eval_prompts).key()
-        ids["heldout-generations"].update(f"{g}/{lang}" for lang in prompts)
-        gens = {lang: uri("generations", g, lang) for lang in sorted(prompts)}
-        s = st.ScoreLanguages(generations_uris=gens, prompts_uris=prompts,
-                              reward=cfg.reward).key()
-        ids["heldout-scores"].update(f"{s}/{lang}" for lang in prompts)
-        eval_scores[name] = {lang: uri("scores", s, lang) for lang in sorted(prompts)}
-    if ev.reward_check:
-        ids["reward-check"].add(st.RewardCheck(path=ev.reward_check, reward=cfg.reward,
-                                               langs=cfg.languages).key())
-    sc = ev.structured
-    if sc.enabled and (sc.local_mc or sc.tasks or sc.backend == "euroeval"):
-        ids["structured"].update(st.Structured(policy=p, structured=sc,
-                                               langs=cfg.languages).key()
-                                 for p in models.values())
-    if ev.judge.enabled and finals:
-        ids["judgments"].update(st.Judge(candidate_scores=eval_scores[name],
-                                         baseline_scores=eval_scores["base"],
-                                         prompts_uris=prompts, judge=ev.judge).key()
-                                for name in finals)
 
 
 def output_uris(cfg: CrocoConfig) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ settings, its inputs' keys, files by content: `croco.identity`). `croco.stage.ru
 data_root)` returns a complete output at once and otherwise writes it, `_SUCCESS` last;
 generate and score write numbered parts and resume part by part, from the sample and
 score stores (`croco.samples`), possibly as several shard groups at once (the grouping
-enters no key: each stored shard's seed comes from its name).
+enters no key: a sample's draws depend on the seed, its prompt and its index only).
 
 Layout (hive-partitioned by `lang=`):
     prompts/<key>/lang=xx/data.parquet
@@ -534,9 +534,11 @@ class Structured(Stage):
 
     def work(self, out: str, progress: Progress | None) -> dict:
         from croco.evaluation.structured import evaluate_euroeval, evaluate_structured
-        from croco.models import dtype_name, load_model, pick_device, pick_dtype, resolve_model
+        from croco.models import (dtype_name, load_model, local_adapter, pick_device,
+                                  pick_dtype, resolve_model)
 
         policy, st, langs = self.policy, self.structured, self.langs
+        policy = policy.model_copy(update={"adapter": local_adapter(policy.adapter)})
         device = pick_device(policy.device)
         dtype = dtype_name(pick_dtype(policy.dtype, device))
         if st.backend == "euroeval":

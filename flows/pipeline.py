@@ -24,10 +24,9 @@ from prefect.artifacts import create_table_artifact
 from croco import storage
 from croco.config import CrocoConfig, apply_overrides, config_from_dict, load_config
 from croco.manifest import RunOutputs
-from croco.preflight import STAGES
-from croco.stages import Prompts
-from croco.flows.stages import Stages, resolve
-from croco.tasks import manifest_task, report_task
+from croco.plan import build_plan
+from croco.flows.stages import Stages
+from croco.tasks import heldout_task, manifest_task, report_task
 from croco.tasks.remote import prepare_run
 
 
@@ -64,22 +63,15 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
     elif overrides:
         config = config_from_dict(apply_overrides(config.model_dump(mode="json"), overrides),
                                   source="config parameter")
-    wanted = list(stages or STAGES)
-    unknown = set(wanted) - set(STAGES)
-    if unknown:
-        raise ValueError(f"stages: unknown {sorted(unknown)}; choose from {list(STAGES)}")
-    last = max(STAGES.index(s) for s in wanted)
-    if not config.training.enabled:
-        last = min(last, STAGES.index("pair"))
     if not run_id:  # a scheduled or UI run: the id its flow run is named after
         from prefect.runtime import flow_run
 
         run_id = flow_run.name.removeprefix("croco-")
     run = Stages(config)
     root = run.root
-    langs = config.languages
     prepare_run(config.storage_block, config.orchestration.gpu_slots,
                 config.orchestration.gpu_limit)
+    plan = build_plan(config, stages)  # every stage call of the run, wired once
     if run.deployments:
         log.info("stages on deployments: %s", ", ".join(
             f"{stage} -> {name}" for stage, name in run.deployments.items()))
@@ -87,24 +79,20 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
             log.warning("data_root %s is a local path: every worker running a stage must "
                         "see it (a shared filesystem); on a cluster use s3://...", root)
     out = RunOutputs[str]()
-
-    prompt_uris = resolve(run.stage_task, [
-        dict(stage=Prompts(cfg=config.prompts, lang=lang), data_root=root) for lang in langs])
-    out.prompts = dict(zip(langs, prompt_uris))
-    if last >= STAGES.index("generate"):
-        out.generations, out.scores = run.generate_and_score(
-            prompt_uris, config.policy, score=last >= STAGES.index("score"))
-    if last >= STAGES.index("pair"):
-        out.pairs = run.pair(out.scores, out.prompts, config.pairing)
+    out.prompts = run.each(plan.prompts)
+    if plan.generate:
+        out.generations, out.scores = run.generate_and_score(plan.generate, plan.score)
+    if plan.pairs:
+        (out.pairs,) = run.each({"": plan.pairs}).values()
         stats = storage.read_parquet(storage.join(out.pairs, "stats.parquet"))
         create_table_artifact(stats.to_dicts(), key="pair-stats",
                               description=f"per-language pair statistics, run {run_id}")
-    if last >= STAGES.index("train"):
-        for variant in config.experiments:
-            out.variants[variant.name] = run.train(variant, prompt_uris, out.scores)
-    if last >= STAGES.index("evaluate") and config.evaluation.enabled:
-        finals = {name: v.final for name, v in out.variants.items() if v.final}
-        out.evaluation = run.evaluate(prompt_uris, finals, run_id)
+    for name, variant in plan.variants.items():
+        out.variants[name] = run.train(variant)
+    if plan.evaluation:
+        out.evaluation = run.evaluate(plan.evaluation, run_id)
+        out.evaluation.heldout = run.runtime.retrying(heldout_task)(
+            out.evaluation.scores, root, run_id)
     manifest_uri = run.runtime.retrying(manifest_task)(
         root, run_id, config.model_dump(mode="json"), out,
         wall_seconds=round(time.perf_counter() - t0, 2))

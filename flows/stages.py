@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from croco import storage
@@ -31,30 +30,17 @@ from croco.config import (
     CrocoConfig,
     GenerationConfig,
     OrchestrationConfig,
-    PairingConfig,
     PolicyConfig,
     PromptsConfig,
     RewardConfig,
     VariantConfig,
     stable_hash,
 )
-from croco.identity import identity
-from croco.manifest import EvaluationOutputs, RoundOutputs, VariantOutputs
+from croco.manifest import EvaluationOutputs, VariantOutputs
+from croco.plan import EvaluationPlan, VariantPlan, build_plan
 from croco.stage import ShardedStage, Stage
-from croco.stages import (
-    Generate,
-    GenerateLanguages,
-    Judge,
-    Pairs,
-    RewardCheck,
-    Score,
-    ScoreLanguages,
-    Structured,
-    Train,
-)
-from croco.training.run import adapter_path
-from croco.training.spec import variant_spec
-from croco.tasks import heldout_task, stage_task
+from croco.stages import Generate, Score
+from croco.tasks import stage_task
 from croco.tasks.remote import prepare_run, trigger_task
 from croco.tasks.stages import with_retries
 from croco.flows.engine import adjust_prefect
@@ -133,8 +119,16 @@ def _jsonable(params: dict) -> dict:
             for k, v in params.items()}
 
 
+def _complete_calls(stages: list[Stage], root: str) -> bool:
+    """Every call's output is complete (`_SUCCESS`), so no flow run is needed for them."""
+    return all(s.complete(root) for s in stages)
+
+
 class Stages:
-    """Runs stages for one pipeline run: locally, or on the configured deployments."""
+    """Executes the calls of a plan (`croco.plan.build_plan`) for one pipeline run: as
+    cached tasks in this process, or, for the stages named in
+    `orchestration.deployments`, as flow runs of those deployments. A call whose output is
+    complete starts no flow run at all; its result is read off the plan."""
 
     def __init__(self, config: CrocoConfig, *, local: bool = False):
         self.config = config
@@ -149,91 +143,83 @@ class Stages:
     def root(self) -> str:
         return self.runtime.data_root
 
+    def calls(self, stages, **extra) -> list[dict]:
+        return [dict(stage=s, data_root=self.root, **extra) for s in stages]
+
+    def each(self, calls: dict[Any, Stage]) -> dict:
+        """Run independent calls as tasks in this process; name -> result."""
+        return dict(zip(calls, resolve(self.stage_task, self.calls(calls.values()))))
+
     def _remote(self, stage: str, calls: list[dict], labels: list[str],
-                cached: bool = True, complete=_complete) -> list:
+                identities: list[str], complete=_complete) -> list:
+        """Flow runs of the `stage` deployment, one per call, cached on each call's
+        `identity` (the keys of the stage calls it runs, and the data root)."""
         triggers = [dict(deployment=self.deployments[stage], label=label, timeout=self.timeout,
                          parameters=_jsonable(dict(call, runtime=self.runtime)),
-                         identity=stable_hash({"call": identity(call), "root": self.root}))
-                    for call, label in zip(calls, labels)]
-        if cached:
-            return resolve(self.trigger_task, triggers, complete)
-        uncached = self.trigger_task.with_options(cache_policy=NO_CACHE)
-        return [f.result() for f in [uncached.submit(**t) for t in triggers]]
+                         identity=stable_hash({"calls": ident, "root": self.root}))
+                    for call, label, ident in zip(calls, labels, identities)]
+        return resolve(self.trigger_task, triggers, complete)
 
     def _per_language(self, stage: str, work: list[ShardedStage]) -> list[str]:
         """One sharded stage (generate or score) for every language: one task or flow run
         per language, or, with `shards_per_language` n > 1, a plan per language (if the
         stage has one), n shard groups per language, then a seal per language. Returns one
-        output URI per stage."""
+        output URI per stage. On a deployment, a language whose output is complete starts
+        no flow run."""
         root = self.root
         n = self.config.orchestration.shards_per_language
         remote = stage in self.deployments
+        if remote:
+            todo = [s for s in work if not s.complete(root)]
         if n == 1:
             if remote:
-                return self._remote(stage, [_call(s, root) for s in work],
-                                    [s.label() for s in work])
-            return resolve(self.stage_task, [dict(stage=s, data_root=root) for s in work])
+                self._remote(stage, [_call(s, root) for s in todo], [s.label() for s in todo],
+                             [s.key() for s in todo])
+                return [s.result(root) for s in work]
+            return resolve(self.stage_task, self.calls(work))
         if any(s.planned for s in work):  # every group must number the parts alike
-            resolve(self.stage_task, [dict(stage=s, data_root=root, step="plan") for s in work],
-                    complete=storage.exists)
+            resolve(self.stage_task, self.calls(work, step="plan"), complete=storage.exists)
         if remote:
             self._remote(stage, [dict(_call(s, root), group=g, groups=n)
-                                 for s in work for g in range(n)],
-                         [f"{s.label()}-{g}" for s in work for g in range(n)],
+                                 for s in todo for g in range(n)],
+                         [f"{s.label()}-{g}" for s in todo for g in range(n)],
+                         [f"{s.key()}-{g}-{n}" for s in todo for g in range(n)],
                          complete=_parts_written)
         else:
-            resolve(self.stage_task, [dict(stage=s, data_root=root, group=g, groups=n)
-                                 for s in work for g in range(n)], complete=_parts_written)
-        return resolve(self.stage_task, [dict(stage=s, data_root=root, step="seal") for s in work])
+            resolve(self.stage_task, [dict(c, group=g, groups=n)
+                                      for c in self.calls(work) for g in range(n)],
+                    complete=_parts_written)
+        return resolve(self.stage_task, self.calls(work, step="seal"))
 
-    def generate_and_score(self, prompt_uris: list[str],
-                           policy: PolicyConfig | dict[str, PolicyConfig],
-                           gen: GenerationConfig | None = None,
-                           prompts_cfg: PromptsConfig | None = None,
-                           score: bool = True) -> tuple[dict, dict]:
-        """Sample and score every language; `policy` is one model for all of them, or
-        lang -> model (the rounds of per-language models)."""
-        config = self.config
-        langs = config.languages
-        policies = policy if isinstance(policy, dict) else {lang: policy for lang in langs}
-        gen_uris = self._per_language("generate", [
-            Generate(prompts_uri=p, lang=lang, policy=policies[lang],
-                     gen=gen or config.generation, prompts_cfg=prompts_cfg or config.prompts)
-            for lang, p in zip(langs, prompt_uris)])
+    def generate_and_score(self, generate: dict[str, ShardedStage],
+                           score: dict[str, ShardedStage]) -> tuple[dict, dict]:
+        """Sample (lang -> `Generate` call), then score (lang -> `Score` call; none:
+        sampling only) every language; lang -> URI each."""
+        gens = dict(zip(generate, self._per_language("generate", list(generate.values()))))
         if not score:
-            return dict(zip(langs, gen_uris)), {}
-        score_uris = self._per_language("score", [
-            Score(generations_uri=g, prompts_uri=p, lang=lang, reward=config.reward)
-            for lang, g, p in zip(langs, gen_uris, prompt_uris)])
-        return dict(zip(langs, gen_uris)), dict(zip(langs, score_uris))
+            return gens, {}
+        return gens, dict(zip(score, self._per_language("score", list(score.values()))))
 
-    def pair(self, score_uris: dict, prompt_uris: dict, pairing: PairingConfig) -> str:
-        (uri,) = resolve(self.stage_task, [dict(stage=Pairs(
-            score_uris=score_uris, prompts_uris=prompt_uris, pairing=pairing),
-            data_root=self.root)])
-        return uri
+    def train(self, variant: VariantPlan) -> VariantOutputs[str]:
+        """One variant: a `croco-train` subflow, or a flow run of the train deployment
+        unless every call of the variant is complete."""
+        name = variant.variant.name
+        if "train" not in self.deployments:
+            croco_train(config=self.config, variant=variant.variant, runtime=self.runtime)
+        elif not _complete_calls(variant.stages(), self.root):
+            self._remote("train", [dict(config=self.config, variant=variant.variant)],
+                         [f"train-{name}"], [[s.key() for s in variant.stages()]])
+        return variant.outputs(self.root)
 
-    def train(self, variant: VariantConfig, prompt_uris: list,
-              scores: dict) -> VariantOutputs[str]:
-        """One variant: a `croco-train` subflow, or a flow run of the train deployment."""
-        if "train" in self.deployments:
-            (out,) = self._remote("train", [dict(config=self.config, variant=variant,
-                                                 prompt_uris=prompt_uris, scores=scores)],
-                                  [f"train-{variant.name}"])
-        else:
-            out = croco_train(config=self.config, variant=variant, prompt_uris=prompt_uris,
-                              scores=scores, runtime=self.runtime)
-        return VariantOutputs[str].model_validate(out)
-
-    def evaluate(self, prompt_uris: list, finals: dict, run_id: str) -> EvaluationOutputs[str]:
-        if "evaluate" in self.deployments:
-            (out,) = self._remote("evaluate", [dict(config=self.config, prompt_uris=prompt_uris,
-                                                    finals=finals, run_id=run_id)],
-                                  [f"evaluate-{run_id}"], cached=False)
-        else:
-            out = croco_evaluate(config=self.config, prompt_uris=prompt_uris, finals=finals,
-                                 run_id=run_id, runtime=self.runtime)
-        return EvaluationOutputs[str].model_validate(out)
+    def evaluate(self, evaluation: EvaluationPlan, run_id: str) -> EvaluationOutputs[str]:
+        """The evaluation: a `croco-evaluate` subflow, or a flow run of the evaluate
+        deployment unless every call of it is complete."""
+        if "evaluate" not in self.deployments:
+            croco_evaluate(config=self.config, run_id=run_id, runtime=self.runtime)
+        elif not _complete_calls(evaluation.stages(), self.root):
+            self._remote("evaluate", [dict(config=self.config, run_id=run_id)],
+                         [f"evaluate-{run_id}"], [[s.key() for s in evaluation.stages()]])
+        return evaluation.outputs(self.root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,109 +286,37 @@ def croco_score(generations_uri: str, prompts_uri: str, lang: str, reward: Rewar
 
 
 @flow(name="croco-train", flow_run_name="train-{variant.name}", **_persist)
-def croco_train(config: CrocoConfig, variant: VariantConfig, prompt_uris: list, scores: dict,
+def croco_train(config: CrocoConfig, variant: VariantConfig,
                 runtime: Runtime | None = None) -> dict:
-    """One variant of the experiment grid: its pairs (re-paired, off-policy or per round) and
-    its training run(s). Returns its `VariantOutputs` (URIs) as JSON."""
+    """One variant of the experiment grid (`croco.plan.VariantPlan`): its off-policy
+    samples, then round by round its samples, pairs and training run(s). Returns its
+    `VariantOutputs` (URIs) as JSON."""
     _runtime(runtime, config.data_root)
     stages = Stages(config, local=True)
-    return _train_variant(stages, variant, prompt_uris, scores).model_dump(mode="json")
-
-
-def _train_variant(stages: Stages, variant: VariantConfig, prompt_uris: list,
-                   scores: dict) -> VariantOutputs[str]:
-    """The variant's training runs, round by round: round r starts from adapter r-1. DPO and
-    SFT train on pairs from the round's scores (round r > 1 samples, scores and pairs anew
-    from adapter r-1); online DPO samples its own pairs while it trains, so it reads the
-    training prompts in every round and nothing is generated, scored or paired for it.
-    Per-language models go through the rounds side by side: language L's round r samples
-    from (and continues) L's adapter r-1."""
-    config = stages.config
-    pairing = config.variant_pairing(variant)
-    prompts_by_lang = dict(zip(config.languages, prompt_uris))
-    online = variant.method == "online_dpo"
-    langs = config.languages if variant.per_language else [None]
-    out = VariantOutputs[str]()
-    if variant.generation_policy:
-        gen_policy = PolicyConfig(model=variant.generation_policy, device=config.policy.device)
-        _, scores = stages.generate_and_score(prompt_uris, gen_policy)
-        out.scores = scores
-    policies = {lang: config.policy for lang in langs}  # each model's starting point
-    for rnd in range(1, variant.rounds + 1):
-        if rnd > 1:
-            last = out.rounds[-1]
-            runs = last.training_by_lang if variant.per_language else {None: last.training}
-            policies = {lang: config.policy.model_copy(update={"adapter": adapter_path(u)})
-                        for lang, u in runs.items()}
-        this = RoundOutputs[str]()
-        out.rounds.append(this)
-        if not online:
-            if rnd > 1:
-                # Round r samples from the policy with adapter r-1: new on-policy data.
-                _, scores = stages.generate_and_score(
-                    prompt_uris, policies if variant.per_language else policies[None])
-                this.scores = scores
-            this.pairs = stages.pair(scores, prompts_by_lang, pairing)
-        uris = resolve(stages.stage_task, [dict(stage=Train(spec=variant_spec(
-            config, variant, policy=policies[lang], pairs_uri=this.pairs,
-            prompts_uris=prompts_by_lang, lang=lang)), data_root=stages.root) for lang in langs])
-        if variant.per_language:
-            this.training_by_lang = dict(zip(langs, uris))
-        else:
-            (this.training,) = uris
-    return out
+    plan = build_plan(config).variants[variant.name]
+    if plan.generate:
+        stages.generate_and_score(plan.generate, plan.score)
+    for rnd in plan.rounds:  # round r samples from (and continues) adapter r-1
+        if rnd.generate:
+            stages.generate_and_score(rnd.generate, rnd.score)
+        if rnd.pairs:
+            stages.each({"": rnd.pairs})
+        stages.each(rnd.train)
+    return plan.outputs(stages.root).model_dump(mode="json")
 
 
 @flow(name="croco-evaluate", flow_run_name="evaluate-{run_id}", **_persist)
-def croco_evaluate(config: CrocoConfig, prompt_uris: list, finals: dict, run_id: str,
-                   runtime: Runtime | None = None) -> dict:
-    """Held-out answers of the base and each variant (generated and scored), their summary,
-    the reward check, structured tasks and the pairwise judge. Returns its
-    `EvaluationOutputs` (URIs) as JSON."""
+def croco_evaluate(config: CrocoConfig, run_id: str, runtime: Runtime | None = None) -> dict:
+    """Held-out answers of the base and each variant (generated and scored), the reward
+    check, structured tasks and the pairwise judge (`croco.plan.EvaluationPlan`). Returns
+    its `EvaluationOutputs` (URIs) as JSON."""
     _runtime(runtime, config.data_root)
     stages = Stages(config, local=True)
-    root, langs, ev = stages.root, config.languages, config.evaluation
-    out = EvaluationOutputs[str]()
-    eval_prompts = config.prompts.model_copy(update={"split": ev.split, "limit": ev.limit})
-    # Held-out sets are small: every language of a model is sampled in one batched pass.
-    eval_gen = config.generation.model_copy(update={
-        "k": ev.k, "temperature": ev.temperature, "shard_size": 256,
-        "max_new_tokens": ev.max_new_tokens or config.generation.max_new_tokens})
-    models = {"base": config.policy}
-    models.update({name: config.policy.model_copy(update={"adapter": adapter_path(uri)})
-                   for name, uri in finals.items()})
-    prompts_by_lang = dict(zip(langs, prompt_uris))
-    names = list(models)
-    gens = resolve(stages.stage_task, [dict(stage=GenerateLanguages(
-        prompts_uris=prompts_by_lang, policy=models[name], gen=eval_gen,
-        prompts_cfg=eval_prompts, name=name), data_root=root) for name in names])
-    scores = resolve(stages.stage_task, [dict(stage=ScoreLanguages(
-        generations_uris=g, prompts_uris=prompts_by_lang, reward=config.reward, name=name),
-        data_root=root) for name, g in zip(names, gens)])
-    out.generations = dict(zip(names, gens))
-    out.scores = dict(zip(names, scores))
+    plan = build_plan(config).evaluation
+    stages.each(plan.generate)
+    stages.each(plan.score)
     # The checks below depend on the held-out scores only, not on each other.
-    work: dict[str, list[Stage]] = {}
-    if ev.reward_check:
-        work["reward_check"] = [RewardCheck(path=ev.reward_check, reward=config.reward,
-                                            langs=langs)]
-    st = ev.structured
-    if st.enabled and (st.local_mc or st.tasks or st.backend == "euroeval"):
-        work["structured"] = [Structured(policy=policy, structured=st, langs=langs, name=name)
-                              for name, policy in models.items()]
-    if ev.judge.enabled and finals:
-        work["judgments"] = [Judge(candidate_scores=out.scores[name],
-                                   baseline_scores=out.scores["base"],
-                                   prompts_uris=prompts_by_lang, judge=ev.judge, name=name)
-                             for name in finals]
-    out.heldout = stages.runtime.retrying(heldout_task)(out.scores, root, run_id)
-    done = dict(zip(work, resolve_together([
-        (stages.stage_task, [dict(stage=s, data_root=root) for s in stages_])
-        for stages_ in work.values()])))
-    if "reward_check" in done:
-        (out.reward_check,) = done["reward_check"]
-    if "structured" in done:
-        out.structured = dict(zip(models, done["structured"]))
-    if "judgments" in done:
-        out.judgments = dict(zip(finals, done["judgments"]))
-    return out.model_dump(mode="json")
+    checks = [[plan.reward_check] if plan.reward_check else [],
+              list(plan.structured.values()), list(plan.judgments.values())]
+    resolve_together([(stages.stage_task, stages.calls(c)) for c in checks if c])
+    return plan.outputs(stages.root).model_dump(mode="json")

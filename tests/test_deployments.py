@@ -262,6 +262,38 @@ def test_scale_out_run_from_the_cli_fans_out_on_the_gpu_pool(stack, tiny_yaml):
     assert pipeline_id
 
 
+def _child_runs(stack: Stack) -> dict[str, int]:
+    names = _flow_names(stack)
+    counts: dict[str, int] = {}
+    for r in _flow_runs(stack):
+        counts[names[r["flow_id"]]] = counts.get(names[r["flow_id"]], 0) + 1
+    return {f: counts.get(f, 0) for f in ("croco-generate", "croco-score", "croco-train",
+                                          "croco-evaluate")}
+
+
+def test_a_rerun_starts_flow_runs_only_for_outputs_it_lacks(stack, tiny_yaml):
+    """Once a run is complete, an unchanged rerun on the deployments starts no GPU flow run
+    at all, and a change that reaches only the evaluation starts the evaluate run only (no
+    train run for an unchanged variant)."""
+    path, _ = tiny_yaml
+
+    def rerun(run_id: str, *overrides: str) -> None:
+        res = stack.cli(PY, "-m", "croco.flows.cli", "run", "--deployment",
+                        "croco-pipeline/scale-out", *[f"--set={o}" for o in overrides],
+                        str(path), "--run-id", run_id, timeout=900, check=False)
+        assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-2000:]}\n" \
+                                    f"{stack.tail()}"
+
+    rerun("complete")  # whatever earlier tests left, every output is there now
+    before = _child_runs(stack)
+    rerun("unchanged")
+    assert _child_runs(stack) == before
+    rerun("evaluation-only", "evaluation.max_new_tokens=3")
+    after = _child_runs(stack)
+    assert {f: after[f] - before[f] for f in after} == {
+        "croco-generate": 0, "croco-score": 0, "croco-train": 0, "croco-evaluate": 1}
+
+
 def test_a_failed_stage_run_fails_the_pipeline_and_says_which(stack, tiny_yaml, tmp_path):
     path, cfg = tiny_yaml
     params = {"config_file": str(path), "stages": ["prompts", "generate"],

@@ -88,6 +88,21 @@ def test_deployments_config_names_stages_and_rejects_unknown_ones():
         config_from_dict({"orchestration": {"deployments": {"pair": "x/y"}}})
 
 
+def _sample_calls(cfg, prompt_uris: list[str]) -> dict:
+    """lang -> the run's generate call of that language on the given prompts output."""
+    from croco.stages import Generate
+
+    return {lang: Generate(prompts_uri=p, lang=lang, policy=cfg.policy, gen=cfg.generation,
+                           prompts_cfg=cfg.prompts)
+            for lang, p in zip(cfg.languages, prompt_uris)}
+
+
+def _complete_once_sent(sent: list):
+    """`storage.is_complete` for the fakes: nothing is complete before a flow run is sent
+    (so each one is sent), everything is after (so its result is taken)."""
+    return lambda uri: bool(sent)
+
+
 def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_path):
     """The parameters each generate child gets: its language's inputs, JSON-ready, with the
     runtime (data root, storage block, GPU slots)."""
@@ -111,15 +126,15 @@ def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_pat
             return self
 
     monkeypatch.setattr(flow_stages, "trigger_task", FakeTrigger())
-    monkeypatch.setattr(flow_stages.storage, "is_complete", lambda uri: True)
+    monkeypatch.setattr(flow_stages.storage, "is_complete", _complete_once_sent(sent))
     cfg = config_from_dict({"data_root": str(tmp_path), "languages": ["en", "da"],
                             "storage_block": "aws-credentials/team",
                             "orchestration": {"gpu_slots": 4, "deployments": {
                                 "generate": "croco-generate/gpu"}}})
     run = flow_stages.Stages(cfg)
-    gens, scores = run.generate_and_score(["p-en", "p-da"], cfg.policy, score=False)
-    assert gens == {"en": f"{tmp_path}/generations/k/lang=en",
-                    "da": f"{tmp_path}/generations/k/lang=da"}
+    calls = _sample_calls(cfg, ["p-en", "p-da"])
+    gens, scores = run.generate_and_score(calls, {})
+    assert gens == {lang: call.output(str(tmp_path)) for lang, call in calls.items()}
     assert [s["label"] for s in sent] == ["generate-en", "generate-da"]
     p = sent[1]["parameters"]
     assert p["prompts_uri"] == "p-da" and p["lang"] == "da"
@@ -139,7 +154,7 @@ def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_pat
             section, field = key.split(".")
             data[section][field] = value
         c = config_from_dict(data)
-        flow_stages.Stages(c).generate_and_score(["p-en", "p-da"], c.policy, score=False)
+        flow_stages.Stages(c).generate_and_score(_sample_calls(c, ["p-en", "p-da"]), {})
         return [s["identity"] for s in sent]
 
     first = identities()
@@ -149,7 +164,7 @@ def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_pat
     assert identities(**{"generation.seed": 5}) != first
     sent.clear()
     other = config_from_dict(dict(cfg.model_dump(mode="json"), data_root=str(tmp_path / "b")))
-    flow_stages.Stages(other).generate_and_score(["p-en", "p-da"], other.policy, score=False)
+    flow_stages.Stages(other).generate_and_score(_sample_calls(other, ["p-en", "p-da"]), {})
     assert [s["identity"] for s in sent] != first
 
 
@@ -187,13 +202,13 @@ def test_shard_groups_send_one_call_per_language_and_group_then_seal_here(monkey
     monkeypatch.setattr(flow_stages, "stage_task", FakeTask(staged, lambda kw: (
         f"{out}/_plans/lang={kw['stage'].lang}.json" if kw.get("step") == "plan"
         else f"{out}/lang={kw['stage'].lang}")))
-    monkeypatch.setattr(flow_stages.storage, "is_complete", lambda uri: True)
+    monkeypatch.setattr(flow_stages.storage, "is_complete", _complete_once_sent(sent))
     monkeypatch.setattr(flow_stages.storage, "exists", lambda uri: True)
     cfg = config_from_dict({"data_root": str(tmp_path), "languages": ["en", "da"],
                             "orchestration": {"shards_per_language": 3, "deployments": {
                                 "generate": "croco-generate/gpu"}}})
-    gens, _ = flow_stages.Stages(cfg).generate_and_score(["p-en", "p-da"], cfg.policy,
-                                                         score=False)
+    gens, _ = flow_stages.Stages(cfg).generate_and_score(_sample_calls(cfg, ["p-en", "p-da"]),
+                                                         {})
     assert gens == {"en": f"{out}/lang=en", "da": f"{out}/lang=da"}
     assert [s["label"] for s in sent] == ["generate-en-0", "generate-en-1", "generate-en-2",
                                           "generate-da-0", "generate-da-1", "generate-da-2"]

@@ -109,7 +109,11 @@ def test_switches_turn_their_stages_off(rows):
     assert by_field["evaluation.structured.enabled"]["stops"] == ["structured"]
     assert set(by_field["evaluation.enabled"]["stops"]) == {
         "heldout-generations", "heldout-scores", "judgments", "structured", "reward-check"}
-    assert by_field["training.enabled"]["stops"] == ["training", "judgments"]
+    # training off ends a run after its pairs (as `croco run` always did): nothing is
+    # evaluated, the base included
+    assert by_field["training.enabled"]["stops"] == [
+        "training", "heldout-generations", "heldout-scores", "judgments", "structured",
+        "reward-check"]
     assert by_field["experiments.0.per_language"]["stops"] == ["judgments"]
 
 

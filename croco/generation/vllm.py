@@ -403,8 +403,9 @@ class VLLMGenerator:
         if adapter and adapter_mode == "merge":
             path = merged_model(model, adapter)
         elif adapter:
-            from croco.models import check_model
+            from croco.models import check_model, local_adapter
 
+            adapter = local_adapter(adapter)
             check_model(adapter, field="adapter", kind="adapter")
             from vllm.lora.request import LoRARequest
 

@@ -197,13 +197,14 @@ def load_policy_for_training(policy: str, adapter: str | None, cfg: TrainingConf
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from croco.models import load_tokenizer, resolve_model
+    from croco.models import load_tokenizer, local_adapter, resolve_model
 
     tok = load_tokenizer(policy, padding_side=padding_side)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(policy), dtype=torch.bfloat16 if prec["bf16"] else torch.float32)
     if adapter:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True), tok, None
+        return (PeftModel.from_pretrained(model, local_adapter(adapter), is_trainable=True),
+                tok, None)
     return model, tok, lora_config(cfg)
 
 

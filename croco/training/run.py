@@ -92,16 +92,9 @@ def _train(spec: TrainSpec, out: str, callbacks: list | None) -> dict:
 
 def adapter_path(training_uri: str) -> str:
     """A local path to a trained adapter (downloaded from remote storage once)."""
-    uri = storage.join(training_uri, "adapter")
-    fs, path = storage.filesystem(uri)
-    if "file" in fs.protocol:
-        return path
-    from croco.models import cache_dir
+    from croco.models import local_adapter
 
-    local = cache_dir() / "adapters" / storage.key_of(training_uri)
-    if not (local / "adapter_config.json").exists():
-        fs.get(path, str(local), recursive=True)
-    return str(local)
+    return local_adapter(storage.join(training_uri, "adapter"))
 
 
 def export_merged(training_uri: str, policy: str) -> str:
