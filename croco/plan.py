@@ -27,7 +27,6 @@ from pydantic import BaseModel
 from croco import storage
 from croco.config import CrocoConfig, PolicyConfig, VariantConfig
 from croco.identity import field_marks
-from croco.manifest import EvaluationOutputs, RoundOutputs, VariantOutputs
 
 
 @dataclass(frozen=True)
@@ -119,15 +118,20 @@ def _general(field: str) -> str:
 RUN_STAGES = ("prompts", "generate", "score", "pair", "train", "evaluate")
 
 
-def last_stage(cfg: CrocoConfig, stages: list[str] | None = None) -> str:
-    """The last step a run of `cfg` reaches: the latest of `stages` (None: all of them),
-    and no further than `pair` while training is off."""
+def check_stages(stages: list[str] | None) -> None:
+    """`--until` (or `--stages`) names known steps only."""
     from croco.errors import UserError
 
     unknown = sorted(set(stages or []) - set(RUN_STAGES))
     if unknown:
         raise UserError(f"--until: unknown stage {', '.join(unknown)}; choose from "
                         f"{', '.join(RUN_STAGES)}")
+
+
+def last_stage(cfg: CrocoConfig, stages: list[str] | None = None) -> str:
+    """The last step a run of `cfg` reaches: the latest of `stages` (None: all of them),
+    and no further than `pair` while training is off."""
+    check_stages(stages)
     last = max(RUN_STAGES.index(s) for s in (stages or RUN_STAGES))
     if not cfg.training.enabled:
         last = min(last, RUN_STAGES.index("pair"))
@@ -177,8 +181,11 @@ class VariantPlan:
             return None
         return self.rounds[-1].train[None]
 
-    def outputs(self, root: str) -> VariantOutputs[str]:
-        """What the variant's calls write under `root`, as the run's record holds it."""
+    def outputs(self, root: str):
+        """What the variant's calls write under `root`, as the run's record holds it
+        (`croco.manifest.VariantOutputs`)."""
+        from croco.manifest import RoundOutputs, VariantOutputs
+
         out = VariantOutputs[str](scores=_results(self.score, root))
         for r in self.rounds:
             trained = _results(r.train, root)
@@ -206,9 +213,12 @@ class EvaluationPlan:
                 *([self.reward_check] if self.reward_check else []),
                 *self.structured.values(), *self.judgments.values()]
 
-    def outputs(self, root: str) -> EvaluationOutputs[str]:
-        """What the evaluation's calls write under `root` (the run's own held-out summary,
-        `heldout`, is the pipeline's to add)."""
+    def outputs(self, root: str):
+        """What the evaluation's calls write under `root` (`croco.manifest.
+        EvaluationOutputs`; the run's own held-out summary, `heldout`, is the pipeline's to
+        add)."""
+        from croco.manifest import EvaluationOutputs
+
         return EvaluationOutputs[str](
             generations=_results(self.generate, root), scores=_results(self.score, root),
             reward_check=self.reward_check.result(root) if self.reward_check else None,

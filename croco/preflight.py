@@ -36,9 +36,10 @@ from croco.errors import (
     UserError,
 )
 from croco.models import check_model
+from croco.plan import RUN_STAGES, check_stages, last_stage  # noqa: F401 - check_stages: API
 
-#: The pipeline's stages, in order (`croco run --stages` stops after one of them).
-STAGES = ("prompts", "generate", "score", "pair", "train", "evaluate")
+#: The pipeline's steps, in order (`croco run --until` stops after one of them).
+STAGES = RUN_STAGES
 
 S3_CHECK_CONFIG = {"connect_timeout": 3, "read_timeout": 5, "retries": {"max_attempts": 1}}
 
@@ -62,21 +63,9 @@ def check(cfg: CrocoConfig, *, config_path: str | None = None,
         raise
 
 
-def check_stages(stages: list[str] | None) -> None:
-    """`--until` (or `--stages`) names known stages only."""
-    unknown = sorted(set(stages or []) - set(STAGES))
-    if unknown:
-        raise UserError(f"--until: unknown stage {', '.join(unknown)}; choose from "
-                        f"{', '.join(STAGES)}")
-
-
 def _last_stage(cfg: CrocoConfig, stages: list[str] | None) -> int:
-    """Index of the last stage the run reaches (as the pipeline computes it)."""
-    check_stages(stages)
-    last = max(STAGES.index(s) for s in (stages or STAGES))
-    if not cfg.training.enabled:
-        last = min(last, STAGES.index("pair"))
-    return last
+    """Index of the last stage the run reaches (`croco.plan.last_stage`)."""
+    return STAGES.index(last_stage(cfg, stages))
 
 
 def _reaches(last: int, stage: str) -> bool:

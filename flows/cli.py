@@ -187,10 +187,10 @@ def _preload(cfg, wanted: list[str] | None) -> None:
     Prefect API to answer, what the run's later steps do on first use: convert the embedded
     models the config names (once per machine) and import the modules for reading Parquet
     through pyarrow's datasets and for the report's plots. The same work, earlier."""
-    from croco.preflight import STAGES
+    from croco.plan import last_stage, reaches
 
-    last = max(STAGES.index(s) for s in wanted) if wanted else len(STAGES) - 1
-    if last >= STAGES.index("generate"):
+    last = last_stage(cfg, wanted)
+    if reaches(last, "generate"):
         # An embedded model's one-time GGUF conversion (about 10 s for SmolLM2 on 2 cores),
         # on one core while the API boots on the other; then transformers is imported too.
         from croco.config import EMBEDDED_MODELS
@@ -198,10 +198,9 @@ def _preload(cfg, wanted: list[str] | None) -> None:
 
         for name in sorted(_strings(cfg.model_dump()) & set(EMBEDDED_MODELS)):
             resolve_model(name)
-    if last >= STAGES.index("pair"):
+    if reaches(last, "pair"):
         import pyarrow.dataset  # noqa: F401 - pyarrow.parquet.read_table's first call
-    if (last >= STAGES.index("evaluate") and cfg.training.enabled
-            and cfg.evaluation.enabled):
+    if reaches(last, "evaluate") and cfg.evaluation.enabled:
         import matplotlib
 
         matplotlib.use("Agg")  # as the report sets it

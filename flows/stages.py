@@ -6,11 +6,14 @@
     croco-train      one variant of the experiment grid     (one flow run per variant)
     croco-evaluate   held-out answers, judge, checks        (one flow run per pipeline run)
 
-The pipeline calls them through `Stages`: as cached tasks and subflows in its own process,
-or, for the stages named in `orchestration.deployments`, as flow runs of those deployments
-(`croco.tasks.remote.trigger_task`). The code that runs is the same either way; inside a stage's
-flow run every stage runs in that process, so a GPU worker never waits on another one.
-Stage flows persist their (small, JSON) return values so the pipeline can read them.
+`Stages` executes the calls of the run's plan (`croco.plan.build_plan`, the one wiring of
+a run): as cached tasks and subflows in the pipeline's process, or, for the stages named
+in `orchestration.deployments`, as flow runs of those deployments
+(`croco.tasks.remote.trigger_task`); a language, a variant or the evaluation whose outputs
+are complete starts no flow run. The code that runs is the same either way; inside a
+stage's flow run every stage runs in that process, so a GPU worker never waits on another
+one. `croco-train` and `croco-evaluate` build the same plan from the config and run their
+part of it. Stage flows persist their (small, JSON) return values.
 
 With `orchestration.shards_per_language` = n > 1, each language's generate and score run as
 n shard groups (tasks or flow runs, `generate-{lang}-{group}`) writing into the language's

@@ -79,6 +79,21 @@ def test_reference_logps_are_keyed_by_pairs_policy_length_and_precision():
     assert a.startswith("/d/pairs/k1/ref_logps/")
 
 
+def test_a_checkpoint_killed_mid_save_is_passed_over_and_removed(tmp_path):
+    from croco.training.common import last_complete_checkpoint
+
+    work = tmp_path / "work"
+    for step, done in ((1, True), (2, True), (3, False), (10, False)):
+        folder = work / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        if done:  # the trainer writes its state last
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(work) == str(work / "checkpoint-2")
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert last_complete_checkpoint(tmp_path / "none") is None
+
+
 def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_lm, tmp_path):
     from transformers import TrainerCallback
 

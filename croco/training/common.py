@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 
 from croco import storage
 from croco.config import TrainingConfig
+
+log = logging.getLogger(__name__)
 
 
 def precision_args(cfg: TrainingConfig, device: torch.device) -> dict:
@@ -116,8 +119,6 @@ def local_workdir(out_uri: str) -> Path:
 
 def last_checkpoint(workdir: Path, out_uri: str) -> str | None:
     """The newest checkpoint, fetched from storage first when storage is remote."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     remote = storage.join(out_uri, "checkpoints")
     fs, rpath = storage.filesystem(remote)
     if "file" not in fs.protocol and fs.exists(rpath):
@@ -126,8 +127,25 @@ def last_checkpoint(workdir: Path, out_uri: str) -> str | None:
         if names and not (workdir / names[-1]).exists():
             workdir.mkdir(parents=True, exist_ok=True)
             fs.get(f"{rpath}/{names[-1]}", str(workdir / names[-1]), recursive=True)
-    if workdir.exists():
-        return get_last_checkpoint(str(workdir))
+    return last_complete_checkpoint(workdir)
+
+
+def last_complete_checkpoint(workdir: Path) -> str | None:
+    """The newest `checkpoint-N` folder the trainer finished saving, None if there is none.
+    transformers' Trainer writes `trainer_state.json` last (after the weights, optimizer
+    and RNG state); a folder without it was being saved when its process was killed
+    (kill -9, OOM): it is removed, so neither this run nor the trainer's own checkpoint
+    rotation resumes from half a checkpoint."""
+    if not workdir.exists():
+        return None
+    found = sorted((p for p in workdir.iterdir() if p.is_dir() and p.name.startswith(
+        "checkpoint-") and p.name.split("-", 1)[1].isdigit()),
+        key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+    for folder in found:
+        if (folder / "trainer_state.json").is_file():
+            return str(folder)
+        log.warning("removing %s: its save did not finish (no trainer_state.json)", folder)
+        shutil.rmtree(folder, ignore_errors=True)
     return None
 
 
