@@ -83,7 +83,7 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
     if plan.generate:
         out.generations, out.scores = run.generate_and_score(plan.generate, plan.score)
     if plan.pairs:
-        (out.pairs,) = run.each({"": plan.pairs}).values()
+        out.pairs = run.one(plan.pairs)
         stats = storage.read_parquet(storage.join(out.pairs, "stats.parquet"))
         create_table_artifact(stats.to_dicts(), key="pair-stats",
                               description=f"per-language pair statistics, run {run_id}")

@@ -153,6 +153,11 @@ class Stages:
         """Run independent calls as tasks in this process; name -> result."""
         return dict(zip(calls, resolve(self.stage_task, self.calls(calls.values()))))
 
+    def one(self, stage: Stage) -> Any:
+        """Run one call as a task in this process; its result."""
+        (result,) = resolve(self.stage_task, self.calls([stage]))
+        return result
+
     def _remote(self, stage: str, calls: list[dict], labels: list[str],
                 identities: list[str], complete=_complete) -> list:
         """Flow runs of the `stage` deployment, one per call, cached on each call's
@@ -303,7 +308,7 @@ def croco_train(config: CrocoConfig, variant: VariantConfig,
         if rnd.generate:
             stages.generate_and_score(rnd.generate, rnd.score)
         if rnd.pairs:
-            stages.each({"": rnd.pairs})
+            stages.one(rnd.pairs)
         stages.each(rnd.train)
     return plan.outputs(stages.root).model_dump(mode="json")
 
