@@ -122,9 +122,22 @@ def _jsonable(params: dict) -> dict:
             for k, v in params.items()}
 
 
-def _complete_calls(stages: list[Stage], root: str) -> bool:
-    """Every call's output is complete (`_SUCCESS`), so no flow run is needed for them."""
-    return all(s.complete(root) for s in stages)
+def _log():
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow run (tests, plain calls)
+        import logging
+
+        return logging.getLogger("croco")
+
+
+def _names(stages: list[Stage]) -> str:
+    """`generate-en, generate-de, ...` shortened for a log line."""
+    labels = [s.label() for s in stages]
+    return ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
 
 
 class Stages:
@@ -149,14 +162,27 @@ class Stages:
     def calls(self, stages, **extra) -> list[dict]:
         return [dict(stage=s, data_root=self.root, **extra) for s in stages]
 
+    def todo(self, stages: list[Stage]) -> list[Stage]:
+        """The calls whose output is not complete (`_SUCCESS` under their key): the only
+        ones started, as a task or a flow run; the others' results are read off the plan.
+        Logs how many were complete."""
+        todo = [s for s in stages if not s.complete(self.root)]
+        done = len(stages) - len(todo)
+        if done:
+            _log().info("%s: %d of %d complete, read back", _names(stages), done, len(stages))
+        return todo
+
     def each(self, calls: dict[Any, Stage]) -> dict:
-        """Run independent calls as tasks in this process; name -> result."""
-        return dict(zip(calls, resolve(self.stage_task, self.calls(calls.values()))))
+        """Run independent calls as tasks in this process (those not complete); name ->
+        result."""
+        todo = self.todo(list(calls.values()))
+        ran = dict(zip(map(id, todo), resolve(self.stage_task, self.calls(todo))))
+        return {name: ran[id(s)] if id(s) in ran else s.result(self.root)
+                for name, s in calls.items()}
 
     def one(self, stage: Stage) -> Any:
-        """Run one call as a task in this process; its result."""
-        (result,) = resolve(self.stage_task, self.calls([stage]))
-        return result
+        """Run one call as a task in this process, unless it is complete; its result."""
+        return self.each({None: stage})[None]
 
     def _remote(self, stage: str, calls: list[dict], labels: list[str],
                 identities: list[str], complete=_complete) -> list:
@@ -176,18 +202,24 @@ class Stages:
         no flow run."""
         root = self.root
         n = self.config.orchestration.shards_per_language
-        remote = stage in self.deployments
-        if remote:
-            todo = [s for s in work if not s.complete(root)]
-        if n == 1:
-            if remote:
+        todo = self.todo(work)
+        ran: dict[int, Any] = {}  # id(call) -> what its task returned
+        if todo and n == 1:
+            if stage in self.deployments:
                 self._remote(stage, [_call(s, root) for s in todo], [s.label() for s in todo],
                              [s.key() for s in todo])
-                return [s.result(root) for s in work]
-            return resolve(self.stage_task, self.calls(work))
-        if any(s.planned for s in work):  # every group must number the parts alike
-            resolve(self.stage_task, self.calls(work, step="plan"), complete=storage.exists)
-        if remote:
+            else:
+                ran = dict(zip(map(id, todo), resolve(self.stage_task, self.calls(todo))))
+        elif todo:
+            ran = self._in_groups(stage, todo, n)
+        return [ran.get(id(s)) or s.result(root) for s in work]
+
+    def _in_groups(self, stage: str, todo: list[ShardedStage], n: int) -> dict[int, Any]:
+        """`todo` as n shard groups each (tasks or flow runs), then sealed here."""
+        root = self.root
+        if any(s.planned for s in todo):  # every group must number the parts alike
+            resolve(self.stage_task, self.calls(todo, step="plan"), complete=storage.exists)
+        if stage in self.deployments:
             self._remote(stage, [dict(_call(s, root), group=g, groups=n)
                                  for s in todo for g in range(n)],
                          [f"{s.label()}-{g}" for s in todo for g in range(n)],
@@ -195,9 +227,9 @@ class Stages:
                          complete=_parts_written)
         else:
             resolve(self.stage_task, [dict(c, group=g, groups=n)
-                                      for c in self.calls(work) for g in range(n)],
+                                      for c in self.calls(todo) for g in range(n)],
                     complete=_parts_written)
-        return resolve(self.stage_task, self.calls(work, step="seal"))
+        return dict(zip(map(id, todo), resolve(self.stage_task, self.calls(todo, step="seal"))))
 
     def generate_and_score(self, generate: dict[str, ShardedStage],
                            score: dict[str, ShardedStage]) -> tuple[dict, dict]:
@@ -212,9 +244,11 @@ class Stages:
         """One variant: a `croco-train` subflow, or a flow run of the train deployment
         unless every call of the variant is complete."""
         name = variant.variant.name
-        if "train" not in self.deployments:
+        if not self.todo(variant.stages()):
+            pass  # every output is there: no subflow, no flow run
+        elif "train" not in self.deployments:
             croco_train(config=self.config, variant=variant.variant, runtime=self.runtime)
-        elif not _complete_calls(variant.stages(), self.root):
+        else:
             self._remote("train", [dict(config=self.config, variant=variant.variant)],
                          [f"train-{name}"], [[s.key() for s in variant.stages()]])
         return variant.outputs(self.root)
@@ -222,9 +256,11 @@ class Stages:
     def evaluate(self, evaluation: EvaluationPlan, run_id: str) -> EvaluationOutputs[str]:
         """The evaluation: a `croco-evaluate` subflow, or a flow run of the evaluate
         deployment unless every call of it is complete."""
-        if "evaluate" not in self.deployments:
+        if not self.todo(evaluation.stages()):
+            pass  # every output is there: no subflow, no flow run
+        elif "evaluate" not in self.deployments:
             croco_evaluate(config=self.config, run_id=run_id, runtime=self.runtime)
-        elif not _complete_calls(evaluation.stages(), self.root):
+        else:
             self._remote("evaluate", [dict(config=self.config, run_id=run_id)],
                          [f"evaluate-{run_id}"], [[s.key() for s in evaluation.stages()]])
         return evaluation.outputs(self.root)
@@ -324,7 +360,8 @@ def croco_evaluate(config: CrocoConfig, run_id: str, runtime: Runtime | None = N
     stages.each(plan.generate)
     stages.each(plan.score)
     # The checks below depend on the held-out scores only, not on each other.
-    checks = [[plan.reward_check] if plan.reward_check else [],
-              list(plan.structured.values()), list(plan.judgments.values())]
+    checks = [stages.todo(c) for c in ([plan.reward_check] if plan.reward_check else [],
+                                       list(plan.structured.values()),
+                                       list(plan.judgments.values()))]
     resolve_together([(stages.stage_task, stages.calls(c)) for c in checks if c])
     return plan.outputs(stages.root).model_dump(mode="json")

@@ -1,10 +1,9 @@
 """Prefect tasks: one task for any stage of `croco.stages` (`stage_task`: retries,
-caching on the stage's key, GPU slots, artifacts, logging), and the run's manifest,
+GPU slots, artifacts, logging), and the run's manifest,
 held-out summary and report. A stage task returns its stage's result: an output URI,
 lang -> URI, or for a shard group `{"uri", "parts"}` (the part files it wrote)."""
 
 from croco.tasks.stages import (  # noqa: F401
-    STAGE_CACHE,
     configure_gpu_slots,
     ensure_gpu_limit,
     heldout_task,

@@ -1,14 +1,17 @@
 """The Prefect side of the stages: one task for any stage, retries, GPU slots, artifacts.
 
 `stage_task(stage, data_root)` runs any stage of `croco.stages` through the library's one
-runner (`croco.stage.run`). Caching: `StageInputs + TASK_SOURCE`, a stage taken by its
-key (`Stage.key()`: its code version and its identity: config without execution-only
-settings, inputs by key, files by content; `croco.identity`). So an unchanged rerun is
-served from Prefect's cache, a changed batch size or device reruns nothing, an edited
-prompt file or retrained local model folder reruns what depends on it, a changed pairing
-config re-pairs only, and a new language runs only that language.
-The library stage also skips any output that is already complete, so a deleted cache or a
-crash never redoes finished work. Retries (with backoff) are for transient errors only:
+runner (`croco.stage.run`). There is one cache, the stage's output: it lives under the
+stage's key (`Stage.key()`: its code version and its identity: config without
+execution-only settings, inputs by key, files by content; `croco.identity`) and is
+complete once `_SUCCESS` is written. The flows never submit a call whose output is
+complete (`croco.flows.stages.Stages.todo`), so an unchanged rerun starts no stage task
+at all, a changed batch size or device reruns nothing, an edited prompt file or retrained
+local model folder reruns what depends on it, a changed pairing config re-pairs only,
+and a new language runs only that language. Prefect's own task cache is not used for
+stages (it would be a second key for the same thing); a crash or a deleted output never
+redoes finished work nor serves a stale result, because completeness is read from
+storage. Retries (with backoff) are for transient errors only:
 I/O, network, object storage; bad input fails at once.
 """
 
@@ -19,41 +22,22 @@ import logging
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
-from prefect.utilities.hashing import hash_objects
 
 from croco import stage as contract
 from croco import stages, storage
 from croco.config import OrchestrationConfig
 from croco.errors import UserError
-from croco.identity import identity
 from croco.manifest import RunOutputs, write_manifest
 from croco.stage import Stage
 
 
-@dataclass
-class StageInputs(CachePolicy):
-    """Prefect's input cache policy with a stage taken by its output's place (its key and
-    language, `Stage.where`) and every other input
-    by its identity (`croco.identity.identity`: config objects without their
-    execution-only settings). Not a subclass of Prefect's `Inputs`, which a compound
-    policy would replace by a plain one."""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        if not inputs:
-            return None
-        return hash_objects({k: v.where() if isinstance(v, Stage) else identity(v)
-                             for k, v in inputs.items()}, raise_on_failure=True)
-
-
-STAGE_CACHE = StageInputs() + TASK_SOURCE
 GPU_LIMIT = "gpu"
 
 _TRANSIENT = (OSError, ConnectionError, TimeoutError)
@@ -109,7 +93,7 @@ _DEFAULT = OrchestrationConfig()
 #: (`with_retries`).
 DEFAULT_RETRIES = retry_options(_DEFAULT.retries, _DEFAULT.retry_delay_seconds)
 
-_common = dict(cache_policy=STAGE_CACHE, **DEFAULT_RETRIES)
+_common = dict(cache_policy=NO_CACHE, **DEFAULT_RETRIES)
 
 
 # --------------------------------------------------------------------------- GPU slots
