@@ -33,7 +33,8 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from croco import storage  # noqa: E402
-from croco.config import ConfigError, dump_config, load_config  # noqa: E402
+from croco.config import ConfigError  # noqa: E402
+from croco.config_loading import dump_config, load_config  # noqa: E402
 from croco.errors import root_outage, root_user_error  # noqa: E402
 
 app = typer.Typer(help="CroCo: cross-lingual contrastive preference tuning on self-generations.",
