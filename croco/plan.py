@@ -451,7 +451,7 @@ def walk_config() -> CrocoConfig:
     """The config the table is computed on: the demo, with every optional part on (a
     classifier scorer beside the demo's judge and language id, a translated prompt set, a
     variant with overrides) so every field has something to change."""
-    from croco.config import load_config
+    from croco.config_loading import load_config
 
     return load_config(None, [
         ("reward.scorers=[{type: judge, name: judge, model: embedded:smollm2-135m-instruct},"
@@ -540,7 +540,7 @@ def _owner(cfg: BaseModel, path: str) -> tuple[BaseModel, str]:
 
 def with_change(cfg: CrocoConfig, path: str) -> CrocoConfig:
     """`cfg` with the field at `path` changed (a full re-validation)."""
-    from croco.config import config_from_dict
+    from croco.config_loading import config_from_dict
 
     data = cfg.model_dump(mode="json")
     node = data

@@ -2,8 +2,8 @@
 
 `croco run` calls `check(cfg)` after loading the config and before it starts Prefect or
 loads a model. The config itself (keys, types, each variant's overrides, combinations that
-cannot work) is validated when it is loaded (`croco.config`); `check` adds what needs the
-world outside the file:
+cannot work) is validated when it is loaded (`croco.config_loading`, with the validators
+of `croco.config`); `check` adds what needs the world outside the file:
 
 - optional packages for the configured backends (vLLM, lm-eval, EuroEval);
 - the prompt source, read and validated in full (every file, line, field, type), and

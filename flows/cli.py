@@ -11,6 +11,8 @@ A mistake the user can fix (`croco.errors.UserError`: config, prompts, model pat
 ends any command with one `error: ...` line on stderr and exit code 2; `croco run` finds
 them before it starts Prefect or loads a model (`croco.preflight`). Anything else ends with
 one line naming the exception and exit code 1. `--debug` (or CROCO_DEBUG=1) shows tracebacks.
+
+The commands live here; the tables they print are `croco.flows.render`.
 """
 
 from __future__ import annotations
@@ -30,11 +32,19 @@ import click  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 from croco import storage  # noqa: E402
-from croco.config import ConfigError, dump_config, load_config  # noqa: E402
+from croco.config import ConfigError  # noqa: E402
+from croco.config_loading import dump_config, load_config  # noqa: E402
 from croco.errors import root_outage, root_user_error  # noqa: E402
+from croco.flows.render import (  # noqa: E402
+    fmt,
+    heldout_table,
+    plan_table,
+    stats_table,
+    structured_table,
+    winrate_table,
+)
 
 app = typer.Typer(help="CroCo: cross-lingual contrastive preference tuning on self-generations.",
                   no_args_is_help=True, add_completion=False)
@@ -126,52 +136,6 @@ def _load(config: str | None, overrides: list[str] | None):
         return load_config(config, overrides or [])
     except ConfigError as e:
         _fail(str(e))
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
-
-
-def stats_table(stats, title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    cols = [("lang", "lang"), ("prompts", "prompts"), ("samples", "samples"),
-            ("reward_mean", "reward mean"), ("reward_std", "reward std"), ("pairs", "pairs"),
-            ("skipped", "skipped"), ("gap_mean", "gap mean"), ("lang_match", "in prompt's lang")]
-    for _, label in cols:
-        table.add_column(label, justify="left" if label == "lang" else "right")
-    for row in stats.to_dicts():
-        table.add_row(*[(f"{row[c]:.0%}" if c == "lang_match" and row[c] is not None
-                         else _fmt(row[c])) for c, _ in cols])
-    return table
-
-
-def heldout_table(summary) -> Table:
-    """Per language: each model's mean reward and share of answers in the prompt's language."""
-    models = ["base"] + sorted(m for m in summary["model"].unique() if m != "base")
-    table = Table(title="held-out answers: mean reward / share in the prompt's language",
-                  title_justify="left")
-    table.add_column("lang")
-    for m in models:
-        table.add_column(f"{m} reward", justify="right")
-        table.add_column(f"{m} in lang", justify="right")
-    rows = {(r["model"], r["lang"]): r for r in summary.to_dicts()}
-    langs = sorted(summary["lang"].unique())
-    for lang in langs + ["mean"]:
-        cells = [lang]
-        for m in models:
-            if lang == "mean":
-                sub = summary.filter(summary["model"] == m)
-                rew, match = sub["reward_mean"].mean(), sub["lang_match"].mean()
-            else:
-                r = rows.get((m, lang), {})
-                rew, match = r.get("reward_mean"), r.get("lang_match")
-            cells += [_fmt(rew), f"{match:.0%}" if match is not None else "-"]
-        table.add_row(*cells)
-    return table
 
 
 def _strings(value) -> set[str]:
@@ -290,9 +254,9 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
         acc = m.get("rewards/accuracies")
         console.print(
             f"trained [bold]{name}[/] ({m['method']}, {m.get('pairs_train', m.get('rows_train'))}"
-            f" rows, {m.get('steps')} steps): loss {_fmt(m.get('first_loss'))} -> "
-            f"{_fmt(m.get('final_loss'))}" + (f", reward accuracy {acc:.0%}" if acc is not None
-                                              else "")
+            f" rows, {m.get('steps')} steps): loss {fmt(m.get('first_loss'))} -> "
+            f"{fmt(m.get('final_loss'))}" + (f", reward accuracy {acc:.0%}" if acc is not None
+                                             else "")
             + f"; adapter [green]{storage.join(uri, 'adapter')}[/]", highlight=False)
     ev = outputs.evaluation
     if ev is not None:
@@ -324,35 +288,6 @@ def _release_engines() -> None:
     engines = sys.modules.get("croco.generation.vllm")
     if engines is not None:
         engines.release_all()
-
-
-def structured_table(results) -> Table:
-    import polars as pl
-
-    wide = (results.group_by("lang", "model").agg(pl.col("value").mean())
-            .pivot(on="model", index="lang", values="value").sort("lang"))
-    models = ["base"] + sorted(c for c in wide.columns if c not in ("lang", "base"))
-    table = Table(title="structured tasks (score)", title_justify="left")
-    table.add_column("lang")
-    for m in models:
-        table.add_column(m, justify="right")
-    for r in wide.to_dicts():
-        table.add_row(r["lang"], *[_fmt(r.get(m)) for m in models])
-    return table
-
-
-def winrate_table(rates, variant: str) -> Table:
-    table = Table(title=f"{variant} vs base: open-ended win rate (judge, both orders)",
-                  title_justify="left")
-    for col in ("lang", "win rate", "95% CI", "length-controlled", "prompts"):
-        table.add_column(col, justify="left" if col == "lang" else "right")
-    for r in rates.to_dicts():
-        table.add_row(r["lang"], f"{r['win_rate']:.1f}",
-                      f"{r['ci_low']:.1f}-{r['ci_high']:.1f}", f"{r['lc_win_rate']:.1f}",
-                      str(r["n_prompts"]))
-    n = sum(1 for r in rates.to_dicts() if r["win_rate"] >= 50)
-    table.caption = f"win rate >= 50 in {n} of {rates.height} languages"
-    return table
 
 
 def _run_on_deployment(name: str, params: dict, wait: bool) -> None:
@@ -496,7 +431,7 @@ def train_rm(preferences: Annotated[str, typer.Argument(help="JSONL/Parquet: pro
     metrics = train_reward_model(prefs, base=base, cfg=cfg.training, out_uri=out)
     storage.write_json(storage.join(out, "metrics.json"), metrics)
     console.print(f"reward model: [green]{storage.join(out, 'model')}[/] "
-                  f"(loss {_fmt(metrics.get('first_loss'))} -> {_fmt(metrics.get('final_loss'))})")
+                  f"(loss {fmt(metrics.get('first_loss'))} -> {fmt(metrics.get('final_loss'))})")
 
 
 @config_app.command("show")
@@ -521,14 +456,7 @@ def config_plan(config: ConfigArg = None, set_: SetOpt = None) -> None:
     by_stage: dict[str, list[bool]] = {}
     for stage, uri in output_uris(cfg):
         by_stage.setdefault(stage, []).append(storage.is_complete(uri))
-    table = Table(title=f"croco run plan ({cfg.data_root})", title_justify="left")
-    for col in ("stage", "outputs", "complete", "to compute"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
-    for s in STAGES:
-        done = by_stage.get(s.name, [])
-        if done:
-            table.add_row(s.name, str(len(done)), str(sum(done)), str(len(done) - sum(done)))
-    console.print(table)
+    console.print(plan_table(by_stage, [s.name for s in STAGES], cfg.data_root))
 
 
 @pairs_app.command("show")

@@ -22,7 +22,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from croco import storage
-from croco.config import CrocoConfig, apply_overrides, config_from_dict, load_config
+from croco.config import CrocoConfig
+from croco.config_loading import apply_overrides, config_from_dict, load_config
 from croco.manifest import RunOutputs
 from croco.plan import build_plan
 from croco.flows.stages import Stages

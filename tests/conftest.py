@@ -184,7 +184,7 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def tiny_config_maker(tiny_lm, tiny_rm, prompt_file):
     """`make(data_root=..., **overrides)`: tiny_config for any scope."""
-    from croco.config import config_from_dict
+    from croco.config_loading import config_from_dict
 
     def make(**overrides):
         data = {

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from croco.config import ConfigError, CrocoConfig, apply_overrides, load_config
+from croco.config import ConfigError, CrocoConfig
+from croco.config_loading import apply_overrides, load_config
 
 
 def test_defaults_are_the_papers():

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from croco import preflight
-from croco.config import ConfigError, config_from_dict
+from croco.config import ConfigError
+from croco.config_loading import config_from_dict
 from croco.errors import (
     MissingPackageError,
     ModelNotFoundError,
@@ -137,7 +138,7 @@ def test_online_dpo_continues_an_adapter(variant, extra):
 
 
 def test_config_that_is_not_utf8_names_the_file(tmp_path):
-    from croco.config import load_config
+    from croco.config_loading import load_config
 
     path = tmp_path / "c.yaml"
     path.write_bytes(b"languages: [en]\nrun_name: caf\xe9\n")
@@ -147,7 +148,7 @@ def test_config_that_is_not_utf8_names_the_file(tmp_path):
 
 
 def test_yaml_syntax_error_is_one_line_with_its_line(tmp_path):
-    from croco.config import load_config
+    from croco.config_loading import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("generation:\n  k: [4\n")

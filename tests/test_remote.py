@@ -11,7 +11,8 @@ from uuid import uuid4
 import pytest
 from prefect.states import Cancelled, Completed, Crashed, Failed, Running
 
-from croco.config import ConfigError, config_from_dict
+from croco.config import ConfigError
+from croco.config_loading import config_from_dict
 from croco.tasks import remote
 
 
@@ -262,7 +263,7 @@ def test_prefect_yaml_declares_every_stage_deployment():
         assert (PROJECT_DIR / d["parameters"]["config_file"]).is_file()
     scale = entry[("flows/pipeline.py:croco_pipeline", "scale-out")]["parameters"]
     cfg = config_from_dict({})
-    from croco.config import apply_overrides
+    from croco.config_loading import apply_overrides
 
     resolved = config_from_dict(apply_overrides(cfg.model_dump(mode="json"),
                                                 scale["overrides"]))

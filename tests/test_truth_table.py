@@ -147,7 +147,7 @@ def test_a_file_or_folder_edited_in_place_reruns_what_depends_on_it(field, tmp_p
     for part in head:
         node = node[int(part)] if part.isdigit() else node[part]
     node[last] = str(target)
-    from croco.config import config_from_dict
+    from croco.config_loading import config_from_dict
 
     cfg = config_from_dict(data)
     before = plan.run_identities(cfg)

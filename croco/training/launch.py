@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from croco.config import load_config
+from croco.config_loading import load_config
 from croco.training.run import run_train
 from croco.training.spec import TrainSpec, TrainSpecAdapter, variant_spec
 
