@@ -36,6 +36,7 @@ import torch
 
 from benchmarks.ab import Case, run_and_print
 from benchmarks.tiny import tiny_llama
+from croco import storage
 from croco.config import EMBEDDED_POLICY
 
 #: Sizes: full, and --quick (few pairs, few steps, short sequences, a tiny random model).
@@ -56,6 +57,20 @@ def make_pairs(n: int) -> pl.DataFrame:
         "prompt": [f"How do I keep fresh herbs from wilting? Variant {i}." for i in range(n)],
         "chosen": [chosen] * n, "rejected": [rejected] * n,
     })
+
+
+def reference_stage(tmp: str, pairs: pl.DataFrame, model: str, cfg) -> str:
+    """The reference log-probs stage (`croco.stages.RefLogps`) on `pairs` written as a pairs
+    output under `tmp`; its output URI."""
+    from croco.config import PolicyConfig
+    from croco.stage import run
+    from croco.stages import RefLogps
+
+    pairs_uri = f"{tmp}/pairs/bench"
+    storage.write_parquet(pairs, storage.join(pairs_uri, "dpo", "lang=en", "data.parquet"))
+    storage.mark_complete(pairs_uri)
+    return run(RefLogps(pairs_uri=pairs_uri, policy=PolicyConfig(model=model), training=cfg),
+               tmp)
 
 
 #: Dense bf16 peak FLOP/s by card (vendor datasheets, without sparsity).
@@ -93,7 +108,7 @@ def cases(quick: bool = False, *, model: str | None = None, **sizes) -> list[Cas
     default SmolLM2-135M-Instruct, with `quick` a tiny random Llama. `sizes` overrides
     `SIZES[quick]` (pairs, steps, batch, max_length)."""
     from croco.config import TrainingConfig
-    from croco.training.dpo import ref_logps_uri, train_dpo
+    from croco.training.dpo import train_dpo
 
     size = {**SIZES[quick], **{k: v for k, v in sizes.items() if v is not None}}
     steps = size["steps"]
@@ -118,11 +133,11 @@ def cases(quick: bool = False, *, model: str | None = None, **sizes) -> list[Cas
     def first_run() -> None:
         state["model"] = model or (tiny_llama(Path(tmp) / "tiny-lm") if quick
                                    else EMBEDDED_POLICY)
-        state["ref"] = ref_logps_uri(f"{tmp}/pairs/bench", state["model"], None,
-                                     size["max_length"])
         t = time.perf_counter()
+        state["ref"] = reference_stage(tmp, pairs, state["model"], cfg)
         m = train(ref_uri=state["ref"])
-        state["first"] = (time.perf_counter() - t, m["ref_forward_batches"])
+        state["first"] = (time.perf_counter() - t,
+                          storage.read_json(storage.join(state["ref"], storage.SUCCESS)))
 
     def per_step() -> float:
         m = train(reference="per_step")  # TRL's inline reference forward in every step
@@ -139,12 +154,13 @@ def cases(quick: bool = False, *, model: str | None = None, **sizes) -> list[Cas
         return m["train_runtime"] / steps
 
     def note() -> str:
-        wall, batches = state["first"]
+        wall, ref = state["first"]
         tps = {k: statistics.median(v) for k, v in state["tokens_per_second"].items()}
         return (f"{label}, LoRA, batch {size['batch']} pairs, <= {size['max_length']} tokens, "
                 f"{steps} steps; median tokens/s {tps['per_step']:.0f} (per step) vs "
                 f"{tps['stored']:.0f} (stored, 0 reference forwards); the one-time reference "
-                f"pass: {batches} batches, {wall:.1f} s wall for the whole first run"
+                f"stage: {ref.get('rows')} pairs in {ref.get('seconds')} s, {wall:.1f} s wall "
+                f"with the first run"
                 + _mfu_note(state["model"], tps["stored"]))
 
     return [Case(f"DPO step, {steps} steps x {size['batch']} pairs", baseline=per_step,

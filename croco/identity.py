@@ -42,6 +42,7 @@ from pydantic import BaseModel
 #: without the texts; samples 2, generations 3, judgments 2: counter-based draws, a
 #: sample's seed from (generation seed, prompt, sample index) only.
 STAGE_VERSIONS = {"prompts": 1, "samples": 2, "generations": 3, "scores": 1, "pairs": 2,
+                  "ref_logps": 1,
                   "training": 1, "judgments": 2, "structured": 1, "reward_check": 1}
 
 #: Field marks (`Field(..., **EXECUTION_ONLY)`), read by `identity`.

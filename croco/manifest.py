@@ -51,10 +51,13 @@ U = TypeVar("U", str, StageOutput)
 class RoundOutputs(BaseModel, Generic[U]):
     """One training round of a variant. `scores` (lang -> scores): round r > 1 of DPO/SFT
     samples from adapter r-1; `pairs`: what the round trained on (none for online DPO);
-    `training`: the run, or `training_by_lang` (lang -> run) for per-language models."""
+    `ref_logps`: DPO's reference log-probs of them; `training`: the run. Per-language
+    models: `ref_logps_by_lang` and `training_by_lang` (lang -> output) instead."""
 
     scores: dict[str, U] = {}
     pairs: U | None = None
+    ref_logps: U | None = None
+    ref_logps_by_lang: dict[str, U] = {}
     training: U | None = None
     training_by_lang: dict[str, U] = {}
 

@@ -116,17 +116,16 @@ def _write_partitioned(df: pl.DataFrame, uri: str, lang_col: str, langs: list[st
         storage.write_parquet(part, storage.join(uri, f"lang={lang}", "data.parquet"))
 
 
-def write_pair_sets(sets: PairSets, out: str, langs: list[str], seconds: float) -> None:
+def write_pair_sets(sets: PairSets, out: str, langs: list[str]) -> dict:
     """The pair stage's layout under `out`: dpo/ and sft/ per language (one file for every
-    language in `langs`, empty where it has no rows), pools.parquet, stats.parquet and, last,
-    the `_SUCCESS` marker."""
+    language in `langs`, empty where it has no rows), pools.parquet, stats.parquet. Returns
+    what its `_SUCCESS` marker records (the caller writes it, last)."""
     _write_partitioned(sets.dpo, storage.join(out, "dpo"), "prompt_lang", langs)
     _write_partitioned(sets.sft, storage.join(out, "sft"), "lang", langs)
     storage.write_parquet(sets.pools, storage.join(out, "pools.parquet"))
     storage.write_parquet(sets.stats, storage.join(out, "stats.parquet"))
-    storage.mark_complete(out, {"rows": sets.dpo.height, "sft_rows": sets.sft.height,
-                                "skipped": int(sets.pools["skipped"].sum()),
-                                "seconds": round(seconds, 3)})
+    return {"rows": sets.dpo.height, "sft_rows": sets.sft.height,
+            "skipped": int(sets.pools["skipped"].sum())}
 
 
 def pairing_options(pairing: PairingConfig) -> dict:
@@ -182,6 +181,7 @@ def build(scores_uri: str, prompts_source: str, pairing: PairingConfig, out: str
                              f"{missing}; the prompts must cover every scored language")
     sets = pair_sets(scores, prompts, texts=shard_texts(parts, scores),
                      **pairing_options(pairing))
-    write_pair_sets(sets, out, langs, time.perf_counter() - t0)
+    info = write_pair_sets(sets, out, langs)
+    storage.mark_complete(out, {**info, "seconds": round(time.perf_counter() - t0, 3)})
     return sets
 

@@ -53,28 +53,34 @@ STAGES: tuple[StageDecl, ...] = (
     StageDecl("prompts", "prompts", (), (
         "languages", "prompts.path", "prompts.dataset_split", "prompts.translate"),
         "one language's prompts (translated when prompts.translate is set)", "Prompts"),
-    StageDecl("generations", "generations", ("prompts",), (
+    StageDecl("generate", "generations", ("prompts",), (
         "languages", "policy", "generation", "prompts.split", "prompts.limit",
         "experiments.generation_policy", "experiments.rounds"),
         "k samples per prompt of one language (from the sample store)", "Generate"),
-    StageDecl("scores", "scores", ("generations",), ("reward",),
+    StageDecl("score", "scores", ("generate",), ("reward",),
               "the reward scorers' scores of one language's samples", "Score"),
-    StageDecl("pairs", "pairs", ("scores", "prompts"), (
+    StageDecl("pair", "pairs", ("score", "prompts"), (
         "pairing", "experiments.pairing"),
         "DPO pairs and SFT rows of a variant's scores", "Pairs"),
-    StageDecl("training", "training", ("pairs",), (
+    StageDecl("ref-logps", "ref_logps", ("pair",), (
+        "policy", "training.max_length", "training.precision",
+        "experiments.training.max_length", "experiments.training.precision",
+        "experiments.per_language"),
+        "the reference model's log-probs of a DPO variant's pairs (shared by variants)",
+        "RefLogps"),
+    StageDecl("train", "training", ("pair", "ref-logps"), (
         "policy", "training", "experiments.method",
         "experiments.training", "experiments.generation_policy", "experiments.per_language"),
         "one variant's adapter (per round, per language)", "Train"),
-    StageDecl("heldout-generations", "generations", ("prompts", "training"), (
+    StageDecl("heldout-generate", "generations", ("prompts", "train"), (
         "policy", *_EVAL_GENERATION, "evaluation.split", "evaluation.limit", "evaluation.k",
         "evaluation.temperature", "evaluation.max_new_tokens"),
         "held-out answers of the base and of each variant", "GenerateLanguages"),
-    StageDecl("heldout-scores", "scores", ("heldout-generations",), ("reward",),
+    StageDecl("heldout-score", "scores", ("heldout-generate",), ("reward",),
               "the held-out answers' scores", "ScoreLanguages"),
-    StageDecl("judgments", "judgments", ("heldout-scores",), ("evaluation.judge",),
+    StageDecl("judge", "judgments", ("heldout-score",), ("evaluation.judge",),
               "pairwise judge verdicts and win rates, variant vs base", "Judge"),
-    StageDecl("structured", "structured", ("training",), (
+    StageDecl("structured", "structured", ("train",), (
         "languages", "policy", "evaluation.structured"),
         "multiple-choice accuracy of the base and each variant", "Structured"),
     StageDecl("reward-check", "reward_check", (), (
@@ -147,16 +153,19 @@ def reaches(last: str, step: str) -> bool:
 class RoundPlan:
     """One training round of a variant: round r > 1 of DPO/SFT samples (`generate`,
     `score`, lang -> call) from adapter r-1; `pairs` is what it trains on (none for online
-    DPO); `train`: one call, or lang -> call for per-language models (key None: one)."""
+    DPO); `ref_logps`: DPO's reference log-probs of them, and `train`, the training run:
+    one call each, or lang -> call for per-language models (key None: one)."""
 
     generate: dict[str, Any] = field(default_factory=dict)
     score: dict[str, Any] = field(default_factory=dict)
     pairs: Any = None
+    ref_logps: dict[str | None, Any] = field(default_factory=dict)
     train: dict[str | None, Any] = field(default_factory=dict)
 
     def stages(self) -> list:
         return [*self.generate.values(), *self.score.values(),
-                *([self.pairs] if self.pairs else []), *self.train.values()]
+                *([self.pairs] if self.pairs else []), *self.ref_logps.values(),
+                *self.train.values()]
 
 
 @dataclass
@@ -187,12 +196,15 @@ class VariantPlan:
         from croco.manifest import RoundOutputs, VariantOutputs
 
         out = VariantOutputs[str](scores=_results(self.score, root))
+        per_language = self.variant.per_language
         for r in self.rounds:
-            trained = _results(r.train, root)
+            trained, ref = _results(r.train, root), _results(r.ref_logps, root)
             out.rounds.append(RoundOutputs[str](
                 scores=_results(r.score, root), pairs=r.pairs.result(root) if r.pairs else None,
-                training=None if self.variant.per_language else trained[None],
-                training_by_lang={} if not self.variant.per_language else trained))
+                ref_logps=None if per_language else ref.get(None),
+                ref_logps_by_lang=ref if per_language else {},
+                training=None if per_language else trained[None],
+                training_by_lang=trained if per_language else {}))
         return out
 
 
@@ -340,9 +352,15 @@ def _variant_plan(cfg: CrocoConfig, variant: VariantConfig, scores: dict[str, st
                 scores = {lang: plan.uri(s) for lang, s in this.score.items()}
             this.pairs = st.Pairs(score_uris=scores, prompts_uris=prompts, pairing=pairing)
         pairs_uri = plan.uri(this.pairs) if this.pairs else None
+        if variant.method == "dpo":  # the reference is the round's starting policy
+            this.ref_logps = {model: st.RefLogps(
+                pairs_uri=pairs_uri, policy=policies[model],
+                training=cfg.variant_training(variant), lang=model) for model in models}
         this.train = {model: st.Train(spec=variant_spec(
             cfg, variant, policy=policies[model], pairs_uri=pairs_uri, prompts_uris=prompts,
-            lang=model)) for model in models}
+            lang=model, ref_logps_uri=(plan.uri(this.ref_logps[model])
+                                       if this.ref_logps else None)))
+            for model in models}
         out.rounds.append(this)
     return out
 

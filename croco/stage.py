@@ -77,9 +77,9 @@ class Stage(BaseModel):
     def uses_gpu(self) -> bool:
         return self.gpu
 
-    def work(self, out: str, progress: Progress | None) -> dict | None:
-        """Write the output under `out`; return what `_SUCCESS` records, or None when the
-        stage marked its outputs itself (several, one per language)."""
+    def work(self, out: str, progress: Progress | None) -> dict:
+        """Write the output under `out` (each file atomically, `croco.storage`); return what
+        `_SUCCESS` records (rows, ...). The runner writes the marker, never the stage."""
         raise NotImplementedError
 
     def complete(self, data_root: str) -> bool:
@@ -118,7 +118,8 @@ def shard_group(n_shards: int, group: int, groups: int) -> range:
 class LanguagesTogether(Stage):
     """A stage that runs every language at once (held-out sets are small) and writes one
     `lang=xx/` folder with its own `_SUCCESS` per language, the layout of the per-language
-    stages: its result maps language -> folder, complete when every folder is.
+    stages: its result maps language -> folder, complete when every folder is. Its `work`
+    writes every folder and returns language -> what that folder's `_SUCCESS` records.
     `languages()`: the run's languages (the keys of the stage's per-language inputs)."""
 
     def languages(self) -> list[str]:
@@ -178,7 +179,7 @@ def _seal(out: str, n_shards: int, info: dict) -> None:
                                 **info})
 
 
-def run_once(out: str, work: Callable[[], dict | None]) -> str:
+def run_once(out: str, work: Callable[[], dict]) -> str:
     """`out` as it is when complete; otherwise `work()` writes it and returns what
     `_SUCCESS` records, which is written last with the seconds the work took."""
     if storage.is_complete(out):
@@ -186,9 +187,23 @@ def run_once(out: str, work: Callable[[], dict | None]) -> str:
     storage.sweep_temporary(out)  # what a writer killed here earlier left
     t0 = time.perf_counter()
     info = work()
-    if info is not None:
-        storage.mark_complete(out, {**info, "seconds": round(time.perf_counter() - t0, 3)})
+    storage.mark_complete(out, {**info, "seconds": round(time.perf_counter() - t0, 3)})
     return out
+
+
+def _run_languages(stage: LanguagesTogether, data_root: str, progress: Progress | None) -> None:
+    """Every language's folder written by one `work`, then each marked complete."""
+    folders = stage.result(data_root)
+    for uri in folders.values():
+        storage.sweep_temporary(uri)
+    t0 = time.perf_counter()
+    infos = stage.work(stage.output(data_root), progress)
+    seconds = round(time.perf_counter() - t0, 3)
+    missing = sorted(set(folders) - set(infos))
+    if missing:
+        raise RuntimeError(f"{stage.label()}: wrote nothing for {', '.join(missing)}")
+    for lang, uri in folders.items():
+        storage.mark_complete(uri, {**infos[lang], "seconds": seconds})
 
 
 def run(stage: Stage, data_root: str, *, progress: Progress | None = None,
@@ -203,6 +218,9 @@ def run(stage: Stage, data_root: str, *, progress: Progress | None = None,
         return stage.result(data_root)
     if shards is not None:
         raise ValueError(f"{stage.label()}: only a sharded stage takes shards")
+    if isinstance(stage, LanguagesTogether):
+        _run_languages(stage, data_root, progress)
+        return stage.result(data_root)
     out = stage.output(data_root)
     run_once(out, lambda: stage.work(out, progress))
     return stage.result(data_root)

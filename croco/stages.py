@@ -3,7 +3,8 @@
 Every stage's output lives at `<data_root>/<folder>/<key>[/lang=xx]`, where the key
 hashes the stage's code version, its identity (its config without the execution-only
 settings, its inputs' keys, files by content: `croco.identity`). `croco.stage.run(stage,
-data_root)` returns a complete output at once and otherwise writes it, `_SUCCESS` last;
+data_root)` returns a complete output at once and otherwise writes it, `_SUCCESS` last
+(written by the runner from what `work` returns: no stage marks itself);
 generate and score write numbered parts and resume part by part, from the sample and
 score stores (`croco.samples`), possibly as several shard groups at once (the grouping
 enters no key: a sample's draws depend on the seed, its prompt and its index only).
@@ -15,6 +16,7 @@ Layout (hive-partitioned by `lang=`):
     scored/<key>/lang=xx/<shard>.parquet
     scores/<key>/lang=xx/part-00000.parquet ...
     pairs/<key>/{dpo,sft}/lang=xx/data.parquet, pools.parquet, stats.parquet
+    ref_logps/<key>[/lang=xx]/data.parquet
     training/<key>/adapter/, metrics.json, training_config.json
     judgments/<key>/, structured/<key>/, reward_check/<key>/
     runs/<run_id>/manifest.json, heldout.parquet, report.md
@@ -35,6 +37,7 @@ from croco.config import (
     PromptsConfig,
     RewardConfig,
     StructuredEvalConfig,
+    TrainingConfig,
 )
 from croco.identity import STAGE_VERSIONS, identity, path_identity
 from croco.samples import (
@@ -218,14 +221,11 @@ class GenerateLanguages(LanguagesTogether):
     def languages(self) -> list[str]:
         return list(self.prompts_uris)
 
-    def work(self, out: str, progress: Progress | None) -> None:
-        import time
-
+    def work(self, out: str, progress: Progress | None) -> dict[str, dict]:
         from croco.generation import (generate_frame, make_generator, policy_label,
                                       vllm_options)
         from croco.prompts import select_for_generation
 
-        t0 = time.perf_counter()
         policy, gen, cfg = self.policy, self.gen, self.prompts_cfg
         prompts = pl.concat([
             select_for_generation(storage.read_parquet(storage.join(uri, "data.parquet")),
@@ -246,16 +246,18 @@ class GenerateLanguages(LanguagesTogether):
             seed=gen.seed, policy=policy_label(policy.model, policy.adapter),
             respond_in_language=gen.respond_in_language,
             instruction_template=gen.instruction_template)
-        _write_by_language(df, self.folders(out), time.perf_counter() - t0)
-        return None
+        return _write_by_language(df, self.folders(out))
 
 
-def _write_by_language(df: pl.DataFrame, outs: dict[str, str], seconds: float) -> None:
+def _write_by_language(df: pl.DataFrame, outs: dict[str, str]) -> dict[str, dict]:
+    """Each language's rows as the one part of its folder; lang -> what its `_SUCCESS`
+    records."""
+    infos = {}
     for lang, uri in outs.items():
         part = df.filter(pl.col("lang") == lang)
         storage.write_parquet(part, storage.join(uri, part_name(0)))
-        storage.mark_complete(uri, {"rows": part.height, "shards": 1,
-                                    "seconds": round(seconds, 3)})
+        infos[lang] = {"rows": part.height, "shards": 1}
+    return infos
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -341,12 +343,9 @@ class ScoreLanguages(LanguagesTogether):
     def languages(self) -> list[str]:
         return list(self.generations_uris)
 
-    def work(self, out: str, progress: Progress | None) -> None:
-        import time
-
+    def work(self, out: str, progress: Progress | None) -> dict[str, dict]:
         from croco.reward import score_frame
 
-        t0 = time.perf_counter()
         langs = sorted(self.generations_uris)
         for uri in self.generations_uris.values():
             if not storage.is_complete(uri):
@@ -355,8 +354,7 @@ class ScoreLanguages(LanguagesTogether):
                          how="diagonal_relaxed")
         scored = score_frame(gens, _prompts(self.prompts_uris, langs), self.reward.scorers,
                              device=self.reward.device)
-        _write_by_language(scored, self.folders(out), time.perf_counter() - t0)
-        return None
+        return _write_by_language(scored, self.folders(out))
 
 
 # ---------------------------------------------------------------------------- pairing
@@ -380,17 +378,13 @@ class Pairs(Stage):
     def label(self) -> str:
         return f"pair-{self.pairing.scope}"
 
-    def work(self, out: str, progress: Progress | None) -> None:
-        import time
-
+    def work(self, out: str, progress: Progress | None) -> dict:
         from croco import pairs_io
 
-        t0 = time.perf_counter()
         langs = sorted(self.score_uris)
         parts = [p for lang in langs for p in storage.parquet_files(self.score_uris[lang])]
         sets = pairs_io.pair_shards(parts, _prompts(self.prompts_uris, langs), self.pairing)
-        pairs_io.write_pair_sets(sets, out, langs, time.perf_counter() - t0)
-        return None  # write_pair_sets marks the output with its counts
+        return pairs_io.write_pair_sets(sets, out, langs)
 
     def summary(self, result: str) -> str:
         info = completion_info(result)
@@ -400,39 +394,69 @@ class Pairs(Stage):
 # --------------------------------------------------------------------------- training
 
 
+class RefLogps(Stage):
+    """The reference model's log-probs of a pairs output's DPO pairs (`lang`: one
+    language's only, for a per-language model), computed once and read by every DPO
+    variant trained on those pairs from that starting policy
+    (`croco.training.dpo.reference_logps`): `data.parquet` (pair_id, ref_chosen_logps,
+    ref_rejected_logps). Keyed by the pairs, the reference (`policy`, its adapter when a
+    round continues one), the max length and the precision setting; `_SUCCESS` records
+    whether they were computed in bf16 (`precision: auto` decides on the machine)."""
+
+    folder = "ref_logps"
+    pairs_uri: str
+    policy: PolicyConfig
+    training: TrainingConfig
+    lang: str | None = None
+
+    def identity(self) -> dict:
+        return {"pairs": key_of(self.pairs_uri), "policy": identity(self.policy),
+                "max_length": self.training.max_length, "precision": self.training.precision}
+
+    def label(self) -> str:
+        return "ref-logps" + (f"-{self.lang}" if self.lang else "")
+
+    def work(self, out: str, progress: Progress | None) -> dict:
+        from croco.models import local_adapter
+        from croco.training.dpo import reference_logps
+
+        pairs = storage.read_parquet(storage.join(self.pairs_uri, "dpo"))
+        if self.lang:
+            pairs = pairs.filter(pl.col("prompt_lang") == self.lang)
+        table, bf16 = reference_logps(pairs, policy=self.policy.model,
+                                      adapter=local_adapter(self.policy.adapter),
+                                      cfg=self.training)
+        storage.write_parquet(table, storage.join(out, "data.parquet"))
+        return {"rows": table.height, "bf16": bf16}
+
+
 class Train(Stage):
-    """One training run (`croco.training.run.run_train`, the spec's method); on a machine
-    with several GPUs, DPO and SFT train data parallel on all of them."""
+    """One training run (`croco.training.run.train`, the spec's method); on a machine
+    with several GPUs, DPO and SFT train data parallel on all of them. Its key is the
+    spec's (`TrainSpec.key`)."""
 
     folder = "training"
     spec: TrainSpec
 
-    def key(self) -> str:
-        return self.spec.key()
-
     def identity(self) -> dict:
-        return {"spec": self.spec.key()}
-
-    def where(self) -> str:
-        return f"training/{self.spec.key()}"
-
-    def output(self, data_root: str) -> str:
-        return self.spec.uri()
+        return {k: v for k, v in self.spec.identity().items() if k not in ("stage", "v")}
 
     def label(self) -> str:
         return f"train-{self.spec.variant_name}"
 
-    def work(self, out: str, progress: Progress | None) -> None:
-        from croco.training.run import run_train
+    def work(self, out: str, progress: Progress | None) -> dict:
+        from croco.training.run import train
 
+        spec = self.spec
+        if spec.uri() != out:  # the spec's data root is the runner's
+            spec = spec.model_copy(update={"data_root": out.rsplit("/training/", 1)[0]})
         n_gpus = _gpu_count()
-        if n_gpus > 1 and self.spec.method in ("dpo", "sft"):
+        if n_gpus > 1 and spec.method in ("dpo", "sft"):
             from croco.training.launch import run_train_distributed
 
-            run_train_distributed(n_gpus, self.spec)
-        else:
-            run_train(self.spec)
-        return None  # the training run marks its output
+            run_train_distributed(n_gpus, spec)  # its main process marks the output
+            return {k: v for k, v in completion_info(out).items() if k != "seconds"}
+        return train(spec, out)
 
     def summary(self, result: str) -> str:
         m = storage.read_json(storage.join(result, "metrics.json"))
@@ -672,16 +696,6 @@ def run_score(generations_uri: str, prompts_uri: str, lang: str, reward: RewardC
     stage = Score(generations_uri=generations_uri, prompts_uri=prompts_uri, lang=lang,
                   reward=reward)
     return run(stage, data_root, progress=progress, shards=shards)
-
-
-def score_uri(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
-    return Score(generations_uri=generations_uri, prompts_uri="", lang=lang,
-                 reward=reward).output(data_root)
-
-
-def seal_scores(generations_uri: str, lang: str, reward: RewardConfig, data_root: str) -> str:
-    return seal(Score(generations_uri=generations_uri, prompts_uri="", lang=lang,
-                      reward=reward), data_root)
 
 
 def run_score_languages(generations_uris: dict[str, str], prompts_uris: dict[str, str],

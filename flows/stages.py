@@ -345,6 +345,7 @@ def croco_train(config: CrocoConfig, variant: VariantConfig,
             stages.generate_and_score(rnd.generate, rnd.score)
         if rnd.pairs:
             stages.one(rnd.pairs)
+        stages.each(rnd.ref_logps)
         stages.each(rnd.train)
     return plan.outputs(stages.root).model_dump(mode="json")
 

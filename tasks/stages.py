@@ -8,10 +8,10 @@ complete once `_SUCCESS` is written. The flows never submit a call whose output 
 complete (`croco.flows.stages.Stages.todo`), so an unchanged rerun starts no stage task
 at all, a changed batch size or device reruns nothing, an edited prompt file or retrained
 local model folder reruns what depends on it, a changed pairing config re-pairs only,
-and a new language runs only that language. Prefect's own task cache is not used for
-stages (it would be a second key for the same thing); a crash or a deleted output never
-redoes finished work nor serves a stale result, because completeness is read from
-storage. Retries (with backoff) are for transient errors only:
+and a new language runs only that language. Prefect's task cache is never read for
+stages (`StageRecord` only files each result under the stage's key); a crash or a
+deleted output never redoes finished work nor serves a stale result, because
+completeness is read from storage. Retries (with backoff) are for transient errors only:
 I/O, network, object storage; bad input fails at once.
 """
 
@@ -22,13 +22,15 @@ import logging
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import CachePolicy
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
+from prefect.utilities.hashing import hash_objects
 
 from croco import stage as contract
 from croco import stages, storage
@@ -93,7 +95,23 @@ _DEFAULT = OrchestrationConfig()
 #: (`with_retries`).
 DEFAULT_RETRIES = retry_options(_DEFAULT.retries, _DEFAULT.retry_delay_seconds)
 
-_common = dict(cache_policy=NO_CACHE, **DEFAULT_RETRIES)
+@dataclass
+class StageRecord(CachePolicy):
+    """The key a stage task's result is recorded under in Prefect's result storage (a
+    bucket on a cluster): the stage's output place (`Stage.where`: its key and language)
+    and its other inputs (data root, step, shard group). Written, never read
+    (`refresh_cache`): the output's `_SUCCESS` is the one cache, and the flows start no
+    task for a complete output."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        if not inputs:
+            return None
+        return hash_objects({k: v.where() if isinstance(v, Stage) else v
+                             for k, v in inputs.items()}, raise_on_failure=True)
+
+
+_common = dict(cache_policy=StageRecord(), refresh_cache=True, persist_result=True,
+               **DEFAULT_RETRIES)
 
 
 # --------------------------------------------------------------------------- GPU slots

@@ -16,8 +16,8 @@ def test_config_plan_lists_what_a_run_would_compute(tmp_path):
         line.strip("│ ").split("│") for line in result.output.splitlines()
         if line.startswith("│"))}
     # The demo: 7 languages; nothing is there yet, so everything is to compute.
-    assert rows["prompts"] == [7, 0, 7] and rows["generations"] == [7, 0, 7]
-    assert rows["pairs"] == [1, 0, 1] and rows["structured"] == [2, 0, 2]
+    assert rows["prompts"] == [7, 0, 7] and rows["generate"] == [7, 0, 7]
+    assert rows["pair"] == [1, 0, 1] and rows["structured"] == [2, 0, 2]
     assert not list(tmp_path.iterdir())  # a plan writes nothing
 
 

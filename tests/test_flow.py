@@ -484,7 +484,7 @@ def test_per_language_models_go_through_their_own_rounds(prefect_harness, tiny_c
     # croco.plan names exactly these training runs without running anything.
     from croco import plan
 
-    assert plan.run_identities(cfg)["training"] == {
+    assert plan.run_identities(cfg)["train"] == {
         Path(u).name for r in rounds for u in r.training_by_lang.values()}
 
 
@@ -498,5 +498,8 @@ def test_second_dpo_variant_reuses_stored_reference_logps(prefect_harness, tiny_
     result = croco_pipeline(config=cfg)
     m1 = storage.read_json(storage.join(result["outputs"].training_runs()["beta1"], "metrics.json"))
     m2 = storage.read_json(storage.join(result["outputs"].training_runs()["beta2"], "metrics.json"))
-    assert m1["ref_logps"] == "computed" and m1["ref_forward_batches"] > 0
+    # the reference log-probs are one stage output, computed once before either trains
+    (r1,), (r2,) = (v.rounds for v in result["outputs"].variants.values())
+    assert r1.ref_logps == r2.ref_logps and storage.is_complete(r1.ref_logps)
+    assert m1["ref_logps"] == "stored" and m1["ref_forward_batches"] == 0
     assert m2["ref_logps"] == "stored" and m2["ref_forward_batches"] == 0

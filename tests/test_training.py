@@ -11,7 +11,7 @@ import pytest
 
 from croco import storage
 from croco.config import PolicyConfig, TrainingConfig
-from croco.training.dpo import ref_logps_uri, train_dpo
+from croco.training.dpo import train_dpo
 from croco.training.run import run_train
 from croco.training.spec import DPOSpec, OnlineDPOSpec, SFTSpec
 
@@ -51,16 +51,33 @@ def test_dpo_lowers_its_loss_on_separable_pairs(tiny_lm, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
 
 
+def _ref_logps(pairs_uri: str, model: str, cfg: TrainingConfig, root) -> str:
+    """The reference log-probs stage on a pairs output; its output URI."""
+    from croco.stage import run
+    from croco.stages import RefLogps
+
+    return run(RefLogps(pairs_uri=pairs_uri, policy=PolicyConfig(model=model), training=cfg),
+               str(root))
+
+
 def test_second_variant_on_the_same_pairs_runs_no_reference_forward(tiny_lm, tmp_path):
+    """The reference log-probs are a stage of their own, computed once as training would
+    compute them; every variant on the same pairs reads them and runs no reference model."""
     pairs = separable_pairs()
-    ref = ref_logps_uri(str(tmp_path / "pairs" / "k1"), tiny_lm, None, 64)
-    first = train_dpo(pairs, policy=tiny_lm, adapter=None, cfg=TrainingConfig(max_steps=2, **FAST),
-                      out_uri=str(tmp_path / "a"), ref_uri=ref)
-    assert first["ref_logps"] == "computed"
-    assert first["ref_forward_batches"] == 2  # 8 pairs / batch 4, once
+    cfg = TrainingConfig(max_steps=2, **FAST)
+    ref = _ref_logps(write_pairs(tmp_path, pairs), tiny_lm, cfg, tmp_path)
     assert storage.is_complete(ref)
     stored = storage.read_parquet(storage.join(ref, "data.parquet"))
     assert stored.height == 8 and stored["ref_chosen_logps"].null_count() == 0
+
+    first = train_dpo(pairs, policy=tiny_lm, adapter=None, cfg=cfg,
+                      out_uri=str(tmp_path / "a"))  # given none: computes its own
+    assert first["ref_logps"] == "computed"
+    assert first["ref_forward_batches"] == 2  # 8 pairs / batch 4, once
+    own = storage.read_parquet(str(tmp_path / "a" / "ref_logps.parquet")).sort("pair_id")
+    assert own["pair_id"].to_list() == stored.sort("pair_id")["pair_id"].to_list()
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert (own[col] - stored.sort("pair_id")[col]).abs().max() < 1e-5, col
 
     second = train_dpo(pairs, policy=tiny_lm, adapter=None,
                        cfg=TrainingConfig(max_steps=2, beta=0.3, **FAST),
@@ -70,13 +87,20 @@ def test_second_variant_on_the_same_pairs_runs_no_reference_forward(tiny_lm, tmp
 
 
 def test_reference_logps_are_keyed_by_pairs_policy_length_and_precision():
-    a = ref_logps_uri("/d/pairs/k1", "m", None, 64)
-    assert a == ref_logps_uri("/d/pairs/k1", "m", None, 64)
-    assert a != ref_logps_uri("/d/pairs/k1", "m", None, 64, bf16=True)
-    assert a != ref_logps_uri("/d/pairs/k2", "m", None, 64)
-    assert a != ref_logps_uri("/d/pairs/k1", "m2", None, 64)
-    assert a != ref_logps_uri("/d/pairs/k1", "m", None, 128)
-    assert a.startswith("/d/pairs/k1/ref_logps/")
+    from croco.stages import RefLogps
+
+    def uri(pairs="/d/pairs/k1", model="m", **training) -> str:
+        return RefLogps(pairs_uri=pairs, policy=PolicyConfig(model=model),
+                        training=TrainingConfig(**{"max_length": 64, **training})).output("/d")
+
+    a = uri()
+    assert a == uri()
+    assert a == uri(beta=0.3, learning_rate=1e-3, per_device_batch_size=2)  # not the reference's
+    assert a != uri(precision="bf16")
+    assert a != uri(pairs="/d/pairs/k2")
+    assert a != uri(model="m2")
+    assert a != uri(max_length=128)
+    assert a.startswith("/d/ref_logps/")
 
 
 def test_a_checkpoint_killed_mid_save_is_passed_over_and_removed(tmp_path):
@@ -295,14 +319,11 @@ def test_two_process_data_parallel_dpo_matches_one_process_reference(tiny_lm, tm
     metrics = storage.read_json(storage.join(uri, "metrics.json"))
     assert metrics["world_size"] == 2 and metrics["ref_logps"] == "computed"
     assert "adapter_config.json" in storage.list_dir(storage.join(uri, "adapter"))
-    ref_dir = tmp_path / "pairs" / "abc123" / "ref_logps"
-    (key,) = [p.name for p in ref_dir.iterdir()]
-    two = storage.read_parquet(str(ref_dir / key / "data.parquet")).sort("pair_id")
+    two = storage.read_parquet(storage.join(uri, "ref_logps.parquet")).sort("pair_id")
     assert two.height == 12
 
-    single = ref_logps_uri(str(tmp_path / "single" / "pairs" / "k"), tiny_lm, None, 64)
-    train_dpo(pairs, policy=tiny_lm, adapter=None, cfg=TrainingConfig(max_steps=1, **FAST),
-              out_uri=str(tmp_path / "one"), ref_uri=single)
+    single = _ref_logps(write_pairs(tmp_path / "single", pairs), tiny_lm,
+                        TrainingConfig(max_steps=1, **FAST), tmp_path / "single")
     one = storage.read_parquet(storage.join(single, "data.parquet")).sort("pair_id")
     assert one["pair_id"].to_list() == two["pair_id"].to_list()
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
@@ -407,7 +428,7 @@ def test_training_key_hashes_what_decides_the_adapter():
                  _dpo_spec(policy=PolicyConfig(model="m", adapter="/a")),
                  _dpo_spec(training=TrainingConfig(effective_batch_size=32)),
                  _dpo_spec(training=TrainingConfig(beta=0.3)),
-                 SFTSpec(**_dpo_spec().model_dump(exclude={"method"}))]
+                 SFTSpec(**_dpo_spec().model_dump(exclude={"method", "ref_logps_uri"}))]
     assert len({s.key() for s in different} | {spec.key()}) == len(different) + 1
 
 
@@ -418,7 +439,7 @@ def test_a_spec_validates_back_from_its_json_as_its_method():
     online = OnlineDPOSpec(variant_name="o", policy=PolicyConfig(model="m"),
                            training=TrainingConfig(), data_root="/d", reward=RewardConfig(),
                            prompts_uris={"en": "/d/prompts/p/lang=en"})
-    for spec in (_dpo_spec(lang="de"), SFTSpec(**_dpo_spec().model_dump(exclude={"method"})),
+    for spec in (_dpo_spec(lang="de"), SFTSpec(**_dpo_spec().model_dump(exclude={"method", "ref_logps_uri"})),
                  online):
         back = TrainSpecAdapter.validate_json(spec.model_dump_json())
         assert type(back) is type(spec) and back == spec and back.key() == spec.key()
@@ -454,3 +475,18 @@ def test_reference_logps_on_the_cpu_equal_trl_own(tiny_lm, tmp_path, monkeypatch
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape == (4,)
         assert torch.allclose(a.float(), b.float(), atol=tol, rtol=1e-3), (a, b)
+
+
+def test_the_train_stage_files_its_output_where_the_spec_says():
+    """The train stage takes the spec's key as is (no override of the contract's key or
+    place): training outputs keep the keys they had."""
+    from croco.config import stable_hash
+    from croco.identity import STAGE_VERSIONS
+    from croco.stages import Train
+
+    spec = _dpo_spec(lang="de")
+    stage = Train(spec=spec)
+    assert stage.key() == spec.key() == stable_hash(spec.identity())
+    assert spec.identity()["stage"] == "training"
+    assert spec.identity()["v"] == STAGE_VERSIONS["training"]
+    assert stage.output(spec.data_root) == spec.uri()

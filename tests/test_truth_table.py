@@ -25,7 +25,7 @@ SHADOWED = {
     # The walked variant overrides beta and pairing.seed: the run's own values reach only
     # the run's pair set (pairing.seed) or nothing the variant trains on (beta).
     "training.beta": set(),
-    "pairing.seed": {"pairs"},
+    "pairing.seed": {"pair"},
 }
 
 
@@ -105,16 +105,16 @@ def test_each_change_reruns_what_its_stages_declare_and_nothing_else(rows):
 
 def test_switches_turn_their_stages_off(rows):
     by_field = {r["field"]: r for r in rows}
-    assert by_field["evaluation.judge.enabled"]["stops"] == ["judgments"]
+    assert by_field["evaluation.judge.enabled"]["stops"] == ["judge"]
     assert by_field["evaluation.structured.enabled"]["stops"] == ["structured"]
     assert set(by_field["evaluation.enabled"]["stops"]) == {
-        "heldout-generations", "heldout-scores", "judgments", "structured", "reward-check"}
+        "heldout-generate", "heldout-score", "judge", "structured", "reward-check"}
     # training off ends a run after its pairs (as `croco run` always did): nothing is
     # evaluated, the base included
     assert by_field["training.enabled"]["stops"] == [
-        "training", "heldout-generations", "heldout-scores", "judgments", "structured",
+        "ref-logps", "train", "heldout-generate", "heldout-score", "judge", "structured",
         "reward-check"]
-    assert by_field["experiments.0.per_language"]["stops"] == ["judgments"]
+    assert by_field["experiments.0.per_language"]["stops"] == ["judge"]
 
 
 def test_the_table_in_docs_is_the_one_the_code_computes(rows):

@@ -3,10 +3,15 @@
 The reference is the frozen starting point (the base with the adapter disabled; when a
 previous round's adapter is continued, TRL keeps an initial copy of it as the reference).
 
-Reference log-probabilities are computed once and kept next to the pairs, at
-`<pairs>/ref_logps/<key>/data.parquet`, keyed by the pairs, the reference model (policy and
-adapter) and the max length; every later variant on the same pairs (another beta, another
-learning rate) reads them instead of running the reference model again.
+Reference log-probabilities are a stage of their own (`croco.stages.RefLogps`, run before
+any DPO variant trains): `reference_logps` computes them exactly as training would (TRL's
+trainer built over the pairs precomputes them, nothing is trained), into
+`<data_root>/ref_logps/<key>/data.parquet`, keyed by the pairs, the reference model (policy
+and adapter), the max length and the precision setting; every variant on the same pairs
+(another beta, another learning rate) reads them instead of running the reference model
+again. A run given none (or ones computed in another precision, as `precision: auto` may
+resolve differently on another machine) computes its own and records them in its output
+(`ref_logps.parquet`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from croco import storage
-from croco.config import TrainingConfig, stable_hash
+from croco.config import TrainingConfig
 from croco.training.common import (
     batch_args,
     checkpoint_mirror,
@@ -58,23 +63,6 @@ def to_conversational(pairs: pl.DataFrame):
         if col in df.columns:
             rows[col] = df[col].to_list()
     return Dataset.from_dict(rows)
-
-
-def ref_logps_uri(pairs_uri: str, policy: str, adapter: str | None, max_length: int,
-                  *, bf16: bool = False) -> str:
-    """Where the reference log-probs of one (pair set, reference model, max length,
-    precision) live: the model and adapter by identity (`croco.identity.path_identity`), so
-    a local model folder retrained in place gets new ones; log-probs computed in bf16 are
-    kept apart from float32 ones."""
-    from croco.identity import path_identity
-
-    key = {"pairs": pairs_uri.rstrip("/").split("/")[-1],
-           "policy": path_identity(policy), "adapter": path_identity(adapter),
-           "max_length": max_length, "v": 1}
-    if bf16:
-        key["bf16"] = True
-    key = stable_hash(key)
-    return storage.join(pairs_uri, "ref_logps", key)
 
 
 def completion_logps(causal_lm, inputs: dict):
@@ -213,13 +201,14 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
     pairs = pairs.with_columns(pair_ids(pairs).alias("pair_id"))
     stored = None
     precompute = reference == "precomputed"
-    if not precompute:
-        ref_uri = None
-    if ref_uri and storage.is_complete(ref_uri):
-        stored = storage.read_parquet(storage.join(ref_uri, "data.parquet"))
+    prec = precision_args(cfg, device)
+    if precompute and ref_uri:
+        stored = _stored_ref_logps(ref_uri, prec["bf16"])
+    if stored is not None:
         pairs = pairs.join(stored, on="pair_id", how="left")
         if pairs["ref_chosen_logps"].null_count():
-            log.warning("stored reference log-probs do not cover every pair; recomputing")
+            log.warning("the reference log-probs at %s do not cover every pair; computing "
+                        "them here", ref_uri)
             pairs = pairs.drop("ref_chosen_logps", "ref_rejected_logps")
             stored = None
     train_df, eval_df = split_heldout(pairs, "pair_id", cfg.heldout_fraction)
@@ -228,7 +217,6 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
 
     workdir = local_workdir(out_uri)
     workdir.mkdir(parents=True, exist_ok=True)
-    prec = precision_args(cfg, device)
     args = DPOConfig(
         output_dir=str(workdir), beta=cfg.beta, max_length=cfg.max_length,
         precompute_ref_log_probs=precompute, eval_strategy="no",
@@ -244,8 +232,8 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
         callbacks=[checkpoint_mirror(out_uri), *(callbacks or [])],
     )
     ref_batches_precompute = trainer_cls.ref_forward_batches
-    if ref_uri and stored is None and is_main_process():
-        _store_ref_logps(trainer, ref_uri)
+    if precompute and stored is None and is_main_process():  # a record of what it used
+        storage.write_parquet(_ref_table(trainer), storage.join(out_uri, "ref_logps.parquet"))
     resume = last_checkpoint(workdir, out_uri)
     if resume:
         log.info("resuming DPO from %s", resume)
@@ -283,11 +271,51 @@ def _count_tokens(dataset) -> int:
     return total
 
 
-def _store_ref_logps(trainer, ref_uri: str) -> None:
-    ds = trainer.train_dataset
-    frames = []
-    for d in [ds] + ([trainer.eval_dataset] if trainer.eval_dataset is not None else []):
-        frames.append(pl.DataFrame({c: d[c] for c in REF_COLUMNS}))
-    df = pl.concat(frames)
-    storage.write_parquet(df, storage.join(ref_uri, "data.parquet"))
-    storage.mark_complete(ref_uri, {"rows": df.height})
+def _ref_table(trainer) -> pl.DataFrame:
+    """The reference log-probs a trainer precomputed, train and eval sets (REF_COLUMNS)."""
+    sets = [trainer.train_dataset] + ([trainer.eval_dataset]
+                                      if trainer.eval_dataset is not None else [])
+    return pl.concat([pl.DataFrame({c: d[c] for c in REF_COLUMNS}) for d in sets])
+
+
+def _stored_ref_logps(ref_uri: str, bf16: bool) -> pl.DataFrame | None:
+    """The reference log-probs at `ref_uri` if complete and computed in the precision this
+    run trains in (bf16 or not); else None."""
+    if not storage.is_complete(ref_uri):
+        log.warning("no reference log-probs at %s; computing them here", ref_uri)
+        return None
+    made_in = storage.read_json(storage.join(ref_uri, storage.SUCCESS)).get("bf16")
+    if made_in is not None and bool(made_in) != bf16:
+        log.warning("the reference log-probs at %s were computed %s bf16, this run trains "
+                    "%s it; computing them here", ref_uri, "in" if made_in else "without",
+                    "in" if bf16 else "without")
+        return None
+    return storage.read_parquet(storage.join(ref_uri, "data.parquet"))
+
+
+def reference_logps(pairs: pl.DataFrame, *, policy: str, adapter: str | None,
+                    cfg: TrainingConfig) -> tuple[pl.DataFrame, bool]:
+    """The reference model's log-probs of every pair (`REF_COLUMNS`, `pair_id` as
+    `pair_ids` makes it), computed as DPO training computes them: TRL's trainer, built over
+    all the pairs with the training settings, precomputes them when it is made; nothing is
+    trained. Returns the table and whether it was computed in bf16."""
+    import tempfile
+
+    from trl import DPOConfig
+
+    from croco.models import pick_device
+
+    if pairs.is_empty():
+        raise ValueError("no pairs to train on: every pool was skipped (see the pair stats)")
+    device = pick_device(cfg.device)
+    prec = precision_args(cfg, device)
+    pairs = pairs.with_columns(pair_ids(pairs).alias("pair_id"))
+    with tempfile.TemporaryDirectory(prefix="croco-ref-") as tmp:
+        args = DPOConfig(output_dir=tmp, beta=cfg.beta, max_length=cfg.max_length,
+                         precompute_ref_log_probs=True, eval_strategy="no",
+                         **batch_args(cfg), **schedule_args(cfg, cfg.learning_rate), **prec)
+        model, tok, peft_config = load_policy_for_training(policy, adapter, cfg, prec)
+        trainer = _trainer_class()(model=model, args=args,
+                                   train_dataset=to_conversational(pairs),
+                                   processing_class=tok, peft_config=peft_config)
+        return _ref_table(trainer), bool(prec["bf16"])

@@ -1,34 +1,45 @@
 """The training stage: one spec in (`croco.training.spec`), one training output out.
 
-`run_train(spec)` writes `<data_root>/training/<key>/{adapter/, metrics.json,
-training_config.json}` (plus `merged/` and a hub upload when asked), marked complete with
-`_SUCCESS`; an output already complete is returned at once. This module sits below
-`croco.stages` and the flows: it reads the stage outputs it trains on by URI and needs
-nothing of the other stages.
+`train(spec, out)` writes `adapter/`, `metrics.json` and `training_config.json` (plus
+`merged/` and a hub upload when asked) under `out` and returns what the output's
+`_SUCCESS` records; the stage runner (`croco.stage.run_once`) writes that marker, last.
+`run_train(spec)` is the two together at `<data_root>/training/<key>/`, for callers
+outside the pipeline (the distributed launcher, tests); an output already complete is
+returned at once. This module sits below `croco.stages` and the flows: it reads the stage
+outputs it trains on by URI and needs nothing of the other stages.
 """
 
 from __future__ import annotations
 
-import time
-
 import polars as pl
 
 from croco import storage
+from croco.stage import run_once
 from croco.training.spec import DPOSpec, OnlineDPOSpec, SFTSpec, TrainSpec
 
 
 def run_train(spec: TrainSpec, *, callbacks: list | None = None) -> str:
-    """Train the run `spec` describes and return its output URI.
-
-    `spec.policy.adapter`, when set, is continued (iterative rounds, for every method);
-    `spec.lang` restricts the training data to one language (per-language models). In a
-    distributed run every process trains and only the main one writes the outputs."""
+    """Train the run `spec` describes unless its output is complete; its output URI.
+    In a distributed run every process trains; only the main one writes the outputs and
+    the marker."""
     from croco.training.common import is_main_process
 
-    t0 = time.perf_counter()
     out = spec.uri()
     if storage.is_complete(out):
         return out
+    if not is_main_process():
+        train(spec, out, callbacks=callbacks)
+        return out
+    return run_once(out, lambda: train(spec, out, callbacks=callbacks))
+
+
+def train(spec: TrainSpec, out: str, *, callbacks: list | None = None) -> dict:
+    """Train into `out`: the run `spec` describes, `spec.policy.adapter` continued when set
+    (iterative rounds, for every method), `spec.lang` restricting the data to one language
+    (per-language models). Returns what `_SUCCESS` records (rows, method, ...); writes no
+    marker. In a distributed run only the main process writes files."""
+    from croco.training.common import is_main_process
+
     metrics = _train(spec, out, callbacks)
     generation_policy = (spec.generation_policy if isinstance(spec, (DPOSpec, SFTSpec))
                          else None) or spec.policy.model
@@ -37,8 +48,11 @@ def run_train(spec: TrainSpec, *, callbacks: list | None = None) -> str:
                                   if isinstance(spec, OnlineDPOSpec) else spec.pairs_uri),
                     "policy": spec.policy.model, "init_adapter": spec.policy.adapter,
                     "generation_policy": generation_policy, "off_policy": spec.off_policy})
+    info = {"rows": metrics.get("pairs_train", metrics.get(
+        "rows_train", metrics.get("pairs_generated"))), "method": spec.method,
+            "off_policy": spec.off_policy, "generation_policy": generation_policy}
     if not is_main_process():
-        return out  # a distributed run's other processes: the main one writes the outputs
+        return info  # a distributed run's other processes: the main one writes the outputs
     if spec.training.merge:
         metrics["merged"] = export_merged(out, spec.policy.model)
     if spec.training.push_to_hub:
@@ -46,30 +60,20 @@ def run_train(spec: TrainSpec, *, callbacks: list | None = None) -> str:
     storage.write_json(storage.join(out, "metrics.json"), metrics)
     # The spec itself, so the run can be told apart and redone (TrainSpecAdapter reads it).
     storage.write_json(storage.join(out, "training_config.json"), spec.model_dump(mode="json"))
-    storage.mark_complete(out, {"rows": metrics.get("pairs_train", metrics.get(
-        "rows_train", metrics.get("pairs_generated"))), "method": spec.method,
-                                "off_policy": spec.off_policy,
-                                "generation_policy": generation_policy,
-                                "seconds": round(time.perf_counter() - t0, 3)})
-    return out
+    return info
 
 
 def _train(spec: TrainSpec, out: str, callbacks: list | None) -> dict:
     """Run the method's trainer into `out`; its metrics."""
     policy, training = spec.policy, spec.training
     if isinstance(spec, DPOSpec):
-        from croco.models import pick_device
-        from croco.training.common import precision_args
-        from croco.training.dpo import ref_logps_uri, train_dpo
+        from croco.training.dpo import train_dpo
 
         data = storage.read_parquet(storage.join(spec.pairs_uri, "dpo"))
         if spec.lang:
             data = data.filter(pl.col("prompt_lang") == spec.lang)
-        bf16 = precision_args(training, pick_device(training.device))["bf16"]
-        ref_uri = ref_logps_uri(spec.pairs_uri, policy.model, policy.adapter, training.max_length,
-                                bf16=bf16)
         return train_dpo(data, policy=policy.model, adapter=policy.adapter, cfg=training,
-                         out_uri=out, ref_uri=ref_uri, callbacks=callbacks)
+                         out_uri=out, ref_uri=spec.ref_logps_uri, callbacks=callbacks)
     if isinstance(spec, SFTSpec):
         from croco.training.sft import train_sft
 

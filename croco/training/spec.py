@@ -58,7 +58,7 @@ class _Spec(BaseModel):
         """Trained on another model's samples (offline methods only)."""
         return False
 
-    def _identity(self) -> dict:
+    def identity(self) -> dict:
         return {"stage": "training", "v": STAGE_VERSIONS["training"], "method": self.method,
                 "policy": identity(self.policy), "lang": self.lang,
                 "training": identity(self.training)}
@@ -67,7 +67,7 @@ class _Spec(BaseModel):
         """The training key: a hash of what decides the trained adapter, not the variant's
         name, the data root or the execution-only settings (see above), with the policy's
         model and adapter by identity (`croco.identity.path_identity`)."""
-        return stable_hash(self._identity())
+        return stable_hash(self.identity())
 
     def uri(self) -> str:
         """Where the run writes `adapter/`, `metrics.json` and `training_config.json`."""
@@ -85,15 +85,18 @@ class _PairsSpec(_Spec):
     def off_policy(self) -> bool:
         return self.generation_policy is not None and self.generation_policy != self.policy.model
 
-    def _identity(self) -> dict:
-        return {**super()._identity(), "pairs": storage.key_of(self.pairs_uri),
+    def identity(self) -> dict:
+        return {**super().identity(), "pairs": storage.key_of(self.pairs_uri),
                 "off_policy": self.off_policy}
 
 
 class DPOSpec(_PairsSpec):
-    """DPO on the pairs output's `dpo/` table."""
+    """DPO on the pairs output's `dpo/` table; `ref_logps_uri`: the reference log-probs of
+    those pairs (the `RefLogps` stage's output; none: computed while training). Not in the
+    key: they follow from what is (the pairs, the policy, the training settings)."""
 
     method: Literal["dpo"] = "dpo"
+    ref_logps_uri: str | None = None
 
 
 class SFTSpec(_PairsSpec):
@@ -117,8 +120,8 @@ class OnlineDPOSpec(_Spec):
     prompts_limit: int | None = None
     max_new_tokens: int = Field(64, ge=1)
 
-    def _identity(self) -> dict:
-        return {**super()._identity(), "reward": identity(self.reward),
+    def identity(self) -> dict:
+        return {**super().identity(), "reward": identity(self.reward),
                 "prompts": sorted(storage.key_of(u) for u in self.prompts_uris.values()),
                 "split": self.prompts_split, "limit": self.prompts_limit,
                 "max_new_tokens": self.max_new_tokens}
@@ -132,10 +135,10 @@ TrainSpecAdapter: TypeAdapter[TrainSpec] = TypeAdapter(TrainSpec)
 
 def variant_spec(config: CrocoConfig, variant: VariantConfig, *, policy: PolicyConfig,
                  pairs_uri: str | None = None, prompts_uris: dict[str, str] | None = None,
-                 lang: str | None = None) -> TrainSpec:
+                 lang: str | None = None, ref_logps_uri: str | None = None) -> TrainSpec:
     """The spec of one training run of `variant`: the run's settings with the variant's
     overrides, starting from `policy` (the config's, or with a previous round's adapter).
-    DPO and SFT need `pairs_uri`, online DPO `prompts_uris`."""
+    DPO and SFT need `pairs_uri`, online DPO `prompts_uris`; DPO reads `ref_logps_uri`."""
     common = {"variant_name": variant.name, "policy": policy,
               "training": config.variant_training(variant),
               "data_root": storage.normalize_root(config.data_root), "lang": lang}
@@ -144,5 +147,7 @@ def variant_spec(config: CrocoConfig, variant: VariantConfig, *, policy: PolicyC
                              prompts_split=config.prompts.split,
                              prompts_limit=config.prompts.limit,
                              max_new_tokens=config.generation.max_new_tokens)
-    cls = DPOSpec if variant.method == "dpo" else SFTSpec
-    return cls(**common, pairs_uri=pairs_uri, generation_policy=variant.generation_policy)
+    if variant.method == "dpo":
+        return DPOSpec(**common, pairs_uri=pairs_uri, ref_logps_uri=ref_logps_uri,
+                       generation_policy=variant.generation_policy)
+    return SFTSpec(**common, pairs_uri=pairs_uri, generation_policy=variant.generation_policy)
