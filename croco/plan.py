@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
@@ -403,6 +404,30 @@ def _evaluation_plan(cfg: CrocoConfig, prompts: dict[str, str], plan: Plan) -> E
     return out
 
 
+# ------------------------------------------------------------------ deployments
+
+
+#: The stages `orchestration.deployments` can send to a deployment, each flow run of one
+#: running that part of the plan (flows/stages.py `Stages`).
+DEPLOYED = ("generate", "score", "train", "evaluate")
+
+
+def flow_runs(plan: Plan, complete: Callable[[Any], bool], groups: int = 1) -> dict[str, int]:
+    """The flow runs a run of `plan` starts with every stage of `DEPLOYED` on a deployment,
+    `complete(call)` saying whether a call's output is there: one per language whose
+    generate (or score) output is missing (x `groups` shard groups), one per variant with
+    any call missing (its own samples, pairs, reference log-probs and training run inside
+    it), one for the evaluation when any of its calls is. The pipeline starts exactly
+    these (`Stages.todo`); the truth table lists them per field."""
+    def missing(calls) -> list:
+        return [s for s in calls if not complete(s)]
+
+    return {"generate": groups * len(missing(plan.generate.values())),
+            "score": groups * len(missing(plan.score.values())),
+            "train": sum(1 for v in plan.variants.values() if missing(v.stages())),
+            "evaluate": int(bool(plan.evaluation and missing(plan.evaluation.stages())))}
+
+
 # ------------------------------------------------------------------------- identities
 
 
@@ -578,12 +603,16 @@ def truth_table(cfg: CrocoConfig | None = None) -> list[dict]:
     change reruns (by identity)."""
     cfg = cfg or walk_config()
     before = run_identities(cfg)
+    there = {s.where() for s in build_plan(cfg, root="/plan").stages()}
     rows = []
     for path, exec_only in leaf_fields(cfg):
-        after = run_identities(with_change(cfg, path))
+        changed = with_change(cfg, path)
+        after = run_identities(changed)
+        runs = flow_runs(build_plan(changed, root="/plan"), lambda s: s.where() in there)
         rows.append({"field": path, "execution_only": exec_only,
                      "reruns": [s.name for s in STAGES if s.name in reruns(before, after)],
-                     "stops": [s.name for s in STAGES if before[s.name] and not after[s.name]]})
+                     "stops": [s.name for s in STAGES if before[s.name] and not after[s.name]],
+                     "flow_runs": runs})
     return rows
 
 
@@ -598,12 +627,16 @@ def render_markdown(rows: list[dict]) -> str:
         "every other stage's outputs are read back. A stage that reads a rerun stage's",
         "output reruns too. Execution-only fields rerun nothing. Variant fields are shown",
         "for the first variant (`experiments.0`); a scorer's for each scorer type.",
+        "The last column is the flow runs a rerun starts on a cluster when every GPU stage",
+        "runs on a deployment (`orchestration.deployments`: generate, score, train and",
+        "evaluate; one shard group per language): one per language, variant or evaluation",
+        "whose outputs are not all there (`croco.plan.flow_runs`).",
         "",
         "Stages:",
         "",
     ]
     lines += [f"- `{s.name}` (`{s.folder}/`): {s.doc}" for s in STAGES]
-    lines += ["", "| field | reruns |", "|---|---|"]
+    lines += ["", "| field | reruns | flow runs on deployments |", "|---|---|---|"]
     for r in rows:
         if r["execution_only"]:
             what = f"nothing ({r['execution_only']})"
@@ -611,7 +644,8 @@ def render_markdown(rows: list[dict]) -> str:
             what = ", ".join(r["reruns"]) or "nothing"
             if r["stops"]:
                 what += f"; turns off {', '.join(r['stops'])}"
-        lines.append(f"| `{r['field']}` | {what} |")
+        runs = ", ".join(f"{n} {k}" for k, n in r["flow_runs"].items() if n) or "none"
+        lines.append(f"| `{r['field']}` | {what} | {runs} |")
     lines += ["", "Inputs named by a path (model folders, prompt files and folders, the",
               "multiple-choice file, the preference set) are identified by their content,",
               "so editing one in place reruns what the row of its field says.", ""]

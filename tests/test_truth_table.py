@@ -311,3 +311,78 @@ def test_the_pipeline_writes_exactly_what_the_identities_say(
         else:
             assert rerun, what
         ids = new_ids
+
+
+def test_deployments_start_flow_runs_only_for_what_a_change_reaches(rows):
+    """On a cluster (every GPU stage on a deployment) a change starts flow runs only for
+    the languages, variants and evaluation it reaches: an execution-only change or a
+    switch none, a judge change the evaluate run only (no train run for the unchanged
+    variant)."""
+    none = {"generate": 0, "score": 0, "train": 0, "evaluate": 0}
+    for r in rows:
+        if r["execution_only"] or r["field"].endswith(".enabled"):
+            assert r["flow_runs"] == none, r
+        if r["field"].startswith("evaluation.judge.") and not r["execution_only"] \
+                and not r["field"].endswith(".enabled"):
+            assert r["flow_runs"] == dict(none, evaluate=1), r
+    by_field = {r["field"]: r for r in rows}
+    assert by_field["languages"]["flow_runs"] == {"generate": 1, "score": 1, "train": 1,
+                                                  "evaluate": 1}
+
+
+@pytest.mark.parametrize("field", [None, "generation.batch_size", "evaluation.judge.model",
+                                   "pairing.min_gap", "languages", "generation.k",
+                                   "experiments.0.training"])
+def test_the_pipeline_starts_the_flow_runs_the_table_says(field, monkeypatch):
+    """The executor (`flows/stages.py` `Stages`, walked as the pipeline walks the plan)
+    with every GPU stage on a deployment, after a complete run of the walk config, starts
+    exactly the flow runs `plan.flow_runs` (the table's last column) names."""
+    from croco.flows import stages as flow_stages
+    from croco.stage import Stage
+
+    before = plan.walk_config()
+    after = plan.with_change(before, field) if field else before
+    deployments = {s: f"croco-{s}/gpu" for s in plan.DEPLOYED}
+    after = after.model_copy(update={"orchestration": after.orchestration.model_copy(
+        update={"deployments": deployments})})
+    there = {s.where() for s in plan.build_plan(before, root="/plan").stages()}
+    monkeypatch.setattr(Stage, "complete", lambda self, root: self.where() in there)
+    monkeypatch.setattr(flow_stages.storage, "is_complete", lambda uri: True)
+    started: list[str] = []
+
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    class Fake:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def submit(self, **kw):
+            return Done(self.answer(kw))
+
+        def with_options(self, **_):
+            return self
+
+    def trigger(kw):
+        started.append(kw["deployment"].split("/")[0].removeprefix("croco-"))
+        return "/plan/x"
+
+    monkeypatch.setattr(flow_stages, "trigger_task", Fake(trigger))
+    monkeypatch.setattr(flow_stages, "stage_task",
+                        Fake(lambda kw: kw["stage"].result("/plan")))
+    run = flow_stages.Stages(after.model_copy(update={"data_root": "/plan"}))
+    p = plan.build_plan(after, root="/plan")
+    run.each(p.prompts)
+    run.generate_and_score(p.generate, p.score)
+    run.one(p.pairs)
+    for variant in p.variants.values():
+        run.train(variant)
+    run.evaluate(p.evaluation, "r")
+    expected = plan.flow_runs(p, lambda s: s.where() in there)
+    assert {k: started.count(k) for k in plan.DEPLOYED} == expected
+    if field in (None, "generation.batch_size"):
+        assert started == []  # nothing queued on any pool
