@@ -40,9 +40,12 @@ from pydantic import BaseModel
 #: same inputs changes. generations 2: the samples come from the sample store, seeded per
 #: stored shard; pairs 2: the tie rule for distances equal up to rounding, pools.parquet
 #: without the texts; samples 2, generations 3, judgments 2: counter-based draws, a
-#: sample's seed from (generation seed, prompt, sample index) only.
+#: sample's seed from (generation seed, prompt, sample index) only. ref_logps 1: the
+#: reference log-probs as a stage of their own. heldout_generations and heldout_scores: the
+#: held-out stages' own versions (they share their folders with generate and score; split
+#: off at those folders' versions, so no key moved).
 STAGE_VERSIONS = {"prompts": 1, "samples": 2, "generations": 3, "scores": 1, "pairs": 2,
-                  "ref_logps": 1,
+                  "ref_logps": 1, "heldout_generations": 3, "heldout_scores": 1,
                   "training": 1, "judgments": 2, "structured": 1, "reward_check": 1}
 
 #: Field marks (`Field(..., **EXECUTION_ONLY)`), read by `identity`.

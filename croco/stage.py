@@ -50,11 +50,14 @@ class Stage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     folder: ClassVar[str]
+    #: Its entry in `STAGE_VERSIONS` when it shares its folder with another stage (the
+    #: held-out answers and scores): each stage's code has its own version.
+    versioned_as: ClassVar[str | None] = None
     gpu: ClassVar[bool] = True
 
     @property
     def version(self) -> int:
-        return STAGE_VERSIONS[self.folder]
+        return STAGE_VERSIONS[self.versioned_as or self.folder]
 
     def identity(self) -> dict:
         raise NotImplementedError

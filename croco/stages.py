@@ -204,6 +204,7 @@ class GenerateLanguages(LanguagesTogether):
     is meant for are small. `name`: the model's name in the run (a label)."""
 
     folder = "generations"
+    versioned_as = "heldout_generations"
     prompts_uris: dict[str, str]
     policy: PolicyConfig
     gen: GenerationConfig
@@ -328,6 +329,7 @@ class ScoreLanguages(LanguagesTogether):
     each scorer loaded once); the `Score` layout, one part and `_SUCCESS` per language."""
 
     folder = "scores"
+    versioned_as = "heldout_scores"
     generations_uris: dict[str, str]
     prompts_uris: dict[str, str]
     reward: RewardConfig
