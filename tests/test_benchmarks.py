@@ -1,6 +1,7 @@
 """The benchmark harness (`benchmarks.ab`) and its entry point (`python -m benchmarks`):
 interleaving, ratios, the table, and skipping a benchmark module that is not there.
-No model is loaded; every case here takes milliseconds."""
+No model is loaded; every case here takes milliseconds, except the one marked slow, which
+runs the paper-scale rehearsal (`benchmarks/rehearsal.py`) end to end at a tiny size."""
 
 from __future__ import annotations
 
@@ -318,3 +319,190 @@ def test_min_seconds_repeats_a_timed_side_and_takes_the_mean_but_not_a_measured_
     assert calls["timed"] >= 3 * 9  # >= 0.1 s of 10-ms calls per rep
     assert all(0.01 <= b < 0.05 for b in res.baseline)  # seconds per call, not per rep
     assert res.croco == [5.0, 5.0, 5.0]
+
+
+# ------------------------------------------------------- benchmarks/rehearsal.py
+
+def _environ(method: str, path: str, query: str = "", body: bytes = b"", **headers) -> dict:
+    import io
+
+    env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+           "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+    env.update({f"HTTP_{k.upper()}": v for k, v in headers.items()})
+    return env
+
+
+def test_rehearsal_counts_s3_requests_by_operation_and_folder_at_the_server():
+    from benchmarks.rehearsal import RequestLog
+
+    log = RequestLog("croco")
+    log.record(_environ("PUT", "/b/croco/samples/k/lang%3Den/s.parquet.tmp-1", body=b"x" * 100))
+    log.record(_environ("PUT", "/b/croco/samples/k/lang=en/s.parquet",
+                        x_amz_copy_source="/b/croco/samples/k/lang=en/s.parquet.tmp-1"))
+    body = b"<Delete><Object><Key>croco/samples/k/lang=en/s.parquet.tmp-1</Key></Object></Delete>"
+    env = _environ("POST", "/b", "delete", body)
+    log.record(env)
+    assert env["wsgi.input"].read() == body  # moto still reads the whole body
+    mark = log.mark()
+    log.record(_environ("GET", "/b", "list-type=2&prefix=croco%2Fscores%2Fk%2F"))
+    log.record(_environ("HEAD", "/b/croco/scores/k/lang=en/_SUCCESS"))
+    log.record(_environ("GET", "/b/croco/runs/r/manifest.json"))
+    log.record(_environ("HEAD", "/b"))
+    log.record(_environ("PUT", "/b/croco/scores/k/lang=en/part-00000.parquet", body=b"y" * 7,
+                        x_amz_decoded_content_length="5"))
+    first = log.since(0, mark)
+    assert first["total"] == 3
+    assert first["by_op"] == {"put": 1, "copy": 1, "delete-many": 1}
+    assert first["by_folder"] == {"samples": {"requests": 3, "bytes_put": 100, "by_op": {
+        "put": 1, "copy": 1, "delete-many": 1}}}
+    later = log.since(mark)
+    assert later["by_op"] == {"list": 1, "head": 1, "get": 1, "head-bucket": 1, "put": 1}
+    assert later["by_folder"]["scores"] == {"requests": 3, "bytes_put": 5, "by_op": {
+        "list": 1, "head": 1, "put": 1}}
+    assert later["by_folder"]["runs"]["requests"] == 1
+    assert later["by_folder"]["(bucket)"]["by_op"] == {"head-bucket": 1}
+
+
+def test_rehearsal_tells_created_rewritten_and_deleted_files_apart_per_folder():
+    from benchmarks.rehearsal import diff, written_markers
+
+    before = {"samples/k/lang=en/a.parquet": (10, 1, 1), "generations/g/lang=en/_SUCCESS": (2, 1, 2),
+              "scores/s/lang=en/part-00000.parquet": (5, 1, 3)}
+    after = {"samples/k/lang=en/a.parquet": (10, 1, 1),  # untouched
+             "samples/k/lang=en/b.parquet": (7, 2, 4),  # new
+             "generations/g/lang=en/_SUCCESS": (3, 2, 5),  # written again
+             "generations/h/lang=en/_SUCCESS": (4, 2, 6)}  # new; scores/ part deleted
+    folders = diff(before, after)
+    assert folders["samples"] == {"files_created": 1, "files_rewritten": 0, "files_deleted": 0,
+                                  "bytes_written": 7, "files_after": 2, "bytes_after": 17}
+    assert folders["generations"]["files_created"] == 1
+    assert folders["generations"]["files_rewritten"] == 1
+    assert folders["generations"]["bytes_written"] == 7
+    assert folders["scores"]["files_deleted"] == 1
+    assert written_markers(before, after) == ["generations/g/lang=en/_SUCCESS",
+                                              "generations/h/lang=en/_SUCCESS"]
+
+
+def test_rehearsal_puts_task_runs_and_probe_records_under_their_stage():
+    from benchmarks.rehearsal import probe_by_stage, task_stage
+
+    langs = {"en", "de"}
+    names = {"prompts-en": "prompts", "generate-de": "generate", "generate-en-3": "generate",
+             "plan-generate-en": "generate", "seal-score-de": "score", "score-en-0": "score",
+             "pair-in_lang": "pair", "train-dpo": "train", "generate-base": "evaluate",
+             "score-dpo": "evaluate", "judge-dpo": "evaluate", "heldout-summary-5ec": "evaluate",
+             "report-730": "evaluate", "manifest-7b7": "manifest",
+             "croco-train-0": "subflow calls"}
+    assert {n: task_stage(n, langs) for n in names} == names
+    probe = {"generate-en": {"make_generator": [1, 4.0], "generate_frame": [2, 10.0],
+                             "run": [1, 15.0]},
+             "score-en-1": {"make_scorer": [2, 1.0], "score_frame": [1, 6.0], "run": [1, 7.5]}}
+    assert probe_by_stage(probe, langs) == {
+        "generate": {"stage_run_seconds": 15.0, "load_seconds": 4.0, "model_seconds": 10.0,
+                     "model_calls": 2},
+        # make_scorer runs inside score_frame: load 1 s, model work 6 - 1 s
+        "score": {"stage_run_seconds": 7.5, "load_seconds": 1.0, "model_seconds": 5.0,
+                  "model_calls": 1}}
+
+
+def test_rehearsal_prompt_file_has_the_counts_asked_for_and_grows_at_the_end(tmp_path):
+    from benchmarks.rehearsal import PAPER_LANGUAGES, append_prompts, write_prompts
+    from croco.config import PAPER_LANGUAGES as CROCO_PAPER_LANGUAGES
+    from croco.prompts import load_prompts
+
+    assert PAPER_LANGUAGES == CROCO_PAPER_LANGUAGES
+    path = tmp_path / "prompts.jsonl"
+    write_prompts(path, ["en", "ga"], 12, heldout=2)
+    table = load_prompts(str(path))
+    counts = {(r["lang"], r["split"]): r["len"] for r in
+              table.group_by("lang", "split").len().to_dicts()}
+    assert counts == {("en", "train"): 12, ("ga", "train"): 12, ("en", "heldout"): 2,
+                      ("ga", "heldout"): 2}
+    before = table.filter(table["split"] == "train")
+    append_prompts(path, ["en", "ga"], 12, 1)
+    grown = load_prompts(str(path))
+    train = grown.filter(grown["split"] == "train")
+    assert train.height == 26
+    # croco sorts by id: the new prompt comes after the old ones, which are unchanged
+    en = train.filter(train["lang"] == "en")["prompt_id"].to_list()
+    assert en[-1] == "p000012" and en[:-1] == sorted(en[:-1])
+    assert before.filter(before["lang"] == "en")["prompt"].to_list() == \
+        train.filter(train["lang"] == "en")["prompt"].to_list()[:-1]
+
+
+def _rehearsal_run(run_id: str, scale: float, s3: bool) -> dict:
+    folders = {"samples": {"files_created": int(8 * scale), "files_rewritten": 0,
+                           "files_deleted": 0, "bytes_written": int(1000 * scale),
+                           "files_after": 8, "bytes_after": 1000},
+               "generations": {"files_created": 10, "files_rewritten": 0, "files_deleted": 0,
+                               "bytes_written": 900, "files_after": 10, "bytes_after": 900}}
+    requests = None
+    if s3:
+        for f in folders.values():
+            f["requests"] = 40
+        requests = {"total": 80, "by_op": {"put": 30, "head": 50}, "by_folder": {}}
+    stage = {"outputs": 2, "rows": 100, "success_seconds": 3.0, "generated_rows": 100,
+             "task_runs": 2, "task_seconds": 5.0, "stage_run_seconds": 3.1,
+             "load_seconds": 1.0, "model_seconds": 1.5, "model_calls": 2}
+    return {"run_id": run_id, "wall_seconds": 20.0 * scale, "flow_wall_seconds": 15.0,
+            "peak_rss_tree_mb": 1500, "peak_rss_process_mb": 1100,
+            "stages": {"generate": stage}, "folders": folders, "requests": requests,
+            "task_runs": 8, "flow_runs": 1, "prefect_db_bytes": 5_800_000,
+            "prefect_home_bytes": 5_900_000, "manifest_bytes": 5600,
+            "files_written": 18, "bytes_written": 1900, "plan_seconds": 0.6, "plan_rc": 0,
+            "plan_requests": {"total": 12} if s3 else None, "report_seconds": 1.6,
+            "report_rc": 0, "report_requests": {"total": 30} if s3 else None,
+            "report_log": "r.log"}
+
+
+@pytest.mark.parametrize("s3", [False, True])
+def test_rehearsal_report_shows_every_table_and_the_nightly_ratios(s3):
+    from benchmarks.rehearsal import report
+
+    result = {"machine": {"cpu_count": 2, "cpu_model": "Test CPU", "memory_gib": 24},
+              "libraries": "torch x", "benchmark_seconds": 50.0,
+              "sizes": {"languages": 2, "n": 128, "k": 64, "samples": 16384,
+                        "max_new_tokens": 4, "shard_size": 64, "groups": 1, "batch_size": 256,
+                        "root": "s3" if s3 else "local", "until": "pair", "nightly_new": 7},
+              "runs": {"first": _rehearsal_run("first", 1.0, s3),
+                       "nightly": _rehearsal_run("nightly", 0.5, s3)}}
+    text = report(result)
+    json.dumps(result)  # what --json writes
+    assert "2 CPUs (Test CPU), 24 GiB" in text
+    assert "| `croco run` wall time | 20.0 s | 10.0 s | 0.50 |" in text
+    assert "| samples | 8 / 4 (0.50) | 0 / 0 (-) | 1.0 kB / 500 B (0.50) |" in text
+    # the per-stage table: model load and work and the rest of croco.stage.run
+    assert "| generate | 2 | 100 | 100 | 3.0 | 3.1 | 1.0 | 1.5 | 0.6 | 2 | 5.0 |" in text
+    assert ("Object-store requests by operation" in text) is s3
+    assert ("| object-store requests, the run | 80 | 80 | 1.00 |" in text) is s3
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_croco_end_to_end_at_a_tiny_size(tmp_path):
+    """The real `croco run` twice (first, nightly) on 2 languages x 4 prompts x k=2."""
+    import subprocess
+
+    out = tmp_path / "rehearsal.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/rehearsal.py", "--n", "4", "--languages", "2", "--k", "2",
+         "--heldout", "1", "--nightly", "0.25", "--workdir", str(tmp_path / "work"),
+         "--json", str(out)],
+        check=False, cwd=Path(benchmarks.__file__).parents[1], capture_output=True, text=True,
+        timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "### Per folder of the data root" in proc.stdout
+    result = json.loads(out.read_text())
+    first, nightly = result["runs"]["first"], result["runs"]["nightly"]
+    assert first["stages"]["generate"]["rows"] == 2 * 4 * 2
+    assert first["stages"]["generate"]["generated_rows"] == 16
+    assert nightly["stages"]["generate"]["rows"] == 2 * 5 * 2
+    assert nightly["stages"]["generate"]["generated_rows"] == 4  # only the new prompts
+    assert first["stages"]["generate"]["model_seconds"] > 0
+    for run in (first, nightly):
+        assert run["task_runs"] >= 8 and run["flow_runs"] == 1
+        assert run["manifest_bytes"] > 0 and run["prefect_db_bytes"] > 0
+        assert run["plan_rc"] == 0 and run["report_rc"] == 0
+        assert {"prompts", "samples", "generations", "scored", "scores", "pairs",
+                "runs"} <= set(run["folders"])
+    assert nightly["folders"]["samples"]["files_created"] == 2 * 2  # a shard per language
+    assert result["nightly_over_first"]["bytes_written"] > 0
