@@ -98,12 +98,13 @@ from benchmarks.pipeline_runs import stage_outputs
 #: The paper's languages (`croco.config.PAPER_LANGUAGES`; a test checks the copy), copied
 #: so that this process, which measures the command, imports no more than it needs.
 PAPER_LANGUAGES = ["en", "da", "nl", "fr", "de", "it", "es", "gl", "cy", "mt", "ga"]
-STAGES = ["prompts", "generate", "score", "pair", "train", "evaluate", "manifest",
-          "subflow calls"]
+STAGES = ["prompts", "generate", "score", "pair", "ref-logps", "train", "evaluate",
+          "manifest", "subflow calls"]
 #: Which stage wrote a top-level folder of the data root (generations/ also holds the
 #: evaluation's held-out answers, scores/ their rewards).
 FOLDER_STAGE = {"prompts": "prompts", "samples": "generate", "generations": "generate",
-                "scored": "score", "scores": "score", "pairs": "pair", "training": "train",
+                "scored": "score", "scores": "score", "pairs": "pair", "ref_logps": "ref-logps",
+                "training": "train",
                 "judgments": "evaluate", "structured": "evaluate", "reward_check": "evaluate",
                 "runs": "manifest"}
 BUCKET = "croco-rehearsal"
@@ -469,12 +470,15 @@ def tree_bytes(path: Path) -> int:
 
 def task_stage(name: str, langs: set[str]) -> str:
     """The stage a task run (or a probe record) belongs to, from its name: prompts-en,
-    generate-en[-2], plan-/seal-generate-en, score-en, pair-in_lang, train-dpo; the
+    generate-en[-2], plan-/seal-generate-en, score-en, pair-in_lang, ref-logps[-en],
+    train-dpo; the
     evaluation's generate-base, score-dpo, judge-dpo ... count as evaluate."""
     if name.startswith("croco-"):
         return "subflow calls"  # the task run of a subflow: the time of the tasks inside
     for step in ("plan-", "seal-"):
         name = name.removeprefix(step)
+    if name.startswith("ref-logps"):
+        return "ref-logps"
     head, _, rest = name.partition("-")
     if head in ("generate", "score"):
         return head if rest.split("-")[0] in langs else "evaluate"

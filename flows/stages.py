@@ -92,29 +92,26 @@ def _parts_written(result: dict) -> bool:
     return all(storage.exists(storage.join(result["uri"], p)) for p in result["parts"])
 
 
-def resolve(task, calls: list[dict], complete=_complete) -> list:
-    """Submit one task run per kwargs, wait, and rerun (bypassing Prefect's cache) any whose
-    cached output has since disappeared from storage (`complete(result)` is False)."""
-    (results,) = resolve_together([(task, calls)], complete)
-    return results
-
-
-def resolve_together(work: list[tuple[Any, list[dict]]], complete=_complete) -> list[list]:
-    """`resolve` for several tasks that do not depend on each other: every call is submitted
-    before any is waited on (a cached rerun looks them up at once; GPU work still takes
-    turns through the GPU slots). Returns one result list per (task, calls)."""
+def run_together(work: list[tuple[Any, list[dict]]]) -> list[list]:
+    """Submit one task run per kwargs of every (task, calls), all before any is waited on
+    (GPU work still takes turns through the GPU slots); one result list per (task, calls).
+    For stage tasks, which read no cache: what they return is what they just wrote."""
     futures = [[task.submit(**kw) for kw in calls] for task, calls in work]
-    out = []
-    for (task, calls), futs in zip(work, futures):
-        results = [f.result() for f in futs]
-        stale = [i for i, r in enumerate(results) if not complete(r)]
-        if stale:
-            fresh = task.with_options(refresh_cache=True)
-            redo = [fresh.submit(**calls[i]) for i in stale]
-            for i, f in zip(stale, redo):
-                results[i] = f.result()
-        out.append(results)
-    return out
+    return [[f.result() for f in futs] for futs in futures]
+
+
+def resolve(task, calls: list[dict], complete=_complete) -> list:
+    """For a task served from Prefect's cache (a deployment's trigger): submit one run per
+    kwargs, wait, and rerun (bypassing the cache) any whose cached output has since
+    disappeared from storage (`complete(result)` is False)."""
+    (results,) = run_together([(task, calls)])
+    stale = [i for i, r in enumerate(results) if not complete(r)]
+    if stale:
+        fresh = task.with_options(refresh_cache=True)
+        redo = [fresh.submit(**calls[i]) for i in stale]
+        for i, f in zip(stale, redo):
+            results[i] = f.result()
+    return results
 
 
 def _jsonable(params: dict) -> dict:
@@ -176,7 +173,8 @@ class Stages:
         """Run independent calls as tasks in this process (those not complete); name ->
         result."""
         todo = self.todo(list(calls.values()))
-        ran = dict(zip(map(id, todo), resolve(self.stage_task, self.calls(todo))))
+        (results,) = run_together([(self.stage_task, self.calls(todo))])
+        ran = dict(zip(map(id, todo), results))
         return {name: ran[id(s)] if id(s) in ran else s.result(self.root)
                 for name, s in calls.items()}
 
@@ -209,7 +207,8 @@ class Stages:
                 self._remote(stage, [_call(s, root) for s in todo], [s.label() for s in todo],
                              [s.key() for s in todo])
             else:
-                ran = dict(zip(map(id, todo), resolve(self.stage_task, self.calls(todo))))
+                (results,) = run_together([(self.stage_task, self.calls(todo))])
+                ran = dict(zip(map(id, todo), results))
         elif todo:
             ran = self._in_groups(stage, todo, n)
         return [ran.get(id(s)) or s.result(root) for s in work]
@@ -218,7 +217,7 @@ class Stages:
         """`todo` as n shard groups each (tasks or flow runs), then sealed here."""
         root = self.root
         if any(s.planned for s in todo):  # every group must number the parts alike
-            resolve(self.stage_task, self.calls(todo, step="plan"), complete=storage.exists)
+            run_together([(self.stage_task, self.calls(todo, step="plan"))])
         if stage in self.deployments:
             self._remote(stage, [dict(_call(s, root), group=g, groups=n)
                                  for s in todo for g in range(n)],
@@ -226,10 +225,10 @@ class Stages:
                          [f"{s.key()}-{g}-{n}" for s in todo for g in range(n)],
                          complete=_parts_written)
         else:
-            resolve(self.stage_task, [dict(c, group=g, groups=n)
-                                      for c in self.calls(todo) for g in range(n)],
-                    complete=_parts_written)
-        return dict(zip(map(id, todo), resolve(self.stage_task, self.calls(todo, step="seal"))))
+            run_together([(self.stage_task, [dict(c, group=g, groups=n)
+                                             for c in self.calls(todo) for g in range(n)])])
+        (sealed,) = run_together([(self.stage_task, self.calls(todo, step="seal"))])
+        return dict(zip(map(id, todo), sealed))
 
     def generate_and_score(self, generate: dict[str, ShardedStage],
                            score: dict[str, ShardedStage]) -> tuple[dict, dict]:
@@ -245,24 +244,24 @@ class Stages:
         unless every call of the variant is complete."""
         name = variant.variant.name
         if not self.todo(variant.stages()):
-            pass  # every output is there: no subflow, no flow run
-        elif "train" not in self.deployments:
-            croco_train(config=self.config, variant=variant.variant, runtime=self.runtime)
-        else:
+            return variant.outputs(self.root)  # every output is there: nothing starts
+        if "train" in self.deployments:
             self._remote("train", [dict(config=self.config, variant=variant.variant)],
                          [f"train-{name}"], [[s.key() for s in variant.stages()]])
+        else:
+            croco_train(config=self.config, variant=variant.variant, runtime=self.runtime)
         return variant.outputs(self.root)
 
     def evaluate(self, evaluation: EvaluationPlan, run_id: str) -> EvaluationOutputs[str]:
         """The evaluation: a `croco-evaluate` subflow, or a flow run of the evaluate
         deployment unless every call of it is complete."""
         if not self.todo(evaluation.stages()):
-            pass  # every output is there: no subflow, no flow run
-        elif "evaluate" not in self.deployments:
-            croco_evaluate(config=self.config, run_id=run_id, runtime=self.runtime)
-        else:
+            return evaluation.outputs(self.root)  # every output is there: nothing starts
+        if "evaluate" in self.deployments:
             self._remote("evaluate", [dict(config=self.config, run_id=run_id)],
                          [f"evaluate-{run_id}"], [[s.key() for s in evaluation.stages()]])
+        else:
+            croco_evaluate(config=self.config, run_id=run_id, runtime=self.runtime)
         return evaluation.outputs(self.root)
 
 
@@ -299,10 +298,10 @@ def _one(stage: ShardedStage, runtime: Runtime, data_root: str, group: int | Non
          groups: int) -> str | dict:
     task = runtime.retrying(stage_task)
     if group is None:
-        (uri,) = resolve(task, [dict(stage=stage, data_root=data_root)])
+        ((uri,),) = run_together([(task, [dict(stage=stage, data_root=data_root)])])
         return uri
-    (done,) = resolve(task, [dict(stage=stage, data_root=data_root, group=group,
-                                  groups=groups)], complete=_parts_written)
+    ((done,),) = run_together([(task, [dict(stage=stage, data_root=data_root, group=group,
+                                            groups=groups)])])
     return done
 
 
@@ -364,5 +363,5 @@ def croco_evaluate(config: CrocoConfig, run_id: str, runtime: Runtime | None = N
     checks = [stages.todo(c) for c in ([plan.reward_check] if plan.reward_check else [],
                                        list(plan.structured.values()),
                                        list(plan.judgments.values()))]
-    resolve_together([(stages.stage_task, stages.calls(c)) for c in checks if c])
+    run_together([(stages.stage_task, stages.calls(c)) for c in checks if c])
     return plan.outputs(stages.root).model_dump(mode="json")

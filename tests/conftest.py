@@ -28,6 +28,28 @@ VLLM_MISSING = ("vllm is not installed: bash infra/setup-vllm.sh (vLLM's CPU bui
 LANGS = ["en", "de", "fr"]
 
 
+class FakeTask:
+    """A stand-in for a Prefect task in the executor's tests: `submit(**kw)` appends `kw`
+    to `log` and returns a finished future whose result is `answer(kw)`."""
+
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    def __init__(self, log: list, answer):
+        self.log, self.answer = log, answer
+
+    def submit(self, **kw):
+        self.log.append(kw)
+        return self.Done(self.answer(kw))
+
+    def with_options(self, **_):
+        return self
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer

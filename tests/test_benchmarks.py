@@ -389,7 +389,8 @@ def test_rehearsal_puts_task_runs_and_probe_records_under_their_stage():
     langs = {"en", "de"}
     names = {"prompts-en": "prompts", "generate-de": "generate", "generate-en-3": "generate",
              "plan-generate-en": "generate", "seal-score-de": "score", "score-en-0": "score",
-             "pair-in_lang": "pair", "train-dpo": "train", "generate-base": "evaluate",
+             "pair-in_lang": "pair", "ref-logps": "ref-logps", "ref-logps-de": "ref-logps",
+             "train-dpo": "train", "generate-base": "evaluate",
              "score-dpo": "evaluate", "judge-dpo": "evaluate", "heldout-summary-5ec": "evaluate",
              "report-730": "evaluate", "manifest-7b7": "manifest",
              "croco-train-0": "subflow calls"}

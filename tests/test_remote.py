@@ -14,6 +14,7 @@ from prefect.states import Cancelled, Completed, Crashed, Failed, Running
 from croco.config import ConfigError
 from croco.config_loading import config_from_dict
 from croco.tasks import remote
+from tests.conftest import FakeTask
 
 
 def _flow_run(state):
@@ -110,23 +111,8 @@ def test_stages_send_one_call_per_language_with_the_runtime(monkeypatch, tmp_pat
     from croco.flows import stages as flow_stages
 
     sent = []
-
-    class FakeFuture:
-        def __init__(self, value):
-            self.value = value
-
-        def result(self):
-            return self.value
-
-    class FakeTrigger:
-        def submit(self, **kw):
-            sent.append(kw)
-            return FakeFuture(f"{tmp_path}/generations/k/lang={kw['parameters']['lang']}")
-
-        def with_options(self, **_):
-            return self
-
-    monkeypatch.setattr(flow_stages, "trigger_task", FakeTrigger())
+    monkeypatch.setattr(flow_stages, "trigger_task", FakeTask(sent, lambda kw: (
+        f"{tmp_path}/generations/k/lang={kw['parameters']['lang']}")))
     monkeypatch.setattr(flow_stages.storage, "is_complete", _complete_once_sent(sent))
     cfg = config_from_dict({"data_root": str(tmp_path), "languages": ["en", "da"],
                             "storage_block": "aws-credentials/team",
@@ -177,25 +163,6 @@ def test_shard_groups_send_one_call_per_language_and_group_then_seal_here(monkey
     from croco.flows import stages as flow_stages
 
     sent = []
-
-    class FakeFuture:
-        def __init__(self, value):
-            self.value = value
-
-        def result(self):
-            return self.value
-
-    class FakeTask:
-        def __init__(self, log, answer):
-            self.log, self.answer = log, answer
-
-        def submit(self, **kw):
-            self.log.append(kw)
-            return FakeFuture(self.answer(kw))
-
-        def with_options(self, **_):
-            return self
-
     out = f"{tmp_path}/generations/k"
     monkeypatch.setattr(flow_stages, "trigger_task", FakeTask(sent, lambda kw: {
         "uri": f"{out}/lang={kw['parameters']['lang']}", "parts": []}))

@@ -339,6 +339,7 @@ def test_the_pipeline_starts_the_flow_runs_the_table_says(field, monkeypatch):
     exactly the flow runs `plan.flow_runs` (the table's last column) names."""
     from croco.flows import stages as flow_stages
     from croco.stage import Stage
+    from tests.conftest import FakeTask
 
     before = plan.walk_config()
     after = plan.with_change(before, field) if field else before
@@ -348,32 +349,10 @@ def test_the_pipeline_starts_the_flow_runs_the_table_says(field, monkeypatch):
     there = {s.where() for s in plan.build_plan(before, root="/plan").stages()}
     monkeypatch.setattr(Stage, "complete", lambda self, root: self.where() in there)
     monkeypatch.setattr(flow_stages.storage, "is_complete", lambda uri: True)
-    started: list[str] = []
-
-    class Done:
-        def __init__(self, value):
-            self.value = value
-
-        def result(self):
-            return self.value
-
-    class Fake:
-        def __init__(self, answer):
-            self.answer = answer
-
-        def submit(self, **kw):
-            return Done(self.answer(kw))
-
-        def with_options(self, **_):
-            return self
-
-    def trigger(kw):
-        started.append(kw["deployment"].split("/")[0].removeprefix("croco-"))
-        return "/plan/x"
-
-    monkeypatch.setattr(flow_stages, "trigger_task", Fake(trigger))
+    sent: list[dict] = []
+    monkeypatch.setattr(flow_stages, "trigger_task", FakeTask(sent, lambda kw: "/plan/x"))
     monkeypatch.setattr(flow_stages, "stage_task",
-                        Fake(lambda kw: kw["stage"].result("/plan")))
+                        FakeTask([], lambda kw: kw["stage"].result("/plan")))
     run = flow_stages.Stages(after.model_copy(update={"data_root": "/plan"}))
     p = plan.build_plan(after, root="/plan")
     run.each(p.prompts)
@@ -382,6 +361,7 @@ def test_the_pipeline_starts_the_flow_runs_the_table_says(field, monkeypatch):
     for variant in p.variants.values():
         run.train(variant)
     run.evaluate(p.evaluation, "r")
+    started = [kw["deployment"].split("/")[0].removeprefix("croco-") for kw in sent]
     expected = plan.flow_runs(p, lambda s: s.where() in there)
     assert {k: started.count(k) for k in plan.DEPLOYED} == expected
     if field in (None, "generation.batch_size"):

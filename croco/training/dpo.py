@@ -190,8 +190,6 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
     `reference="precomputed"` (default) runs the reference model once over the pairs (or
     reads the stored result from `ref_uri`); `"per_step"` is TRL's plain mode, a reference
     forward in every step (kept for the benchmark)."""
-    from trl import DPOConfig
-
     from croco.models import pick_device
 
     if pairs.is_empty():
@@ -217,20 +215,11 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
 
     workdir = local_workdir(out_uri)
     workdir.mkdir(parents=True, exist_ok=True)
-    args = DPOConfig(
-        output_dir=str(workdir), beta=cfg.beta, max_length=cfg.max_length,
-        precompute_ref_log_probs=precompute, eval_strategy="no",
-        **batch_args(cfg), **schedule_args(cfg, cfg.learning_rate), **prec,
-    )
-    model, tok, peft_config = load_policy_for_training(policy, adapter, cfg, prec)
-    trainer_cls = _trainer_class()
-    trainer_cls.ref_forward_batches = 0
-    trainer = trainer_cls(
-        model=model, args=args, train_dataset=to_conversational(train_df),
-        eval_dataset=to_conversational(eval_df) if eval_df.height else None,
-        processing_class=tok, peft_config=peft_config,
-        callbacks=[checkpoint_mirror(out_uri), *(callbacks or [])],
-    )
+    trainer = _dpo_trainer(train_df, eval_df, policy=policy, adapter=adapter, cfg=cfg,
+                           prec=prec, output_dir=workdir, precompute=precompute,
+                           callbacks=[checkpoint_mirror(out_uri), *(callbacks or [])])
+    trainer_cls = type(trainer)
+    args = trainer.args
     ref_batches_precompute = trainer_cls.ref_forward_batches
     if precompute and stored is None and is_main_process():  # a record of what it used
         storage.write_parquet(_ref_table(trainer), storage.join(out_uri, "ref_logps.parquet"))
@@ -240,7 +229,7 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
     result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if eval_df.height else {}
 
-    save_adapter(trainer, tok, workdir, out_uri)
+    save_adapter(trainer, trainer.processing_class, workdir, out_uri)
     tokens_per_pair = _count_tokens(trainer.train_dataset) / max(len(trainer.train_dataset), 1)
     steps_run = trainer.state.global_step - (int(Path(resume).name.split("-")[1]) if resume else 0)
     n_tokens = tokens_per_pair * steps_run * args.per_device_train_batch_size * \
@@ -301,8 +290,6 @@ def reference_logps(pairs: pl.DataFrame, *, policy: str, adapter: str | None,
     trained. Returns the table and whether it was computed in bf16."""
     import tempfile
 
-    from trl import DPOConfig
-
     from croco.models import pick_device
 
     if pairs.is_empty():
@@ -311,11 +298,30 @@ def reference_logps(pairs: pl.DataFrame, *, policy: str, adapter: str | None,
     prec = precision_args(cfg, device)
     pairs = pairs.with_columns(pair_ids(pairs).alias("pair_id"))
     with tempfile.TemporaryDirectory(prefix="croco-ref-") as tmp:
-        args = DPOConfig(output_dir=tmp, beta=cfg.beta, max_length=cfg.max_length,
-                         precompute_ref_log_probs=True, eval_strategy="no",
-                         **batch_args(cfg), **schedule_args(cfg, cfg.learning_rate), **prec)
-        model, tok, peft_config = load_policy_for_training(policy, adapter, cfg, prec)
-        trainer = _trainer_class()(model=model, args=args,
-                                   train_dataset=to_conversational(pairs),
-                                   processing_class=tok, peft_config=peft_config)
+        trainer = _dpo_trainer(pairs, pairs.head(0), policy=policy, adapter=adapter, cfg=cfg,
+                               prec=prec, output_dir=tmp, precompute=True)
         return _ref_table(trainer), bool(prec["bf16"])
+
+
+def _dpo_trainer(train_df: pl.DataFrame, eval_df: pl.DataFrame, *, policy: str,
+                 adapter: str | None, cfg: TrainingConfig, prec: dict, output_dir,
+                 precompute: bool, callbacks: list | None = None):
+    """The DPO trainer of `train_df` (and `eval_df` when it has rows) with the training
+    settings, its reference forward counter reset; with `precompute` it has computed the
+    reference log-probs the datasets lack once it is made. Training and the reference
+    stage both build it here, so both compute the reference alike."""
+    from trl import DPOConfig
+
+    args = DPOConfig(
+        output_dir=str(output_dir), beta=cfg.beta, max_length=cfg.max_length,
+        precompute_ref_log_probs=precompute, eval_strategy="no",
+        **batch_args(cfg), **schedule_args(cfg, cfg.learning_rate), **prec,
+    )
+    model, tok, peft_config = load_policy_for_training(policy, adapter, cfg, prec)
+    trainer_cls = _trainer_class()
+    trainer_cls.ref_forward_batches = 0
+    return trainer_cls(
+        model=model, args=args, train_dataset=to_conversational(train_df),
+        eval_dataset=to_conversational(eval_df) if eval_df.height else None,
+        processing_class=tok, peft_config=peft_config, callbacks=callbacks,
+    )
