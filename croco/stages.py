@@ -21,7 +21,10 @@ Layout (hive-partitioned by `lang=`):
     judgments/<key>/, structured/<key>/, reward_check/<key>/
     runs/<run_id>/manifest.json, heldout.parquet, report.md
 
-The `run_*` functions at the end are the same stages as plain calls.
+The `run_*` functions at the end are the same stages as plain calls. The specs stay in
+one module, a section per family (prompts, generation, scoring, pairing, training,
+evaluation), because each is short and together they read as the pipeline's table of
+contents; the heavy code each calls lives in its family's package.
 """
 
 from __future__ import annotations
