@@ -219,6 +219,7 @@ class RequestLog:
         self.prefix = prefix.strip("/") + "/"
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, str, int]] = []
+        self.times: list[float] = []  # when each request arrived (seconds since the epoch)
 
     def folder(self, key: str) -> str:
         if not key.startswith(self.prefix):
@@ -263,10 +264,17 @@ class RequestLog:
             size = 0 if op == "copy" else size  # no object bytes written by the client
         with self.lock:
             self.requests.append((method, op, self.folder(key), size))
+            self.times.append(time.time())
 
     def mark(self) -> int:
         with self.lock:
             return len(self.requests)
+
+    def mark_at(self, when: float, start: int, end: int) -> int:
+        """The mark of the first request between `start` and `end` that arrived at or
+        after `when`."""
+        with self.lock:
+            return next((i for i in range(start, end) if self.times[i] >= when), end)
 
     def since(self, mark: int, until: int | None = None) -> dict:
         """Requests between two marks: total, by operation, by folder (with the bytes
@@ -299,6 +307,9 @@ class CountingS3:
         from moto.server import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
 
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         moto_app = DomainDispatcherApplication(create_backend_app)
         log = self.log
 
@@ -386,6 +397,75 @@ def written_markers(before: dict, after: dict) -> list[str]:
                   if rel.endswith("_SUCCESS") and before.get(rel) != meta)
 
 
+#: The folders the generate and score stages write: the stores and the run's views.
+SAMPLE_FOLDERS = ("samples", "generations", "scored", "scores")
+#: The folders a nightly rerun should touch in proportion to its new prompts only (pairs,
+#: training and evaluation rerun on the whole set on purpose).
+UPSTREAM_FOLDERS = ("prompts", *SAMPLE_FOLDERS)
+
+
+def new_store_data(before: dict, after: dict) -> int:
+    """The bytes of the samples and scores a run added to the stores: shard files created
+    under samples/ and scored/ (not their prompts files or the store indexes)."""
+    total = 0
+    for rel, meta in after.items():
+        name = rel.rsplit("/", 1)[-1]
+        if (rel not in before and folder_of(rel) in ("samples", "scored")
+                and name.endswith(".parquet") and not name.startswith("_")
+                and not name.endswith(".prompts.parquet")):
+            total += meta[0]
+    return total
+
+
+def nightly_checks(first: dict, nightly: dict) -> dict:
+    """The nightly rerun against the first run, as the ratios that should stay small when
+    only a few prompts are new: model work (rows sampled), bytes written and object-store
+    requests of the stages upstream of pairs, and what the generate and score stages wrote
+    against the bytes of the new samples and scores themselves."""
+    def folder_sum(run: dict, names, key: str) -> int:
+        return sum((run["folders"].get(f) or {}).get(key, 0) for f in names)
+
+    def ratio(a, b):
+        return round(a / b, 4) if b else None
+
+    gen = (first["stages"].get("generate") or {}).get("generated_rows") or 0
+    gen_n = (nightly["stages"].get("generate") or {}).get("generated_rows") or 0
+    out = {
+        "generated_rows": [gen, gen_n], "model_work": ratio(gen_n, gen),
+        "upstream_bytes_written": [folder_sum(first, UPSTREAM_FOLDERS, "bytes_written"),
+                                   folder_sum(nightly, UPSTREAM_FOLDERS, "bytes_written")],
+        "sample_stages_bytes_written": folder_sum(nightly, SAMPLE_FOLDERS, "bytes_written"),
+        "new_store_data_bytes": nightly["new_store_data_bytes"],
+    }
+    out["upstream_bytes"] = ratio(out["upstream_bytes_written"][1],
+                                  out["upstream_bytes_written"][0])
+    out["sample_stages_over_new_data"] = ratio(out["sample_stages_bytes_written"],
+                                               out["new_store_data_bytes"])
+    if first.get("requests_before_pairs") is not None:
+        out["upstream_requests"] = [first["requests_before_pairs"]["total"],
+                                    nightly["requests_before_pairs"]["total"]]
+        out["upstream_request_ratio"] = ratio(out["upstream_requests"][1],
+                                              out["upstream_requests"][0])
+    return out
+
+
+def checks_table(c: dict) -> str:
+    lines = ["| nightly rerun against the first run | value |", "|---|---|",
+             f"| rows sampled (model work) | {c['generated_rows'][1]:,} of "
+             f"{c['generated_rows'][0]:,} = {c['model_work']:.1%} |",
+             f"| bytes written, prompts to scores | {_fmt_bytes(c['upstream_bytes_written'][1])}"
+             f" of {_fmt_bytes(c['upstream_bytes_written'][0])} = {c['upstream_bytes']:.1%} |",
+             f"| bytes written by generate and score / the new samples and scores | "
+             f"{_fmt_bytes(c['sample_stages_bytes_written'])} / "
+             f"{_fmt_bytes(c['new_store_data_bytes'])} = "
+             f"{_fmt(c['sample_stages_over_new_data'], 2)}x |"]
+    if "upstream_requests" in c:
+        lines.append(f"| object-store requests before pairing began | "
+                     f"{c['upstream_requests'][1]:,} of {c['upstream_requests'][0]:,} = "
+                     f"{c['upstream_request_ratio']:.1%} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------- the commands
 
 def _env(extra: dict | None = None) -> dict:
@@ -443,13 +523,24 @@ def prefect_db(home: Path) -> dict:
     try:
         def rows(table: str) -> dict:
             cur = con.execute(f"SELECT id, name, state_name, start_time, end_time FROM {table}")
-            return {r[0]: {"name": r[1], "state": r[2], "seconds": _seconds(r[3], r[4])}
+            return {r[0]: {"name": r[1], "state": r[2], "seconds": _seconds(r[3], r[4]),
+                           "start": _epoch(r[3])}
                     for r in cur.fetchall()}
         tasks, flows = rows("task_run"), rows("flow_run")
     finally:
         con.close()
     size = sum(p.stat().st_size for p in home.glob("prefect.db*"))
     return {"task_runs": tasks, "flow_runs": flows, "db_bytes": size}
+
+
+def _epoch(value) -> float | None:
+    """A database timestamp as seconds since the epoch."""
+    from datetime import datetime, timezone
+
+    if not value:
+        return None
+    t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _seconds(start, end) -> float | None:
@@ -642,6 +733,7 @@ class Rehearsal:
         report = self.timed(f"report-{run_id}", ["report", run_id, "--data-root",
                                                  self.data_root])
         folders = diff(before, after)
+        new_data = new_store_data(before, after)
         reqs = self.requests(m, m_end)
         if reqs is not None:
             for folder, r in reqs["by_folder"].items():
@@ -657,6 +749,14 @@ class Rehearsal:
         new_flows = {k: v for k, v in db_after["flow_runs"].items()
                      if k not in db_before["flow_runs"]}
         stages = self.stages(before, after, new_tasks, probe_data, manifest)
+        # the requests before pairing began: prompts, generation and scoring (pairs,
+        # training and evaluation read the whole set again on purpose)
+        upstream = None
+        if reqs is not None:
+            starts = [t["start"] for t in new_tasks.values()
+                      if t["name"].startswith("pair") and t["start"]]
+            cut = self.s3.log.mark_at(min(starts), m, m_end) if starts else m_end
+            upstream = self.requests(m, cut)
         return {
             "run_id": run_id, "command": " ".join(cmd[1:]), "log": str(log),
             "wall_seconds": res["seconds"], "flow_wall_seconds": manifest.get("wall_seconds"),
@@ -672,6 +772,7 @@ class Rehearsal:
             "plan_requests": plan["requests"],
             "report_seconds": report["seconds"], "report_rc": report["rc"],
             "report_requests": report["requests"], "report_log": report["log"],
+            "new_store_data_bytes": new_data, "requests_before_pairs": upstream,
             "files_written": sum(f["files_created"] + f["files_rewritten"]
                                  for f in folders.values()),
             "bytes_written": sum(f["bytes_written"] for f in folders.values()),
@@ -888,6 +989,8 @@ def report(result: dict) -> str:
         "### The whole run",
         "",
         run_table(first, rerun),
+        *(["", "### The nightly rerun's share", "", checks_table(result["nightly_checks"])]
+          if result.get("nightly_checks") else []),
         "",
         "### Per stage, first run",
         "",
@@ -990,6 +1093,7 @@ def main(argv: list[str] | None = None) -> dict:
         if f.get("requests"):
             result["nightly_over_first"]["requests"] = round(
                 n["requests"]["total"] / f["requests"]["total"], 3)
+        result["nightly_checks"] = nightly_checks(f, n)
     print()
     print(report(result))
     if a.keep or a.workdir:

@@ -15,6 +15,7 @@ field, and nothing is written.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -167,8 +168,33 @@ def _frame(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
+_loaded: dict[tuple, pl.DataFrame] = {}
+_loaded_lock = threading.Lock()
+
+
 def load_prompts(path: str, *, dataset_split: str = "train") -> pl.DataFrame:
-    """Read and validate a prompt source into the prompts table (every language in it)."""
+    """Read and validate a prompt source into the prompts table (every language in it).
+
+    A local or built-in source is read once per process while its content is unchanged
+    (its fingerprint, `croco.identity.path_identity`, which stats the files only): the
+    run's check before any model loads and every language's prompts task share one read.
+    Other sources (`hf:` datasets) are read on every call."""
+    from croco.identity import path_identity
+
+    ident = path_identity(path)
+    if not isinstance(ident, dict) or "content" not in ident:
+        return _load_prompts(path, dataset_split)
+    key = (path, dataset_split, ident["content"])
+    with _loaded_lock:  # tasks in threads wait for the first read instead of repeating it
+        if key not in _loaded:
+            table = _load_prompts(path, dataset_split)
+            if len(_loaded) >= 2:
+                _loaded.pop(next(iter(_loaded)))
+            _loaded[key] = table
+        return _loaded[key]
+
+
+def _load_prompts(path: str, dataset_split: str) -> pl.DataFrame:
     rows: list[dict] = []
     if path in BUILTIN:
         files = [BUILTIN[path]]

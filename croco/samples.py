@@ -4,15 +4,18 @@ Samples are kept per (policy, generation settings, language), whatever run or pr
 asked for them, in `samples/<key>/lang=xx/`, as shards named by the hash of the
 (prompt_id, prompt content) list they hold and sampled with a seed derived from that name;
 `<shard>.prompts.parquet` beside each holds its prompts (written last: it marks the shard
-complete). A run's generations output is a per-run view: its plan
-(`generations/<key>/_plans/lang=xx.json`, made once) says which stored shard each part
-comes from. Prompts the store holds reuse their samples; new or edited prompts (a new
+complete; `_index.parquet` indexes them, so a plan reads one file). A run's generations
+output is a per-run view: its plan (`generations/<key>/_plans/lang=xx.json`, made once)
+says which stored shard each part comes from, and a part that is a whole stored shard
+(the usual case) is referenced (`_parts.json`, `croco.storage.REFERENCES`), not copied:
+only a part that takes some of a shard's prompts (a prompt removed, another `limit`) is
+written as a file. Prompts the store holds reuse their samples; new or edited prompts (a new
 content hash) are cut into new shards of `generation.shard_size`; a removed prompt is in
 no part. Part i is the stored shard's rows of the plan's prompts.
 
 Scoring works the same way: `scored/<key>/lang=xx/<shard>.parquet` holds the rewards of a
 whole stored shard under one reward config, and a run's score part i is its rows of the
-plan's prompts. So a grown prompt source samples and scores only the new prompts, and
+plan's prompts (again referenced when whole). So a grown prompt source samples and scores only the new prompts, and
 pairs and everything after rerun on the whole set. A sample's draws depend only on the
 generation seed, its prompt and its index (`croco.generation.conversation_seed`), not on
 the shard or batch it was sampled in, so an incremental result equals a from-scratch run
@@ -51,15 +54,39 @@ def prompt_identity(prompts: pl.DataFrame) -> list[list[str]]:
             for row in prompts.select("prompt_id", *cols).to_dicts()]
 
 
-def _store_index(store: str) -> dict[tuple[str, str], str]:
-    """(prompt_id, content hash) -> the stored shard holding its samples. A shard counts
-    once its prompts file (written after its samples) is there."""
-    index: dict[tuple[str, str], str] = {}
-    for name in storage.list_dir(store):
-        if name.endswith(".prompts.parquet"):
-            shard = name.removesuffix(".prompts.parquet")
-            for pid, h in prompt_identity(storage.read_parquet(storage.join(store, name))):
-                index.setdefault((pid, h), shard)
+#: The store's index of its shards' prompts: (shard, prompt_id, hash) rows, so that a plan
+#: reads one file, not every shard's prompts file (one request each on an object store).
+STORE_INDEX = "_index.parquet"
+_SIDECAR = ".prompts.parquet"
+
+
+def stored_shards(store: str) -> set[str]:
+    """The complete shards of a store (one listing): those whose prompts file, written
+    after their samples, is there."""
+    return {name.removesuffix(_SIDECAR) for name in storage.list_dir(store)
+            if name.endswith(_SIDECAR)}
+
+
+def _store_index(store: str) -> pl.DataFrame:
+    """(shard, prompt_id, hash) of every complete shard of the store. Read from the store's
+    index, plus the prompts files of shards the index does not cover yet (then the index is
+    rewritten to cover them). The prompts files are the truth: an index row of a shard no
+    longer stored is ignored, and two planners that rewrite the index at once each write a
+    true one."""
+    shards = stored_shards(store)
+    schema = {"shard": pl.String, "prompt_id": pl.String, "hash": pl.String}
+    where = storage.join(store, STORE_INDEX)
+    try:
+        index = storage.read_parquet(where).filter(pl.col("shard").is_in(sorted(shards)))
+    except FileNotFoundError:
+        index = pl.DataFrame(schema=schema)
+    new = sorted(shards - set(index["shard"]))
+    if new:
+        rows = [{"shard": shard, "prompt_id": pid, "hash": h} for shard in new
+                for pid, h in prompt_identity(storage.read_parquet(
+                    storage.join(store, f"{shard}{_SIDECAR}")))]
+        index = pl.concat([index, pl.DataFrame(rows, schema=schema)])
+        storage.write_parquet(index, where)
     return index
 
 
@@ -70,7 +97,14 @@ def plan_uri(generations_uri: str) -> str:
     return storage.join(head, "_plans", f"{lang_dir}.json")
 
 
-def make_plan(out: str, prompts: pl.DataFrame, store: str, shard_size: int) -> dict:
+def read_plan(where: str) -> dict | None:
+    """The plan at `where` (`plan_uri`), None when there is none yet."""
+    if not storage.is_file(where):
+        return None
+    return storage.read_json(where)
+
+
+def make_plan(out: str, prompts, store: str, shard_size: int) -> dict:
     """Which stored shard each part of the generations output `out` comes from:
     `{"store": URI, "parts": [{"shard": name, "prompt_ids": [...]}, ...]}`.
 
@@ -78,23 +112,33 @@ def make_plan(out: str, prompts: pl.DataFrame, store: str, shard_size: int) -> d
     prompts whose (id, content) the store already holds reuse those samples, one part per
     stored shard, in the prompts' order; the others are cut into new shards of
     `shard_size`, each named by the hash of its prompts. A prompt removed from the source
-    is in no part; an edited one is new."""
+    is in no part; an edited one is new. `whole`: the part is its stored shard entire (the
+    usual case), so the output references the stored file instead of copying it; plans
+    made before parts could be references lack it and are read as copies. `prompts`: the
+    output's prompts, or a callable that reads them (only when the plan is made)."""
     where = plan_uri(out)
-    if storage.exists(where):
-        return storage.read_json(where)
-    index = _store_index(store)
+    plan = read_plan(where)
+    if plan is not None:
+        return plan
+    table = _store_index(store)
+    index: dict[tuple[str, str], str] = {}
+    for shard, pid, h in table.iter_rows():
+        index.setdefault((pid, h), shard)
+    size = dict(table.group_by("shard").len().iter_rows())
     reused: dict[str, list[str]] = {}
     new: list[list[str]] = []
-    for pid, h in prompt_identity(prompts):
+    for pid, h in prompt_identity(prompts() if callable(prompts) else prompts):
         shard = index.get((pid, h))
         if shard is None:
             new.append([pid, h])
         else:
             reused.setdefault(shard, []).append(pid)
-    parts = [{"shard": shard, "prompt_ids": ids} for shard, ids in reused.items()]
+    parts = [{"shard": shard, "prompt_ids": ids, "whole": len(ids) == size[shard]}
+             for shard, ids in reused.items()]
     for i in range(0, len(new), shard_size):
         chunk = new[i:i + shard_size]
-        parts.append({"shard": stable_hash(chunk), "prompt_ids": [pid for pid, _ in chunk]})
+        parts.append({"shard": stable_hash(chunk), "prompt_ids": [pid for pid, _ in chunk],
+                      "whole": True})
     plan = {"store": store, "parts": parts}
     storage.write_json(where, plan)
     return plan
@@ -114,9 +158,13 @@ class StoreSampler:
 
     def samples(self, shard: str, prompt_ids: list[str]) -> pl.DataFrame:
         uri = storage.join(self.store, f"{shard}.parquet")
-        if not storage.exists(storage.join(self.store, f"{shard}.prompts.parquet")):
+        if not storage.is_file(storage.join(self.store, f"{shard}{_SIDECAR}")):
             self._sample(shard, prompt_ids, uri)
         return storage.read_parquet(uri)
+
+    def make(self, shard: str, prompt_ids: list[str]) -> None:
+        """Sample a shard into the store (the caller knows it is not there)."""
+        self._sample(shard, prompt_ids, storage.join(self.store, f"{shard}.parquet"))
 
     def _sample(self, shard: str, prompt_ids: list[str], uri: str) -> None:
         from croco.generation import (generate_frame, make_generator, policy_label,
@@ -147,7 +195,7 @@ class StoreSampler:
         )
         storage.write_parquet(df, uri)
         # the prompts file last: its presence says the shard is complete
-        storage.write_parquet(prompts, storage.join(self.store, f"{shard}.prompts.parquet"))
+        storage.write_parquet(prompts, storage.join(self.store, f"{shard}{_SIDECAR}"))
         self.generated_rows += df.height
 
 
@@ -164,12 +212,16 @@ def scored_shard(store: str, shard: str, lang: str, reward: RewardConfig,
                  data_root: str) -> pl.DataFrame:
     """The scores of one stored generation shard, scored (with the prompts stored beside
     it) and kept the first time any run asks for them."""
+    uri = storage.join(scored_store_uri(store, lang, reward, data_root), f"{shard}.parquet")
+    if not storage.is_file(uri):
+        score_shard(store, shard, reward, uri)
+    return storage.read_parquet(uri)
+
+
+def score_shard(store: str, shard: str, reward: RewardConfig, uri: str) -> None:
+    """Score a stored generation shard (with the prompts stored beside it) into `uri`."""
     from croco.reward import score_frame
 
-    uri = storage.join(scored_store_uri(store, lang, reward, data_root), f"{shard}.parquet")
-    if not storage.exists(uri):
-        gens = storage.read_parquet(storage.join(store, f"{shard}.parquet"))
-        prompts = storage.read_parquet(storage.join(store, f"{shard}.prompts.parquet"))
-        storage.write_parquet(score_frame(gens, prompts, reward.scorers, device=reward.device),
-                              uri)
-    return storage.read_parquet(uri)
+    gens = storage.read_parquet(storage.join(store, f"{shard}.parquet"))
+    prompts = storage.read_parquet(storage.join(store, f"{shard}{_SIDECAR}"))
+    storage.write_parquet(score_frame(gens, prompts, reward.scorers, device=reward.device), uri)

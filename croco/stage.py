@@ -19,7 +19,8 @@ at once; otherwise the stage works and `_SUCCESS` is written last, with the seco
 work took. A `ShardedStage` (generate, score) writes numbered parts instead: `run`
 writes the missing ones (a crash loses at most the part in progress), for one shard group
 (`shards`) or all, and whichever call writes the last part seals the output; `seal`
-completes an output after its shard groups ran elsewhere.
+completes an output after its shard groups ran elsewhere. A part can be a stored file
+that the output references instead of copying (`Parts.reference`).
 
 The Prefect side is one generic task, `croco.tasks.stages.stage_task`, which runs any
 stage with retries, a GPU slot when it uses one and a cache keyed on the stage's key. A
@@ -141,12 +142,35 @@ class LanguagesTogether(Stage):
 
 class Parts:
     """How a sharded stage makes its parts: `count`, `rows(i)` (part i's table) and
-    `info()` (extra `_SUCCESS` fields, e.g. rows sampled now)."""
+    `info()` (extra `_SUCCESS` fields, e.g. rows sampled now).
+
+    A part can also be a file kept elsewhere, whole: `reference(i)` names it (a stored
+    shard of the sample or score store), `stored()` says which referenced parts exist
+    already (one listing) and `store(i)` makes one. Such a part is written nowhere in the
+    output: the sealed output's `_parts.json` (`croco.storage.REFERENCES`) names it, so a
+    run's view of the stores costs no copy."""
 
     count: int
 
     def rows(self, i: int) -> pl.DataFrame:
         raise NotImplementedError
+
+    def reference(self, i: int) -> str | None:
+        """The URI of the stored file that is part i entire; None: part i is written."""
+        return None
+
+    def stored(self) -> set[int]:
+        """The parts with a reference whose file exists now."""
+        return set()
+
+    def store(self, i: int) -> None:
+        """Make the file `reference(i)` names."""
+        raise NotImplementedError
+
+    def total_rows(self) -> int | None:
+        """The rows of all parts together when known without reading them (None: counted
+        from the files' footers, a request or two per part on an object store)."""
+        return None
 
     def info(self) -> dict:
         return {}
@@ -171,15 +195,27 @@ class ShardedStage(Stage):
         return None
 
 
-def _missing_parts(out: str, n_shards: int) -> list[str]:
+def _missing(out: str, parts: Parts, wanted: range) -> list[int]:
+    """The parts of `wanted` not made yet: a written part without its file in `out`, a
+    referenced one without its stored file (two listings in all)."""
     existing = set(storage.list_dir(out))
-    return [part_name(i) for i in range(n_shards) if part_name(i) not in existing]
+    stored = parts.stored()
+    return [i for i in wanted
+            if (i not in stored if parts.reference(i) else part_name(i) not in existing)]
 
 
-def _seal(out: str, n_shards: int, info: dict) -> None:
-    """Mark a sharded output complete with its total row count (every shard is present)."""
-    storage.mark_complete(out, {"rows": storage.read_parquet(out).height, "shards": n_shards,
-                                **info})
+def _seal(out: str, parts: Parts, info: dict) -> None:
+    """Mark a sharded output complete (every part is made): `_parts.json` names the
+    referenced parts, then `_SUCCESS` records the rows (read from the files' footers)."""
+    refs = {part_name(i): ref for i in range(parts.count) if (ref := parts.reference(i))}
+    if refs:
+        storage.write_references(out, refs)
+    rows = parts.total_rows()
+    if rows is None:
+        rows = storage.parquet_rows([refs.get(part_name(i)) or storage.join(out, part_name(i))
+                                     for i in range(parts.count)])
+    storage.mark_complete(out, {"rows": rows, "shards": parts.count,
+                                "referenced": len(refs), **info})
 
 
 def run_once(out: str, work: Callable[[], dict]) -> str:
@@ -242,14 +278,16 @@ def _run_parts(stage: ShardedStage, data_root: str, progress: Progress | None,
         raise ValueError(f"{out}: shards {wanted.start}..{wanted.stop - 1} asked for, but the "
                          f"output has shards 0..{n - 1}")
     storage.sweep_temporary(out)
-    existing = set(storage.list_dir(out))
-    todo = [i for i in wanted if part_name(i) not in existing]
+    todo = _missing(out, parts, wanted)
     done = len(wanted) - len(todo)
     # titled like "generate en" (the stage, then the language or model)
     bar = progress_bar(len(wanted), stage.label().replace("-", " ", 1), unit="shard",
                        initial=done)
     for i in todo:
-        storage.write_parquet(parts.rows(i), storage.join(out, part_name(i)))
+        if parts.reference(i):
+            parts.store(i)
+        else:
+            storage.write_parquet(parts.rows(i), storage.join(out, part_name(i)))
         done += 1
         bar.update(1)
         if progress:
@@ -258,9 +296,9 @@ def _run_parts(stage: ShardedStage, data_root: str, progress: Progress | None,
             on_shard(i)
     bar.close()
     if shards is None:
-        _seal(out, n, {"seconds": round(time.perf_counter() - t0, 3), **parts.info()})
-    elif not _missing_parts(out, n):
-        _seal(out, n, {})  # the last group to finish; its own time is not the stage's
+        _seal(out, parts, {"seconds": round(time.perf_counter() - t0, 3), **parts.info()})
+    elif not _missing(out, parts, range(n)):
+        _seal(out, parts, {})  # the last group to finish; its own time is not the stage's
 
 
 def seal(stage: ShardedStage, data_root: str) -> str:
@@ -269,13 +307,14 @@ def seal(stage: ShardedStage, data_root: str) -> str:
     out = stage.output(data_root)
     if storage.is_complete(out):
         return out
-    n = stage.n_parts(data_root)
-    missing = _missing_parts(out, n)
+    parts = stage.parts(data_root)
+    n = parts.count
+    missing = [part_name(i) for i in _missing(out, parts, range(n))]
     if missing:
         raise RuntimeError(f"{out}: {len(missing)} of {n} shards are missing "
                            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
                            f"rerun {stage.label()}, which writes only the missing shards")
-    _seal(out, n, {})
+    _seal(out, parts, {})
     return out
 
 

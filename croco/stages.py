@@ -48,8 +48,12 @@ from croco.samples import (
     make_plan,
     plan_uri,
     prompt_identity,  # noqa: F401 - part of this module's interface
+    read_plan,
     sample_store_uri,
+    score_shard,
     scored_shard,
+    scored_store_uri,
+    stored_shards,
 )
 from croco.stage import (
     LanguagesTogether,
@@ -163,9 +167,10 @@ class Generate(ShardedStage):
         return prompts
 
     def plan(self, data_root: str) -> dict:
-        """Which stored shard each part comes from (made once, then read back)."""
+        """Which stored shard each part comes from (made once, then read back; the
+        prompts are read only to make it)."""
         store = sample_store_uri(self.policy, self.gen, self.lang, data_root)
-        return make_plan(self.output(data_root), self.prompts(), store, self.gen.shard_size)
+        return make_plan(self.output(data_root), self.prompts, store, self.gen.shard_size)
 
     def prepare(self, data_root: str) -> str:
         self.plan(data_root)
@@ -185,9 +190,13 @@ class Generate(ShardedStage):
 
 
 class _GenerateParts(Parts):
+    """Part i: the plan's stored shard, referenced when the part is all of it (sampled
+    into the store first when missing), else its rows of the part's prompts."""
+
     def __init__(self, stage: Generate, data_root: str):
         self.plan = stage.plan(data_root)
         self.count = len(self.plan["parts"])
+        self.k = stage.gen.k
         self.sampler = StoreSampler(self.plan["store"], plan_uri(stage.output(data_root)),
                                     stage.prompts, stage.lang, stage.policy, stage.gen)
 
@@ -195,6 +204,23 @@ class _GenerateParts(Parts):
         entry = self.plan["parts"][i]
         df = self.sampler.samples(entry["shard"], entry["prompt_ids"])
         return df.filter(pl.col("prompt_id").is_in(entry["prompt_ids"]))
+
+    def reference(self, i: int) -> str | None:
+        entry = self.plan["parts"][i]
+        return (storage.join(self.plan["store"], f"{entry['shard']}.parquet")
+                if entry.get("whole") else None)
+
+    def stored(self) -> set[int]:
+        have = stored_shards(self.plan["store"])
+        return {i for i, e in enumerate(self.plan["parts"])
+                if e.get("whole") and e["shard"] in have}
+
+    def store(self, i: int) -> None:
+        entry = self.plan["parts"][i]
+        self.sampler.make(entry["shard"], entry["prompt_ids"])
+
+    def total_rows(self) -> int:
+        return self.k * sum(len(e["prompt_ids"]) for e in self.plan["parts"])  # k a prompt
 
     def info(self) -> dict:
         return {"generated_rows": self.sampler.generated_rows}
@@ -268,10 +294,11 @@ def _write_by_language(df: pl.DataFrame, outs: dict[str, str]) -> dict[str, dict
 
 
 def generation_parts(generations_uri: str) -> list[str]:
-    """The part files of a complete generations output, in part order."""
+    """The part files of a complete generations output (URIs, referenced parts included),
+    in part order."""
     if not storage.is_complete(generations_uri):
         raise RuntimeError(f"generations at {generations_uri} are incomplete; rerun generation")
-    return [p for p in storage.list_dir(generations_uri) if p.endswith(".parquet")]
+    return storage.parquet_files(generations_uri)
 
 
 class Score(ShardedStage):
@@ -304,13 +331,38 @@ class Score(ShardedStage):
 
 
 class _ScoreParts(Parts):
+    """Part i: the scores of generation part i. From a planned generations output, the
+    scored copy of its stored shard (kept in the score store), referenced when the part is
+    all of it; otherwise scored here."""
+
     def __init__(self, stage: Score, data_root: str):
         self.stage, self.data_root = stage, data_root
         self.files = generation_parts(stage.generations_uri)
         self.count = len(self.files)
-        where = plan_uri(stage.generations_uri)
-        self.plan = storage.read_json(where) if storage.exists(where) else None
+        self.plan = read_plan(plan_uri(stage.generations_uri))
+        self.scored = (scored_store_uri(self.plan["store"], stage.lang, stage.reward,
+                                        data_root) if self.plan is not None else None)
         self.prompts = None
+
+    def reference(self, i: int) -> str | None:
+        if self.plan is None or not self.plan["parts"][i].get("whole"):
+            return None
+        return storage.join(self.scored, f"{self.plan['parts'][i]['shard']}.parquet")
+
+    def stored(self) -> set[int]:
+        if self.plan is None:
+            return set()
+        have = set(storage.list_dir(self.scored))
+        return {i for i, e in enumerate(self.plan["parts"])
+                if e.get("whole") and f"{e['shard']}.parquet" in have}
+
+    def store(self, i: int) -> None:
+        s = self.stage
+        score_shard(self.plan["store"], self.plan["parts"][i]["shard"], s.reward,
+                    self.reference(i))
+
+    def total_rows(self) -> int | None:
+        return completion_info(self.stage.generations_uri).get("rows")  # a score a sample
 
     def rows(self, i: int) -> pl.DataFrame:
         from croco.reward import score_frame
@@ -323,7 +375,7 @@ class _ScoreParts(Parts):
             return scored.filter(pl.col("prompt_id").is_in(entry["prompt_ids"]))
         if self.prompts is None:
             self.prompts = storage.read_parquet(storage.join(s.prompts_uri, "data.parquet"))
-        gens = storage.read_parquet(storage.join(s.generations_uri, self.files[i]))
+        gens = storage.read_parquet(self.files[i])
         return score_frame(gens, self.prompts, s.reward.scorers, device=s.reward.device)
 
 

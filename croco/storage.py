@@ -5,9 +5,15 @@ endpoint and credentials taken from the environment (`AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` / `CROCO_S3_ENDPOINT_URL`). Credentials are
 never logged and never written anywhere by croco.
 
-Writes go to a temporary name and are renamed into place when complete; a stage's
-output directory counts as complete only once its `_SUCCESS` marker exists, so a crash
-never leaves something a rerun trusts.
+Local writes go to a temporary name and are renamed into place when complete; on an
+object store a write is one PUT (or one multipart upload), which the store makes visible
+whole or not at all. A stage's output directory counts as complete only once its
+`_SUCCESS` marker exists, so a crash never leaves something a rerun trusts.
+
+A folder may also stand for files kept elsewhere: its `_parts.json` (`REFERENCES`) maps
+names in the folder to files stored beside it under the same root (a per-run view of
+stored samples, `croco.samples`). `parquet_files` and `read_parquet` list a folder's
+referenced files with its own, under their names in the folder, so readers see one set.
 """
 
 from __future__ import annotations
@@ -112,9 +118,23 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def is_file(uri: str) -> bool:
+    """True when the file `uri` exists: one HEAD request on an object store (`exists` asks
+    again whether a missing key is a folder, a second request)."""
+    fs, path = filesystem(uri)
+    if _is_local(fs) or not hasattr(fs, "call_s3"):
+        return fs.isfile(path)
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("head_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def is_complete(uri: str) -> bool:
     """True when the directory `uri` carries its `_SUCCESS` marker."""
-    return exists(join(uri, SUCCESS))
+    return is_file(join(uri, SUCCESS))
 
 
 def mark_complete(uri: str, info: dict | None = None) -> None:
@@ -124,17 +144,24 @@ def mark_complete(uri: str, info: dict | None = None) -> None:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri` atomically: a temporary sibling, then a rename."""
     fs, path = filesystem(uri)
-    if _is_local(fs):
+    local = _is_local(fs)
+    if local:
         fs.makedirs(os.path.dirname(path), exist_ok=True)
     # Object stores need no folders, and s3fs's makedirs creates a missing bucket: a
     # misspelt data_root would silently start a new bucket instead of failing.
     tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
+        if local:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        else:
+            # One PUT (a multipart upload for large data): the object appears whole or not
+            # at all, so no temporary name, copy and delete (three requests for one).
+            fs.pipe_file(path, data)
     except BaseException as e:
-        _remove_quietly(fs, tmp)  # a failed write leaves nothing behind
+        if local:
+            _remove_quietly(fs, tmp)  # a failed write leaves nothing behind
         if isinstance(e, OSError) and e.errno in _FULL:
             raise StorageFullError(
                 f"cannot write {uri}: {os.strerror(e.errno).lower()} on the data root's "
@@ -174,6 +201,8 @@ def sweep_temporary(uri: str, older_than: float = STALE_TMP_SECONDS) -> int:
     import time
 
     fs, path = filesystem(uri)
+    if not _is_local(fs):
+        return 0  # object-store writes use no temporary names (one PUT each)
     try:
         entries = fs.find(path, detail=True).values()
     except FileNotFoundError:
@@ -226,34 +255,111 @@ def read_parquet(uri: str) -> pl.DataFrame:
 
     fs, path = filesystem(uri)
     if fs.isdir(path):
-        files = sorted(
-            p for p in fs.find(path) if p.endswith(".parquet") and TMP_MARK not in p
-        )
+        files = _folder_files(uri, fs, path)
         if not files:
             raise FileNotFoundError(f"no Parquet files under {uri}")
         frames = []
         for f in files:
-            with fs.open(f, "rb") as fh:
+            rfs, rpath = filesystem(f)
+            with rfs.open(rpath, "rb") as fh:
                 frames.append(pl.from_arrow(pq.read_table(fh)))
         return pl.concat(frames, how="diagonal_relaxed")
     with fs.open(path, "rb") as fh:
         return pl.from_arrow(pq.read_table(fh))
 
 
+#: A folder's references to files stored elsewhere under the same root:
+#: `{"files": {name in the folder: path relative to the folder}}`.
+REFERENCES = "_parts.json"
+
+
+def _uri(protocol: str, path: str) -> str:
+    return path if protocol == "file" else f"{protocol}://{path}"
+
+
+def write_references(folder: str, files: dict[str, str]) -> None:
+    """Record that `folder/<name>` is the file `files[name]` (a URI under the same root),
+    without copying it. Paths are kept relative to the folder, so a data root that moves
+    (another mount point, a copied bucket) keeps its references."""
+    protocol, base = _split(folder)
+    rel = {}
+    for name, target in sorted(files.items()):
+        t_protocol, t_path = _split(target)
+        if t_protocol != protocol:
+            raise ValueError(f"{folder}: a reference must stay on the same storage, not "
+                             f"{target}")
+        if protocol == "file":
+            rel[name] = os.path.relpath(os.path.abspath(t_path), os.path.abspath(base))
+        else:
+            rel[name] = posixpath.relpath(t_path, base.rstrip("/"))
+    write_json(join(folder, REFERENCES), {"files": rel})
+
+
+def _resolve(protocol: str, folder_path: str, rel: str) -> str:
+    if protocol == "file":
+        return os.path.normpath(os.path.join(folder_path, rel))
+    return _uri(protocol, posixpath.normpath(posixpath.join(folder_path, rel)))
+
+
+def references(folder: str) -> dict[str, str]:
+    """name -> URI of the files `folder` references (empty when it references none)."""
+    protocol, _ = _split(folder)
+    fs, path = filesystem(folder)
+    try:
+        with fs.open(f"{path.rstrip('/')}/{REFERENCES}", "rb") as f:
+            rel = json.loads(f.read())["files"]
+    except FileNotFoundError:
+        return {}
+    return {name: _resolve(protocol, path, r) for name, r in rel.items()}
+
+
+def _folder_files(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Every `*.parquet` below the folder (temporary files and names starting with `_`,
+    such as a store's index, left out) and every file a
+    `_parts.json` below it references, as URIs, in the order of their names in the
+    folder."""
+    protocol, _ = _split(uri)
+    named: dict[str, str] = {}
+    for p in fs.find(path):
+        name = posixpath.basename(p)
+        if p.endswith(".parquet") and TMP_MARK not in name and not name.startswith("_"):
+            named[p] = _uri(protocol, p)
+        elif name == REFERENCES:
+            folder = posixpath.dirname(p)
+            with fs.open(p, "rb") as f:
+                rel = json.loads(f.read())["files"]
+            for ref_name, r in rel.items():
+                named.setdefault(posixpath.join(folder, ref_name), _resolve(protocol, folder, r))
+    return [named[k] for k in sorted(named)]
+
+
 def parquet_files(uri: str) -> list[str]:
-    """The Parquet files `uri` names, as full URIs, sorted: the file itself, every
-    `*.parquet` below a folder (temporary files left out) or the matches of a glob (`*`,
-    `?`, `[`). Empty when nothing matches."""
+    """The Parquet files `uri` names, as full URIs: the file itself, every `*.parquet`
+    below a folder (temporary files left out) with the files its `_parts.json` references
+    (in the order of their names in the folder), or the matches of a glob (`*`, `?`, `[`),
+    sorted. Empty when nothing matches."""
     protocol, _ = _split(uri)
     fs, path = filesystem(uri)
     if any(ch in path for ch in "*?["):
         found = fs.glob(path)
     elif fs.isdir(path):
-        found = fs.find(path)
+        return _folder_files(uri, fs, path)
     else:
         found = [path] if fs.exists(path) else []
     files = sorted(p for p in found if p.endswith(".parquet") and TMP_MARK not in p)
-    return files if protocol == "file" else [f"{protocol}://{p}" for p in files]
+    return [_uri(protocol, p) for p in files]
+
+
+def parquet_rows(uris: list[str]) -> int:
+    """The rows of these Parquet files together, from their footers (no data is read)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for u in uris:
+        fs, path = filesystem(u)
+        with fs.open(path, "rb") as fh:
+            total += pq.read_metadata(fh).num_rows
+    return total
 
 
 def polars_storage_options(uri: str) -> dict[str, str] | None:
@@ -289,9 +395,12 @@ def scan_parquet(uri: str) -> pl.LazyFrame:
 def list_dir(uri: str) -> list[str]:
     """Names (not paths) directly under `uri`; empty if it does not exist."""
     fs, path = filesystem(uri)
-    if not fs.exists(path):
+    try:
+        found = fs.ls(path, detail=False, refresh=True) if not _is_local(fs) else (
+            fs.ls(path, detail=False) if fs.isdir(path) else [])
+    except FileNotFoundError:
         return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return sorted(posixpath.basename(p.rstrip("/")) for p in found)
 
 
 def remove(uri: str) -> None:

@@ -507,3 +507,46 @@ def test_rehearsal_runs_croco_end_to_end_at_a_tiny_size(tmp_path):
                 "runs"} <= set(run["folders"])
     assert nightly["folders"]["samples"]["files_created"] == 2 * 2  # a shard per language
     assert result["nightly_over_first"]["bytes_written"] > 0
+
+
+@pytest.mark.slow
+def test_a_nightly_rerun_costs_in_proportion_to_its_new_prompts_and_memory_is_flat_in_n(
+        tmp_path):
+    """The rehearsal at a CI size through the real `croco run` (first run, then 5% new
+    prompts per language), at two N on a local root and at one N on `s3://`: the ratios
+    that must hold at any size. The nightly rerun samples only its new prompts, writes for
+    generation and scoring little more than the new samples and scores themselves, and
+    makes few object-store requests upstream of pairs; the peak memory does not grow with
+    N."""
+    import subprocess
+
+    def rehearse(name: str, n: int, root: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/rehearsal.py", "--n", str(n), "--languages", "2",
+             "--k", "8", "--shard-size", "8", "--heldout", "1", "--nightly", "0.05",
+             "--root", root, "--workdir", str(tmp_path / name), "--json", str(out)],
+            check=False, cwd=Path(benchmarks.__file__).parents[1], capture_output=True,
+            text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    small, large, s3 = (rehearse("small", 40, "local"), rehearse("large", 80, "local"),
+                        rehearse("s3", 40, "s3"))
+    for result in (small, large, s3):
+        c = result["nightly_checks"]
+        first, nightly = result["runs"]["first"], result["runs"]["nightly"]
+        # model work: the new prompts' samples only (2 of 40, 4 of 80 prompts a language)
+        assert c["model_work"] == pytest.approx(0.05, abs=0.001), c
+        # generation and scoring write the new shards and a few small files per language
+        assert c["sample_stages_over_new_data"] <= 3, c
+        # the views reference the stored shards: their bytes are a small part of the new data
+        views = sum(nightly["folders"][f]["bytes_written"] for f in ("generations", "scores"))
+        assert views <= 0.5 * c["new_store_data_bytes"], (views, c)
+        assert first["stages"]["generate"]["rows"] > nightly["stages"]["generate"][
+            "generated_rows"] > 0
+    assert s3["nightly_checks"]["upstream_request_ratio"] <= UPSTREAM_REQUEST_SHARE, \
+        s3["nightly_checks"]
+    # memory: twice the prompts, about the same peak (within 20%)
+    a, b = (r["runs"]["first"]["peak_rss_tree_mb"] for r in (small, large))
+    assert b <= 1.2 * a, (a, b)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -358,9 +359,15 @@ def test_shard_groups_on_the_cluster_match_one_run_per_language(stack, tiny_yaml
     for lang in ("en", "de"):
         entry = manifest["outputs"]["scores"][lang]
         assert entry["key"] == Path(ref["scores"][lang]).parent.name and entry["rows"] == 3 * 4
-        for part in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
-            assert s3_bytes(f"{prefix}/scores/{entry['key']}/lang={lang}/{part}") == \
-                storage.read_bytes(storage.join(ref["scores"][lang], part)), (lang, part)
+        folder = f"{prefix}/scores/{entry['key']}/lang={lang}"
+        refs = json.loads(s3_bytes(f"{folder}/{storage.REFERENCES}"))["files"]
+        want = storage.parquet_files(ref["scores"][lang])
+        assert len(want) == 3
+        for i, other in enumerate(want):  # each part written, or referenced in the store
+            part = f"part-{i:05d}.parquet"
+            key = (posixpath.normpath(posixpath.join(folder, refs[part])) if part in refs
+                   else f"{folder}/{part}")
+            assert s3_bytes(key) == storage.read_bytes(other), (lang, part)
     pairs = manifest["outputs"]["pairs"]
     assert pairs["key"] == Path(ref["pairs"]).name
     for table in ("dpo/lang=en", "dpo/lang=de", "sft/lang=en", "sft/lang=de"):

@@ -144,9 +144,9 @@ def test_deleted_outputs_are_recomputed_despite_the_cache(prefect_harness, tiny_
     assert storage.is_complete(second["outputs"].pairs)
 
 
-def _parquet_bytes(uri: str) -> dict[str, bytes]:
-    return {p: storage.read_bytes(storage.join(uri, p)) for p in storage.list_dir(uri)
-            if p.endswith(".parquet")}
+def _parquet_bytes(uri: str) -> list[bytes]:
+    """The bytes of an output's parts in order, written or referenced."""
+    return [storage.read_bytes(f) for f in storage.parquet_files(uri)]
 
 
 def test_shard_groups_give_the_tables_and_pairs_of_one_task_per_language(
@@ -174,8 +174,7 @@ def test_shard_groups_give_the_tables_and_pairs_of_one_task_per_language(
                 tmp_path / "three")  # same content key
             assert storage.is_complete(b)
             parts = _parquet_bytes(b)
-            assert sorted(parts) == ["part-00000.parquet", "part-00001.parquet",
-                                     "part-00002.parquet"]
+            assert len(parts) == 3
             assert parts == _parquet_bytes(a)
             assert storage.read_json(storage.join(b, storage.SUCCESS))["rows"] == 3 * 4
     a, b = one["outputs"].pairs, three["outputs"].pairs
@@ -216,17 +215,20 @@ def test_a_killed_shard_group_keeps_the_other_shards_and_the_rerun_writes_the_mi
     crashing = True
     with pytest.raises(Crash, match="killed after shard 0"):
         croco_pipeline(config=cfg)
-    (en,) = Path(cfg.data_root, "generations").glob("*/lang=en")
-    assert sorted(p.name for p in en.iterdir()) == ["part-00000.parquet", "part-00002.parquet"]
-    assert not storage.is_complete(str(en))
-    before = {p.name: p.stat().st_mtime_ns for p in en.iterdir()}
+    assert not list(Path(cfg.data_root, "generations").glob("*/lang=en/_SUCCESS"))
+    # each part is a whole stored shard: parts 0 and 2 were sampled into the store
+    (store,) = Path(cfg.data_root, "samples").glob("*/lang=en")
+    stored = sorted(store.glob("*.prompts.parquet"))
+    assert len(stored) == 2
+    before = {p: p.stat().st_mtime_ns for p in store.iterdir()}
 
     crashing, written[:] = False, []
     result = croco_pipeline(config=cfg)
     assert written == [("en", 1)]  # only the shard the killed group had not written
-    assert {p: (en / p).stat().st_mtime_ns for p in before} == before
-    assert result["outputs"].generations["en"] == str(en)
-    assert storage.read_parquet(str(en)).height == 3 * 4
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    en = result["outputs"].generations["en"]
+    assert storage.is_complete(en) and len(storage.references(en)) == 3
+    assert storage.read_parquet(en).height == 3 * 4
     assert storage.is_complete(result["outputs"].pairs)
 
 
@@ -276,6 +278,10 @@ def test_a_grown_or_edited_prompt_file_samples_and_scores_only_the_new_prompts(
     sampled.clear()
     second = croco_pipeline(config=cfg, stages=upto)
     assert sampled == Counter({("generated", "en"): 2 * 4, ("scored", "en"): 2 * 4})
+    for stage in ("generations", "scores"):  # views of the stores: nothing copied
+        for lang in ("en", "de"):
+            out = getattr(second["outputs"], stage)[lang]
+            assert not [n for n in storage.list_dir(out) if n.endswith(".parquet")], out
     for stage in ("generations", "scores"):
         before, after = (_rows(getattr(r["outputs"], stage)["en"]) for r in (first, second))
         assert after["prompt_id"].unique().sort().to_list() == [

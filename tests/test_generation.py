@@ -74,21 +74,28 @@ def test_crash_mid_generation_resumes_at_the_next_shard(tiny_lm, prompt_file, tm
 
     with pytest.raises(Crash):
         run_generate(prompts_uri, "en", policy, gen, pcfg, root, on_shard=crash_after_two)
-    # find the output folder from the written shards
+    # every part is a whole stored shard: the two made before the crash are in the store
+    # (samples + prompts file), and the output folder holds nothing yet
     gens = storage.join(root, "generations")
     (key,) = storage.list_dir(gens)
     out = storage.join(gens, key, "lang=en")
-    assert storage.list_dir(out) == ["part-00000.parquet", "part-00001.parquet"]
+    assert storage.list_dir(out) == []
     assert not storage.is_complete(out)
-    before = {p: (tmp_path / "generations" / key / "lang=en" / p).stat().st_mtime_ns
-              for p in storage.list_dir(out)}
+    (skey,) = storage.list_dir(storage.join(root, "samples"))
+    store = tmp_path / "samples" / skey / "lang=en"
+    stored = sorted(p.name for p in store.glob("*.parquet") if not p.name.startswith("_"))
+    assert len(stored) == 2 * 2
+    before = {p: (store / p).stat().st_mtime_ns for p in stored}
 
     done = []
     uri = run_generate(prompts_uri, "en", policy, gen, pcfg, root, on_shard=done.append)
     assert uri == out
     assert done == [2, 3]  # only the missing shards ran
     for p, mtime in before.items():
-        assert (tmp_path / "generations" / key / "lang=en" / p).stat().st_mtime_ns == mtime
+        assert (store / p).stat().st_mtime_ns == mtime
+    # the output references the four stored shards instead of copying them
+    assert sorted(storage.list_dir(out)) == ["_SUCCESS", storage.REFERENCES]
+    assert len(storage.references(out)) == 4
     df = storage.read_parquet(uri)
     assert df.height == 4 * 2
     assert sorted(df["prompt_id"].unique()) == ["q0", "q1", "q2", "q3"]
@@ -153,7 +160,13 @@ def test_shard_groups_write_the_same_bytes_as_one_call_and_seal_when_all_are_the
     # groups run in any order; the output is complete only once the last shard is written
     out = run_generate(prompts_uri, "de", policy, gen, pcfg, grouped_root,
                        shards=shard_group(4, 2, 3))
-    assert storage.list_dir(out) == ["part-00003.parquet"] and not storage.is_complete(out)
+    # each part is a whole stored shard: group 2 sampled one into the store, wrote nothing
+    # into the output
+    assert storage.list_dir(out) == [] and not storage.is_complete(out)
+    (skey,) = storage.list_dir(storage.join(grouped_root, "samples"))
+    assert len([n for n in storage.list_dir(storage.join(grouped_root, "samples", skey,
+                                                         "lang=de"))
+                if n.endswith(".prompts.parquet")]) == 1
     with pytest.raises(RuntimeError, match=r"3 of 4 shards are missing \(part-00000.parquet, "
                                            r"part-00001.parquet, part-00002.parquet\)"):
         seal_generations(prompts_uri, "de", policy, gen, pcfg, grouped_root)
@@ -163,10 +176,11 @@ def test_shard_groups_write_the_same_bytes_as_one_call_and_seal_when_all_are_the
     assert storage.is_complete(out)  # the last group to finish sealed it
     assert seal_generations(prompts_uri, "de", policy, gen, pcfg, grouped_root) == out
     assert out.removeprefix(grouped_root) == whole.removeprefix(whole_root)  # same key
-    for part in storage.list_dir(whole):
-        if part.endswith(".parquet"):
-            assert storage.read_bytes(storage.join(out, part)) == \
-                storage.read_bytes(storage.join(whole, part)), part
+    files, whole_files = storage.parquet_files(out), storage.parquet_files(whole)
+    assert len(files) == len(whole_files) == 4
+    for a, b in zip(files, whole_files, strict=True):
+        assert a.removeprefix(grouped_root) == b.removeprefix(whole_root)
+        assert storage.read_bytes(a) == storage.read_bytes(b), a
     assert storage.read_json(storage.join(out, storage.SUCCESS))["rows"] == 4 * 2
 
 
