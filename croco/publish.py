@@ -38,7 +38,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -111,14 +111,13 @@ class PublishError(UserError):
 
 @dataclass
 class PairSet:
-    """One scope's DPO pairs: the pairs output, the scores its samples came from, the
-    pairing settings that made it and the variants trained on it."""
+    """One scope's DPO pairs: the pairs output, the scores its samples came from and the
+    pairing settings that made it."""
 
     scope: str
     pairs: StageOutput
     scores: dict[str, StageOutput]
     pairing: dict
-    variants: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -151,12 +150,8 @@ def pair_sets(manifest: dict) -> dict[str, PairSet]:
         if pairs is None or variant.get("generation_policy"):
             continue
         pairing = {**cfg["pairing"], **variant.get("pairing", {})}
-        known = found.get(pairing["scope"])
-        if known is None:
-            found[pairing["scope"]] = known = PairSet(pairing["scope"], pairs, outputs.scores,
-                                                      pairing)
-        if known.pairs.key == pairs.key and variant["method"] == "dpo":
-            known.variants.append(variant["name"])
+        found.setdefault(pairing["scope"], PairSet(pairing["scope"], pairs, outputs.scores,
+                                                   pairing))
     return {scope: found[scope] for scope in SCOPES if scope in found}
 
 
@@ -352,7 +347,7 @@ def dataset_card(manifest: dict, tables: dict[str, pl.DataFrame], sets: dict[str
                "chosen answer the reward scores higher, per language.", "",
                _md_table(data["reward_check"]), ""]
     if models:
-        md += ["## Models trained on it", ""] + [
+        md += ["## Models of this run", ""] + [
             f"- [{m.repo_id}]({_hub_url(m.repo_id)})" for m in models] + [""]
     md += ["## Citation", "", "The method:", "", CITATION, "", "## License", "",
            f"`{license}`. The texts are generations of `{cfg['policy']['model']}`; its "
@@ -408,7 +403,8 @@ def evaluation_lines(data: dict, variant: str, langs: list[str]) -> list[str]:
             w = cell(rates, "variant", variant, lang, "win_rate")
             lo = cell(rates, "variant", variant, lang, "ci_low")
             hi = cell(rates, "variant", variant, lang, "ci_high")
-            row += ["-" if w is None else f"{w:.1f} [{lo:.1f}, {hi:.1f}]",
+            row += ["-" if w is None else f"{w:.1f}" if lo is None or hi is None
+                    else f"{w:.1f} [{lo:.1f}, {hi:.1f}]",
                     _num(cell(rates, "variant", variant, lang, "lc_win_rate"), 1)]
         rows.append(row)
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -425,7 +421,8 @@ def evaluation_lines(data: dict, variant: str, langs: list[str]) -> list[str]:
     out = [*md, "", "; ".join(notes) + ".", ""]
     if has["structured"]:
         tasks = (structured.filter(pl.col("model").is_in(["base", variant]))
-                 .pivot(on="model", index=["lang", "task", "metric"], values="value")
+                 .pivot(on="model", index=["lang", "task", "metric"], values="value",
+                        aggregate_function="first")
                  .sort("lang", "task"))
         cols = ["lang", "task", "metric"] + [c for c in ("base", variant) if c in tasks.columns]
         out += ["Structured tasks:", "", _md_table(tasks.select(cols)), ""]

@@ -281,6 +281,10 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
     console.print(f"manifest:  [green]{result['manifest']}[/]")
     if result.get("report"):
         console.print(f"report:    [green]{result['report']}[/]")
+    if result.get("published"):
+        hub = result["published"]
+        console.print(f"published: [green]{hub['dataset']}[/]"
+                      + "".join(f", [green]{repo}[/]" for repo in hub["models"]))
 
 
 def _release_engines() -> None:

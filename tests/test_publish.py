@@ -357,3 +357,65 @@ def test_bad_names_and_missing_runs_are_refused_before_the_network(run, fake_hub
                                   "--data-root", run["root"]])
     assert missing.exit_code == 2 and "no run 'nope'" in missing.output
     assert not [r for r in fake_hub["requests"] if not r[1].startswith("/api/agent")]
+
+
+def _no_token(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(hub_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+
+
+def test_a_run_that_publishes_checks_the_token_before_it_starts(monkeypatch, tmp_path):
+    from croco import preflight
+    from croco.config_loading import config_from_dict
+    from croco.errors import UserError
+
+    _no_token(monkeypatch, tmp_path)
+    cfg = config_from_dict({"languages": LANGS, "publish": {"dataset": "team/croco-pairs"}})
+    last = preflight._last_stage(cfg, None)
+    with pytest.raises(UserError, match="publish.dataset is set: no Hugging Face token.*HF_TOKEN"):
+        preflight.check_publish(cfg, last)
+    bad = config_from_dict({"languages": LANGS, "publish": {"dataset": "team/a b"}})
+    with pytest.raises(UserError, match="publish.dataset 'team/a b' is not a valid"):
+        preflight.check_publish(bad, last)
+    preflight.check_publish(config_from_dict({"languages": LANGS}), last)  # off: no check
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    preflight.check_publish(cfg, last)
+
+
+@pytest.mark.slow
+def test_the_pipeline_publishes_at_its_end_and_the_flow_again_changes_nothing(
+        prefect_harness, tiny_config, fake_hub, tmp_path, monkeypatch):
+    """The tiny pipeline with training and evaluation, `publish.dataset` set; then the
+    `croco-publish` flow on the same run uploads nothing new."""
+    import datasets
+
+    from croco.flows.pipeline import croco_pipeline
+    from croco.flows.publish import croco_publish
+
+    cfg = tiny_config(**{"languages": ["en", "de"], "training.enabled": True,
+                         "evaluation.judge.enabled": True,
+                         "publish": {"dataset": "team/tiny-pairs", "models": "team/tiny"}})
+    result = croco_pipeline(config=cfg, run_id="pub")
+    assert result["published"]["models"] == ["team/tiny-dpo"]
+    files = {p for (r, p) in fake_hub["files"] if r == "team/tiny-pairs"}
+    assert "README.md" in files and any(p.startswith("in_lang/") for p in files)
+    card = fake_hub["files"][("team/tiny-dpo", "README.md")].decode()
+    assert "win rate vs base [95% CI]" in card and "| en |" in card
+    assert ("team/tiny-dpo", "adapter_model.safetensors") in fake_hub["files"]
+
+    folder = _repo_folder(fake_hub, "team/tiny-pairs", tmp_path / "hub-dataset")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pairs = datasets.load_dataset(str(folder), "in_lang", cache_dir=str(tmp_path / "cache"))
+    dpo = storage.read_parquet(storage.join(result["outputs"].pairs, "dpo"))
+    assert sum(len(s) for s in pairs.values()) == dpo.height > 0
+    assert {"chosen_reward_rm", "rejected_reward_judge"} <= set(pairs["en"].column_names)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    commits = list(fake_hub["commits"])
+    again = croco_publish(run_id="pub", dataset="team/tiny-pairs", models="team/tiny",
+                          data_root=cfg.data_root)
+    assert again["commits"] == result["published"]["commits"]
+    assert fake_hub["commits"] == commits
