@@ -681,16 +681,18 @@ class Account:
         return [self.name, *self.orgs]
 
 
-def account(api, token: str) -> Account:
+def account(api, token: str, repo_id: str) -> Account:
+    """The token's account (`whoami`); a refused token ends the publish of `repo_id`."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         info = api.whoami(token=token)
     except HfHubHTTPError as e:
         if _status(e) == 401:
-            raise PublishError("the Hub refused the token (401): set HF_TOKEN to a valid token "
-                               "with write access; nothing was uploaded") from None
-        raise
+            raise PublishError(f"dataset repo {repo_id}: the Hub refused the token (401): set "
+                               "HF_TOKEN to a valid token with write access; nothing was "
+                               "uploaded") from None
+        raise _refused(e, repo_id, "dataset", token) from None
     role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
     return Account(info["name"], [o["name"] for o in info.get("orgs") or []], role)
 
@@ -773,7 +775,7 @@ def publish(manifest: dict, *, dataset: str, models: str | None = None, private:
     pair_sets(manifest)  # a run without pairs fails here, before the network
     token = check_token()
     api = HfApi(token=token)
-    who = account(api, token)
+    who = account(api, token, dataset)
     dataset = _full_id(dataset, who)
     for r in repos:
         r.repo_id = _full_id(r.repo_id, who)

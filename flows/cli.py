@@ -440,10 +440,10 @@ def publish(run_id: Annotated[str, typer.Argument(help="a run id (see <data_root
     done = publish_run(manifest, dataset=dataset, models=models, private=private,
                        license=license, log=lambda line: console.print(line, highlight=False,
                                                                        soft_wrap=True))
-    console.print(f"dataset [green]{done.dataset}[/]: " + ", ".join(
-        f"{name} ({rows} rows)" for name, rows in done.configs.items()), highlight=False)
-    for repo in done.models:
-        console.print(f"model   [green]{repo}[/]", highlight=False)
+    new = sum(done.changed.values())
+    console.print(f"published run {run_id}: dataset [green]{done.dataset}[/] and "
+                  f"{len(done.models)} model repositories; {new} committed, "
+                  f"{len(done.changed) - new} unchanged", highlight=False)
 
 
 @app.command("train-rm")

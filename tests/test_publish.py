@@ -295,10 +295,11 @@ def test_croco_publish_prints_what_it_published(run, fake_hub):
     result = _cli(run, "--dataset", "team/croco-pairs", "--models", "team/croco")
     assert result.exit_code == 0, result.output
     assert "team/croco-pairs" in result.output and "team/croco-dpo-all" in result.output
-    assert "in_lang" in result.output
+    assert "in_lang 6 rows" in result.output
+    assert "3 model repositories; 4 committed, 0 unchanged" in result.output
     again = _cli(run, "--dataset", "team/croco-pairs", "--models", "team/croco")
     assert again.exit_code == 0, again.output
-    assert "unchanged" in again.output and "committed" not in again.output
+    assert "3 model repositories; 0 committed, 4 unchanged" in again.output
     assert HUB_TOKEN not in result.output + again.output
 
 
@@ -320,7 +321,8 @@ def test_a_refused_token_is_one_error_line_without_the_token(run, fake_hub, monk
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_5678")
     result = _cli(run, "--dataset", "team/croco-pairs")
     assert result.exit_code == 2
-    assert "error:" in result.output and "401" in result.output and "HF_TOKEN" in result.output
+    assert result.output.startswith("error: dataset repo team/croco-pairs:")
+    assert "401" in result.output and "HF_TOKEN" in result.output
     assert "hf_wrong_token_5678" not in result.output
     assert not _writes(fake_hub)
 
@@ -419,3 +421,40 @@ def test_the_pipeline_publishes_at_its_end_and_the_flow_again_changes_nothing(
                           data_root=cfg.data_root)
     assert again["commits"] == result["published"]["commits"]
     assert fake_hub["commits"] == commits
+
+
+def test_each_variant_is_one_repository_named_by_the_prefix(run, tmp_path):
+    """Per-language variants give one repository per language; iterative ones their last
+    round, whose pairs (sampled from the round before) are not in the dataset."""
+    from croco.config_loading import config_from_dict
+    from croco.manifest import read_outputs, write_manifest
+    from croco.publish import dataset_config_of, load_manifest, model_repos, pair_sets
+
+    root = Path(run["root"])
+    manifest = load_manifest(str(root), "r1")
+    pairs = run["pairs"]["in_lang"]
+    t_en = _training(root, "ten", method="dpo", pairs_uri=pairs, curves=False)
+    t_de = _training(root, "tde", method="dpo", pairs_uri=pairs, curves=False)
+    later = str(root / "pairs" / "p2")
+    _done(later)
+    t_r1 = _training(root, "tr1", method="dpo", pairs_uri=pairs, curves=False)
+    t_r2 = _training(root, "tr2", method="dpo", pairs_uri=later, curves=False)
+    cfg = config_from_dict({**manifest["config"], "experiments": [
+        {"name": "per-lang", "method": "dpo", "per_language": True},
+        {"name": "iter", "method": "dpo", "rounds": 2}]})
+    outputs = RunOutputs[str](
+        scores={lang: o.uri for lang, o in read_outputs(manifest).scores.items()},
+        pairs=pairs,
+        variants={"per-lang": VariantOutputs[str](rounds=[RoundOutputs[str](
+                      pairs=pairs, training_by_lang={"en": t_en, "de": t_de})]),
+                  "iter": VariantOutputs[str](rounds=[
+                      RoundOutputs[str](pairs=pairs, training=t_r1),
+                      RoundOutputs[str](pairs=later, training=t_r2)])})
+    write_manifest(str(root), "r2", cfg.model_dump(mode="json"), outputs)
+    m2 = load_manifest(str(root), "r2")
+    repos = model_repos(m2, "me/x")
+    assert [(r.repo_id, r.lang, r.training.key) for r in repos] == [
+        ("me/x-per-lang-de", "de", "tde"), ("me/x-per-lang-en", "en", "ten"),
+        ("me/x-iter", None, "tr2")]
+    assert [dataset_config_of(m2, r) for r in repos] == ["in_lang", "in_lang", None]
+    assert list(pair_sets(m2)) == ["in_lang"]
