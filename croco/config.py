@@ -397,6 +397,21 @@ class OrchestrationConfig(_Strict):
         "1: one task (flow run) per language")
 
 
+class PublishConfig(_Strict):
+    """Publishing the run on the Hugging Face Hub when the pipeline ends (`croco publish`
+    does the same for any finished run): the preference sets as the dataset `dataset`,
+    each variant's adapter as `<models>-<variant>`. Off while `dataset` is unset. Needs
+    HF_TOKEN on the machine that runs the pipeline."""
+
+    dataset: str | None = Field(None, description="dataset repository for the preference "
+                                "sets, e.g. my-org/croco-pairs; None: publish nothing")
+    models: str | None = Field(None, description="prefix of the model repositories "
+                               "(<prefix>-<variant>); None: the dataset's id")
+    private: bool = Field(True, description="visibility of the repositories")
+    license: str = Field("unknown", description="license field of the cards (a Hub "
+                         "license id)")
+
+
 class CrocoConfig(_Strict):
     """One run of the pipeline."""
 
@@ -423,6 +438,8 @@ class CrocoConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig,
                                                **EXECUTION_ONLY)
+    # What happens to the run's results after it, never what it computes.
+    publish: PublishConfig = Field(default_factory=PublishConfig, **EXECUTION_ONLY)
 
     @field_validator("experiments")
     @classmethod

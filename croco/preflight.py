@@ -56,6 +56,7 @@ def check(cfg: CrocoConfig, *, config_path: str | None = None,
         for field, name, kind in model_references(cfg, last):
             check_model(name, field=field, kind=kind)
         check_eval_files(cfg, last)
+        check_publish(cfg, last)
         check_data_root(cfg.data_root, storage_block=cfg.storage_block)
     except UserError as e:
         if config_path:
@@ -70,6 +71,22 @@ def _last_stage(cfg: CrocoConfig, stages: list[str] | None) -> int:
 
 def _reaches(last: int, stage: str) -> bool:
     return last >= STAGES.index(stage)
+
+
+def check_publish(cfg: CrocoConfig, last: int) -> None:
+    """With `publish.dataset`: the repository names are valid and a Hub token is there
+    (no network: access is checked when the run publishes)."""
+    if not cfg.publish.dataset or not _reaches(last, "pair"):
+        return
+    from croco.publish import check_repo_id, check_token
+
+    check_repo_id(cfg.publish.dataset, "publish.dataset")
+    if cfg.publish.models:
+        check_repo_id(f"{cfg.publish.models}-x", "publish.models")
+    try:
+        check_token()
+    except UserError as e:
+        raise type(e)(f"publish.dataset is set: {e}") from None
 
 
 # ------------------------------------------------------------------------------ packages

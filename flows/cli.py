@@ -6,6 +6,7 @@
     croco config show [CONFIG] [--set key=value ...]
     croco pairs show URI [--n 3]
     croco pairs build --scores URI --prompts SOURCE --out URI [--set pairing.KEY=VALUE ...]
+    croco publish RUN_ID --dataset REPO [--models PREFIX] [--private/--public]
 
 A mistake the user can fix (`croco.errors.UserError`: config, prompts, model paths, storage)
 ends any command with one `error: ...` line on stderr and exit code 2; `croco run` finds
@@ -280,6 +281,10 @@ def run(config: ConfigArg = None, set_: SetOpt = None,
     console.print(f"manifest:  [green]{result['manifest']}[/]")
     if result.get("report"):
         console.print(f"report:    [green]{result['report']}[/]")
+    if result.get("published"):
+        hub = result["published"]
+        console.print(f"published: [green]{hub['dataset']}[/]"
+                      + "".join(f", [green]{repo}[/]" for repo in hub["models"]))
 
 
 def _release_engines() -> None:
@@ -409,6 +414,36 @@ def report(run_id: Annotated[str, typer.Argument(help="a run id (see <data_root>
         uri = render(manifest, data_root)
     console.print(Markdown(storage.read_bytes(uri).decode()))
     console.print(f"report: [green]{uri}[/]")
+
+
+@app.command()
+@_clean_errors
+def publish(run_id: Annotated[str, typer.Argument(help="a run id (see <data_root>/runs/)")],
+            dataset: Annotated[str, typer.Option(
+                help="dataset repository for the preference sets, e.g. my-org/croco-pairs")],
+            models: Annotated[Optional[str], typer.Option(
+                help="prefix of the model repositories: <prefix>-<variant> (default: the "
+                     "dataset's id)")] = None,
+            private: Annotated[bool, typer.Option(
+                "--private/--public", help="visibility of the repositories")] = True,
+            license: Annotated[str, typer.Option(
+                help="license field of the cards (a Hub license id)")] = "unknown",
+            data_root: Annotated[str, typer.Option(help="storage root")] = "./croco-data"
+            ) -> None:
+    """Publish a run on the Hugging Face Hub: its preference sets as one dataset (a config
+    per scope, a split per language) and each variant's adapter as a model repository, with
+    cards made from the run's manifest. Needs HF_TOKEN (or `hf auth login`); HF_ENDPOINT
+    for another hub. Publishing the same run again uploads nothing."""
+    from croco.publish import load_manifest, publish as publish_run
+
+    manifest = load_manifest(data_root, run_id)
+    done = publish_run(manifest, dataset=dataset, models=models, private=private,
+                       license=license, log=lambda line: console.print(line, highlight=False,
+                                                                       soft_wrap=True))
+    new = sum(done.changed.values())
+    console.print(f"published run {run_id}: dataset [green]{done.dataset}[/] and "
+                  f"{len(done.models)} model repositories; {new} committed, "
+                  f"{len(done.changed) - new} unchanged", highlight=False)
 
 
 @app.command("train-rm")

@@ -27,7 +27,7 @@ from croco.config_loading import apply_overrides, config_from_dict, load_config
 from croco.manifest import RunOutputs
 from croco.plan import build_plan
 from croco.flows.stages import Stages
-from croco.tasks import heldout_task, manifest_task, report_task
+from croco.tasks import heldout_task, manifest_task, publish_task, report_task
 from croco.tasks.remote import prepare_run
 
 
@@ -49,7 +49,8 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
                    run_id: str | None = None) -> dict:
     """Run CroCo for every configured language; returns the run id, the manifest's URI and
     the run's outputs (`croco.manifest.RunOutputs`, URIs), plus the report's URI when the
-    evaluation ran.
+    evaluation ran and, with `publish.dataset` set, what was published on the Hub
+    (`published`).
 
     The config is `config`, or the YAML file `config_file` (a path relative to the flow's
     working directory, or a URI such as s3://bucket/croco.yaml), with `overrides`
@@ -102,4 +103,9 @@ def croco_pipeline(config: CrocoConfig | None = None, config_file: str | None = 
     if out.evaluation is not None:
         result["report"] = run.runtime.retrying(report_task)(root, run_id)
         log.info("report: %s", result["report"])
+    hub = config.publish
+    if hub.dataset and plan.pairs:
+        result["published"] = run.runtime.retrying(publish_task)(
+            root, run_id, hub.dataset, models=hub.models, private=hub.private,
+            license=hub.license)
     return result

@@ -359,3 +359,23 @@ def report_task(data_root: str, run_id: str) -> str:
     create_markdown_artifact(storage.read_bytes(uri).decode(), key="croco-report",
                              description=f"croco report, run {run_id}")
     return uri
+
+
+@task(name="publish", **DEFAULT_RETRIES)
+def publish_task(data_root: str, run_id: str, dataset: str, models: str | None = None,
+                 private: bool = True, license: str = "unknown") -> dict:
+    """Publish a finished run on the Hugging Face Hub (`croco.publish`); a markdown
+    artifact lists what went where."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from croco.publish import load_manifest, publish
+
+    done = publish(load_manifest(data_root, run_id), dataset=dataset, models=models,
+                   private=private, license=license, log=get_run_logger().info)
+    lines = [f"- dataset `{done.dataset}`: " + ", ".join(
+        f"`{name}` {rows} rows" for name, rows in done.configs.items())]
+    lines += [f"- model `{repo}`" for repo in done.models]
+    create_markdown_artifact("\n".join(lines), key="croco-published",
+                             description=f"croco run {run_id} on the Hub")
+    return {"dataset": done.dataset, "configs": done.configs, "models": done.models,
+            "commits": done.commits}

@@ -293,50 +293,166 @@ def prefect_harness():
         yield
 
 
+HUB_TOKEN = "hf_fake_token_1234"
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """A loopback stand-in for the Hugging Face Hub's HTTP API: repository creation,
-    pre-upload (every file 'regular') and NDJSON commits, whose files it keeps."""
+    """A loopback stand-in for the Hugging Face Hub's HTTP API, model and dataset
+    repositories alike: `whoami`, repository creation and info, visibility settings,
+    pre-upload (every file 'regular', with the oid of the content it already holds, so
+    unchanged files are left out of a commit), NDJSON commits (files kept, deletions
+    applied) and the file tree.
+
+    The token is `HUB_TOKEN` (in HF_TOKEN); any other is refused (401). The account is
+    user `me` in organisation `team`: it may create and write repositories there only
+    (403 elsewhere). `state["foreign"]` (repo id -> type) lists repositories that exist
+    and belong to someone else: readable, not writable. `state["read_only"]`: namespaces
+    of the account that refuse writes (403). `state["changes"]`: per commit, the repo and
+    its files, `+path` written, `-path` deleted."""
     import base64
+    import hashlib
+    import re
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    state: dict = {"repos": {}, "files": {}, "commits": []}
+    state: dict = {"repos": {}, "files": {}, "commits": [], "changes": [], "foreign": {},
+                   "user": "me", "orgs": ["team"], "read_only": set(), "requests": []}
+
+    def blob_oid(data: bytes) -> str:
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    def repo_files(repo: str) -> dict[str, bytes]:
+        return {path: data for (r, path), data in state["files"].items() if r == repo}
+
+    def repo_sha(repo: str) -> str:
+        h = hashlib.sha1(repo.encode())
+        for path, data in sorted(repo_files(repo).items()):
+            h.update(path.encode() + b"\0" + blob_oid(data).encode())
+        return h.hexdigest()
 
     class Handler(BaseHTTPRequestHandler):
-        def _reply(self, obj) -> None:
+        def _reply(self, obj, status: int = 200, headers: dict | None = None) -> None:
             body = json.dumps(obj).encode()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 
+        def _authorized(self) -> bool:
+            return self.headers.get("Authorization") == f"Bearer {HUB_TOKEN}"
+
+        def _deny(self, status: int) -> None:
+            message = ("Invalid credentials in Authorization header" if status == 401 else
+                       "You don't have the rights to write to this repository")
+            self._reply({"error": message}, status)
+
+        def _writable(self, repo: str) -> bool:
+            namespace = repo.split("/")[0]
+            return (namespace in (state["user"], *state["orgs"])
+                    and namespace not in state["read_only"])
+
+        def _route(self):
+            path = self.path.split("?")[0]
+            m = re.match(r"^/api/(models|datasets)/(.+?)/(preupload|commit|tree|revision)"
+                         r"/[^/]+/?$", path)
+            if m:
+                return m.group(3), m.group(2), m.group(1)[:-1]
+            m = re.match(r"^/api/(models|datasets)/(.+?)/settings$", path)
+            if m:
+                return "settings", m.group(2), m.group(1)[:-1]
+            m = re.match(r"^/api/(models|datasets)/([^/]+/[^/]+)$", path)
+            if m:
+                return "info", m.group(2), m.group(1)[:-1]
+            return path, None, None
+
+        def _info(self, repo: str, kind: str) -> None:
+            if repo in state["foreign"] and state["foreign"][repo] == kind:
+                return self._reply({"id": repo, "sha": repo_sha(repo), "private": False})
+            known = state["repos"].get(repo)
+            if known is None or known.get("type", "model") != kind:
+                return self._reply({"error": "Repository not found"}, 404,
+                                   {"X-Error-Code": "RepoNotFound"})
+            return self._reply({"id": repo, "sha": repo_sha(repo),
+                                "private": known.get("visibility") == "private",
+                                "siblings": [{"rfilename": p} for p in repo_files(repo)]})
+
         def do_GET(self):  # noqa: N802
-            self._reply({})
+            state["requests"].append(("GET", self.path))
+            what, repo, kind = self._route()
+            if what == "/api/whoami-v2":
+                if not self._authorized():
+                    return self._deny(401)
+                return self._reply({"type": "user", "name": state["user"],
+                                    "orgs": [{"name": o} for o in state["orgs"]],
+                                    "auth": {"accessToken": {"role": "write"}}})
+            if what in ("info", "revision"):
+                return self._info(repo, kind)
+            if what == "tree":
+                return self._reply([{"type": "file", "path": p, "oid": blob_oid(d),
+                                     "size": len(d)} for p, d in sorted(repo_files(repo).items())])
+            return self._reply({})
+
+        def do_PUT(self):  # noqa: N802
+            state["requests"].append(("PUT", self.path))
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            what, repo, kind = self._route()
+            if not self._authorized():
+                return self._deny(401)
+            if what == "settings":
+                if not self._writable(repo) or repo not in state["repos"]:
+                    return self._deny(403)
+                state["repos"][repo].update(json.loads(body))
+                return self._reply({})
+            return self._reply({})
 
         def do_POST(self):  # noqa: N802
+            state["requests"].append(("POST", self.path))
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            if not self._authorized():
+                return self._deny(401)
             if self.path == "/api/repos/create":
                 req = json.loads(body)
-                repo = f"{req.get('organization')}/{req['name']}"
-                state["repos"][repo] = req
+                repo = f"{req.get('organization') or state['user']}/{req['name']}"
+                if not self._writable(repo):
+                    return self._deny(403)
+                if repo in state["repos"]:
+                    return self._reply({"error": "You already created this repo",
+                                        "url": f"{base}/{repo}"}, 409)
+                state["repos"][repo] = {"type": "model", **req}
                 return self._reply({"url": f"{base}/{repo}", "name": req["name"]})
-            if "/preupload/" in self.path:
+            what, repo, kind = self._route()
+            if repo is None:
+                return self._reply({})
+            if not self._writable(repo):
+                return self._deny(403)
+            if what == "preupload":
                 files = json.loads(body)["files"]
-                return self._reply({"files": [{"path": f["path"], "uploadMode": "regular",
-                                               "shouldIgnore": False} for f in files]})
-            if "/commit/" in self.path:
-                repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+                held = repo_files(repo)
+                return self._reply({"files": [
+                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                     "oid": blob_oid(held[f["path"]]) if f["path"] in held else None}
+                    for f in files]})
+            if what == "commit":
                 lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
                 state["commits"].append((repo, lines[0]["value"]["summary"]))
+                state["changes"].append((repo, sorted(
+                    ("+" if x["key"] == "file" else "-") + x["value"]["path"]
+                    for x in lines[1:] if x["key"] in ("file", "deletedFile"))))
                 for line in lines[1:]:
                     if line["key"] == "file":
                         state["files"][(repo, line["value"]["path"])] = base64.b64decode(
                             line["value"]["content"])
-                return self._reply({"commitOid": "1" * 40,
-                                    "commitUrl": f"{base}/{repo}/commit/{'1' * 40}"})
+                    elif line["key"] == "deletedFile":
+                        state["files"].pop((repo, line["value"]["path"]), None)
+                sha = repo_sha(repo)
+                prefix = "datasets/" if kind == "dataset" else ""
+                return self._reply({"commitOid": sha,
+                                    "commitUrl": f"{base}/{prefix}{repo}/commit/{sha}"})
             return self._reply({})
 
         def log_message(self, *args):
@@ -346,12 +462,13 @@ def fake_hub(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_1234")
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
     # The suite runs offline; this one server on loopback is the exception.
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    state["endpoint"] = endpoint
     yield state
     server.shutdown()

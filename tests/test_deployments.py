@@ -211,7 +211,8 @@ def test_deployments_in_the_yaml_exist_on_the_server(stack):
     res = stack.cli(PY, "-m", "prefect", "deployment", "ls")
     listed = res.stdout
     for name in ("croco-pipeline/default", "croco-pipeline/scale-out", "croco-generate/gpu",
-                 "croco-score/gpu", "croco-train/gpu", "croco-evaluate/gpu"):
+                 "croco-score/gpu", "croco-train/gpu", "croco-evaluate/gpu",
+                 "croco-publish/default"):
         flow, dep = name.split("/")
         assert flow in listed and dep in listed, listed
     # `croco deploy` created the global `gpu` limit (1 slot without --gpu-slots), so runs

@@ -228,6 +228,8 @@ def test_prefect_yaml_declares_every_stage_deployment():
         d = entry[("flows/pipeline.py:croco_pipeline", name)]
         assert d["work_pool"]["name"] == "croco-cpu"
         assert (PROJECT_DIR / d["parameters"]["config_file"]).is_file()
+    publish = entry[("flows/publish.py:croco_publish", "default")]
+    assert publish["work_pool"]["name"] == "croco-cpu" and "parameters" not in publish
     scale = entry[("flows/pipeline.py:croco_pipeline", "scale-out")]["parameters"]
     cfg = config_from_dict({})
     from croco.config_loading import apply_overrides
