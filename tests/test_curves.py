@@ -1,10 +1,14 @@
-"""Training curves: the figure, the warning rules and `training.report_to`. No model is
-loaded here."""
+"""Training curves: the figure, the warning rules, `training.report_to`, and the report's
+training-curves section. No model is loaded here."""
 
 from __future__ import annotations
 
+import json
+
+import polars as pl
 import pytest
 
+from croco import storage
 from croco.config import TrainingConfig
 from croco.errors import MissingPackageError
 from croco.evaluation.curves import (
@@ -155,3 +159,74 @@ def test_report_to_is_in_no_training_key():
 
     assert key() == key(report_to="none") == key(report_to=["tensorboard", "wandb"])
     assert key() != key(beta=0.2)  # while a setting that changes the adapter moves it
+
+
+# ------------------------------------------------------------------------ the report
+
+
+def _training_output(root, key: str, metrics: dict, history: list[dict] | None) -> str:
+    uri = storage.join(str(root), "training", key)
+    storage.write_json(storage.join(uri, "metrics.json"), metrics)
+    if history is not None:
+        storage.write_bytes(storage.join(uri, "log_history.json"), json.dumps(history).encode())
+        storage.write_bytes(storage.join(uri, "curves.png"), plot_training_curves(history))
+    storage.mark_complete(uri, {"rows": 1})
+    return uri
+
+
+def test_the_report_shows_curves_pairs_per_language_and_warnings(tmp_path):
+    from croco.config import CrocoConfig
+    from croco.evaluation.report import load_run, render
+    from croco.manifest import RoundOutputs, RunOutputs, VariantOutputs, write_manifest
+
+    root = str(tmp_path)
+    pairs = storage.join(root, "pairs", "p1")
+    storage.write_parquet(pl.DataFrame({"prompt_lang": ["de", "de", "en", "fr"],
+                                        "chosen_score": [1.0] * 4,
+                                        "rejected_score": [0.0] * 4}),
+                          storage.join(pairs, "dpo", "data.parquet"))
+    storage.write_parquet(pl.DataFrame({"lang": ["de"], "pairs": [2]}),
+                          storage.join(pairs, "stats.parquet"))
+    storage.mark_complete(pairs, {"rows": 4})
+    good = _training_output(tmp_path, "t1", {"method": "dpo", "pairs_uri": pairs,
+                                             "train_by_lang": {"de": 2, "en": 1, "fr": 1}},
+                            dpo_history())
+    flat = _training_output(tmp_path, "t2", {"method": "dpo", "pairs_uri": pairs},
+                            dpo_history(loss=lambda i: 0.69))
+    short = _training_output(tmp_path, "t3", {"method": "dpo", "pairs_uri": pairs,
+                                              "train_by_lang": {"de": 2}}, dpo_history(3))
+    old = _training_output(tmp_path, "t4", {"method": "dpo", "pairs_uri": pairs,
+                                            "lang": "de"}, None)
+    outputs = RunOutputs[str](pairs=pairs, variants={
+        "dpo": VariantOutputs[str](rounds=[RoundOutputs[str](pairs=pairs, training=good)]),
+        "flat": VariantOutputs[str](rounds=[RoundOutputs[str](pairs=pairs, training=flat)]),
+        "short": VariantOutputs[str](rounds=[RoundOutputs[str](pairs=pairs, training=short)]),
+        "per-lang": VariantOutputs[str](rounds=[RoundOutputs[str](
+            pairs=pairs, training_by_lang={"de": old})]),
+    })
+    write_manifest(root, "r1", CrocoConfig().model_dump(mode="json"), outputs)
+    report_uri = render(load_run(root, "r1"), root)
+    text = storage.read_bytes(report_uri).decode()
+    section = text.split("## Training curves", 1)[1]
+
+    assert "| run | method | de | en | fr | total |" in section
+    assert "| dpo | dpo | 2 | 1 | 1 | 4 |" in section
+    assert "| flat | dpo | 2 | 1 | 1 | 4 |" in section  # counted from its pairs
+    assert "| per-lang:de | dpo | 2 | - | - | 2 |" in section
+    assert "Counted from the pairs each names, held-out pairs included" in section
+    assert "per-lang:de, flat" not in section and "flat, per-lang:de" in section
+
+    def block(name: str) -> str:
+        return section.split(f"### {name}\n", 1)[1].split("###", 1)[0]
+
+    assert "- no problem flagged over 16 logged steps" in block("dpo")
+    assert "- warning: loss not decreasing" in block("flat")
+    assert "- too few steps to judge (3 logged; the checks need 8)" in block("short")
+    assert "- no curves recorded" in block("per-lang:de")
+    assert "warning" not in block("short") + block("dpo")
+    run_dir = tmp_path / "runs" / "r1"
+    for name in ("dpo", "flat", "short"):
+        assert f"![{name} curves](curves-{name}.png)" in block(name)
+        assert (run_dir / f"curves-{name}.png").read_bytes().startswith(PNG)
+    assert "![" not in block("per-lang:de")
+    assert not (run_dir / "curves-per-lang-de.png").exists()
