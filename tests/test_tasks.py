@@ -143,7 +143,7 @@ def _recording_init(made: list):
     original = TrainingArtifacts.__init__
 
     def init(self, name, **kwargs):
-        original(self, name, **{**kwargs, "min_interval": 0.0})
+        original(self, name, **{**kwargs, "min_interval": 0.0, "figure_interval": 0.0})
         made.append(self)
 
     return init
@@ -170,3 +170,28 @@ def test_training_artifacts_are_throttled_but_always_written_at_the_end(prefect_
     assert len(_artifact_versions(f"{name}-curves")) == 2
     progress = _artifact_versions(f"{name}-progress")
     assert len(progress) == 1 and progress[0].data == 100.0
+
+
+def test_the_figure_is_redrawn_at_most_every_figure_interval(prefect_harness, monkeypatch):
+    import uuid
+
+    from transformers import TrainerState
+
+    from croco.tasks import training
+
+    drawn = []
+    monkeypatch.setattr(training, "plot_training_curves",
+                        lambda history, title=None: drawn.append(len(history)) or b"png")
+    name = f"train-figure-{uuid.uuid4().hex[:8]}"
+    cb = training.TrainingArtifacts(name, min_interval=0, figure_interval=3600)
+    state = TrainerState(max_steps=4)
+    cb.on_train_begin(None, state, None)
+    for step in range(1, 5):
+        state.global_step = step
+        state.log_history.append({"step": step, "loss": 1.0 / step})
+        cb.on_log(None, state, None)
+    cb.on_train_end(None, state, None)
+    assert cb.updates == 5  # every log and the end: min_interval 0
+    assert drawn == [1, 4]  # the figure: at the first log and at the end only
+    versions = _artifact_versions(f"{name}-curves")
+    assert len(versions) == 5 and all("data:image/png;base64," in v.data for v in versions)
