@@ -149,6 +149,22 @@ def test_preflight_checks_report_to_of_the_run_and_of_each_variant(tmp_path, pro
                     stages=["pair"])
 
 
+def test_croco_run_with_a_missing_report_to_package_ends_with_one_error_line(tmp_path,
+                                                                            monkeypatch):
+    from typer.testing import CliRunner
+
+    from croco.flows.cli import app
+
+    monkeypatch.setattr(reporting, "_installed", lambda module: module != "trackio")
+    result = CliRunner().invoke(app, ["run", "--set", "training.report_to=[trackio]",
+                                      "--set", f"data_root={tmp_path / 'data'}"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: training.report_to: trackio needs the trackio package, which is not "
+        "installed: pip install trackio (or set training.report_to: none)"]
+    assert not (tmp_path / "data").exists()  # stopped before any work
+
+
 def test_report_to_is_in_no_training_key():
     from croco.config import PolicyConfig
     from croco.training.spec import DPOSpec
