@@ -114,7 +114,11 @@ def write_curves(out: str, log_history: list[dict], *, title: str | None = None)
 
 
 def _curves_title(spec: TrainSpec) -> str:
-    return f"{spec.variant_name} ({spec.method}{', ' + spec.lang if spec.lang else ''})"
+    """`dpo`, `dpo-all (dpo)`, `per-lang (dpo, de)`: the variant, its method when its name
+    is not the method's, its language."""
+    details = [m for m in (spec.method if spec.method != spec.variant_name else None,
+                           spec.lang) if m]
+    return spec.variant_name + (f" ({', '.join(details)})" if details else "")
 
 
 def adapter_path(training_uri: str) -> str:
