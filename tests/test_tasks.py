@@ -130,7 +130,7 @@ def test_the_train_task_shows_progress_and_curves_while_it_trains(prefect_harnes
     assert progress.data == 100.0 and progress.description == f"train-{name}: step 3 of 3"
     assert len(_artifact_versions(f"train-{name}-progress")) == 1  # updated, not re-made
     curves = _artifact_versions(f"train-{name}-curves")
-    assert len(curves) >= 3  # min_interval 0 here: a version per logged step at least
+    assert len(curves) >= 3  # no interval here: a version per logged step at least
     latest = Artifact.get(f"train-{name}-curves")
     assert latest.type == "markdown" and "Step 3 of 3." in latest.data
     assert "| loss |" in latest.data and "| rewards/margins |" in latest.data
@@ -143,36 +143,14 @@ def _recording_init(made: list):
     original = TrainingArtifacts.__init__
 
     def init(self, name, **kwargs):
-        original(self, name, **{**kwargs, "min_interval": 0.0, "figure_interval": 0.0})
+        original(self, name, **{**kwargs, "progress_interval": 0.0, "curves_interval": 0.0})
         made.append(self)
 
     return init
 
 
-def test_training_artifacts_are_throttled_but_always_written_at_the_end(prefect_harness):
-    import uuid
-
-    from transformers import TrainerState
-
-    from croco.tasks.training import TrainingArtifacts
-
-    name = f"train-throttle-{uuid.uuid4().hex[:8]}"
-    cb = TrainingArtifacts(name, min_interval=3600, figure=False)
-    state = TrainerState(max_steps=10)
-    cb.on_train_begin(None, state, None)
-    for step in range(1, 11):
-        state.global_step = step
-        state.log_history.append({"step": step, "loss": 1.0 / step})
-        cb.on_log(None, state, None)
-    assert cb.updates == 1  # the first log only; the next nine fall within the interval
-    cb.on_train_end(None, state, None)
-    assert cb.updates == 2
-    assert len(_artifact_versions(f"{name}-curves")) == 2
-    progress = _artifact_versions(f"{name}-progress")
-    assert len(progress) == 1 and progress[0].data == 100.0
-
-
-def test_the_figure_is_redrawn_at_most_every_figure_interval(prefect_harness, monkeypatch):
+def test_training_artifacts_are_throttled_but_always_written_at_the_end(prefect_harness,
+                                                                        monkeypatch):
     import uuid
 
     from transformers import TrainerState
@@ -182,16 +160,25 @@ def test_the_figure_is_redrawn_at_most_every_figure_interval(prefect_harness, mo
     drawn = []
     monkeypatch.setattr(training, "plot_training_curves",
                         lambda history, title=None: drawn.append(len(history)) or b"png")
-    name = f"train-figure-{uuid.uuid4().hex[:8]}"
-    cb = training.TrainingArtifacts(name, min_interval=0, figure_interval=3600)
-    state = TrainerState(max_steps=4)
+    name = f"train-throttle-{uuid.uuid4().hex[:8]}"
+    cb = training.TrainingArtifacts(name, progress_interval=0, curves_interval=3600)
+    state = TrainerState(max_steps=10)
     cb.on_train_begin(None, state, None)
-    for step in range(1, 5):
+    for step in range(1, 11):
         state.global_step = step
         state.log_history.append({"step": step, "loss": 1.0 / step})
         cb.on_log(None, state, None)
+    assert cb.progress_updates == 10  # no interval for the progress here
+    assert cb.curves_updates == 1 and drawn == [1]  # the first log; then within the hour
     cb.on_train_end(None, state, None)
-    assert cb.updates == 5  # every log and the end: min_interval 0
-    assert drawn == [1, 4]  # the figure: at the first log and at the end only
+    assert cb.curves_updates == 2 and drawn == [1, 10]  # always at the end
     versions = _artifact_versions(f"{name}-curves")
-    assert len(versions) == 5 and all("data:image/png;base64," in v.data for v in versions)
+    assert len(versions) == 2 and all("data:image/png;base64," in v.data for v in versions)
+    progress = _artifact_versions(f"{name}-progress")
+    assert len(progress) == 1 and progress[0].data == 100.0
+
+    slow = training.TrainingArtifacts(f"{name}-slow", progress_interval=3600)
+    slow.on_train_begin(None, state, None)
+    for _ in range(3):
+        slow.on_log(None, state, None)
+    assert slow.progress_updates == 1
