@@ -12,8 +12,9 @@ not one per step, and a day-long run stores about 1,400 versions of its curves.
 
 A keyed markdown artifact is versioned by Prefect (the UI shows the latest, with its
 history); the figure travels inside the markdown as a `data:image/png;base64` image,
-which the UI's markdown view renders (its HTML sanitizer, DOMPurify, keeps data URIs on
-images), so nothing needs to be served from elsewhere.
+which the UI's markdown view (prefect-design's PMarkdownRenderer, in the UI bundle Prefect
+3.9 ships) turns into an `<img>` with that source as written, so nothing needs to be
+served from elsewhere.
 """
 
 from __future__ import annotations
