@@ -266,10 +266,23 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", **EXECUTION_ONLY)
     save_steps: int = Field(50, ge=1, **EXECUTION_ONLY)
     logging_steps: int = Field(1, ge=1, **EXECUTION_ONLY)
+    report_to: str | list[str] | None = Field(
+        None, **EXECUTION_ONLY,
+        description="where the Trainer also sends its logs: none, or names among "
+        "tensorboard, wandb, mlflow, trackio, ... (croco.training.reporting); unset: "
+        "tensorboard when it is installed, else none")
     seed: int = 42
     device: str = Field("auto", **EXECUTION_ONLY)
     merge: bool = False
     push_to_hub: str | None = Field(None, description="hub repo id; off by default")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_reporters(cls, value):
+        from croco.training.reporting import normalize
+
+        normalize(value)
+        return value
 
 
 class VariantConfig(_Strict):

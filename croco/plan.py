@@ -535,6 +535,7 @@ def changed_value(cfg: CrocoConfig, path: str) -> Any:
 #: Fields whose values are checked (or paths to things): a valid other value to try.
 _SPECIAL: dict[str, Any] = {
     "pairing.reject_target": "q1",
+    "training.report_to": "none",
     "experiments.pairing": {"seed": 2},
     "experiments.training": {"beta": 0.3},
     "experiments.name": "dpo-renamed",

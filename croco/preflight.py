@@ -5,7 +5,8 @@ loads a model. The config itself (keys, types, each variant's overrides, combina
 cannot work) is validated when it is loaded (`croco.config_loading`, with the validators
 of `croco.config`); `check` adds what needs the world outside the file:
 
-- optional packages for the configured backends (vLLM, lm-eval, EuroEval);
+- optional packages for the configured backends (vLLM, lm-eval, EuroEval) and for the
+  logging integrations of `training.report_to`;
 - the prompt source, read and validated in full (every file, line, field, type), and
   prompts for every configured language in every split the run uses;
 - every model the run will load: local paths exist and look like model folders
@@ -117,6 +118,14 @@ def check_packages(cfg: CrocoConfig, last: int) -> None:
             needs.append(("evaluation.structured", "lm_eval", "croco[eval]"))
             if st.backend == "vllm":
                 needs.append(("evaluation.structured.backend: vllm", "vllm", "croco[vllm]"))
+    if _reaches(last, "train") and cfg.training.enabled:
+        from croco.training.reporting import check_report_to
+
+        check_report_to(cfg.training.report_to)
+        for v in cfg.experiments:
+            check_report_to(cfg.variant_training(v).report_to,
+                            field=f"experiments[{v.name}].training.report_to"
+                            if "report_to" in v.training else "training.report_to")
     for setting, package, requirement in needs:
         if _missing(package):
             hint = f"pip install '{requirement}'"

@@ -490,7 +490,9 @@ class RefLogps(Stage):
 class Train(Stage):
     """One training run (`croco.training.run.train`, the spec's method); on a machine
     with several GPUs, DPO and SFT train data parallel on all of them. Its key is the
-    spec's (`TrainSpec.key`)."""
+    spec's (`TrainSpec.key`). `progress`, in one process: a (steps done, total) callable,
+    or a transformers `TrainerCallback` given to the trainer as it is (the Prefect task's
+    live artifacts, `croco.tasks.training`)."""
 
     folder = "training"
     spec: TrainSpec
@@ -513,7 +515,7 @@ class Train(Stage):
 
             run_train_distributed(n_gpus, spec)  # its main process marks the output
             return {k: v for k, v in completion_info(out).items() if k != "seconds"}
-        return train(spec, out)
+        return train(spec, out, callbacks=progress_callbacks(progress))
 
     def summary(self, result: str) -> str:
         m = storage.read_json(storage.join(result, "metrics.json"))
@@ -530,6 +532,23 @@ class Train(Stage):
         return (f"train-metrics-{self.spec.variant_name}{'-' + lang if lang else ''}",
                 f"training metrics, variant {self.spec.variant_name}",
                 [{"metric": k, "value": str(m.get(k))} for k in keys if k in m])
+
+
+def progress_callbacks(progress: Progress | None) -> list:
+    """The trainer callbacks that report a training's `progress`: a `TrainerCallback`
+    itself, or one calling `progress(step, max_steps)` after every step."""
+    if progress is None:
+        return []
+    from transformers import TrainerCallback
+
+    if isinstance(progress, TrainerCallback):
+        return [progress]
+
+    class StepProgress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            progress(state.global_step, state.max_steps)
+
+    return [StepProgress()]
 
 
 def _gpu_count() -> int:

@@ -280,7 +280,9 @@ def _stage_run_name() -> str:
 def stage_task(stage: Stage, data_root: str, step: str = "run", group: int | None = None,
                groups: int = 1) -> Any:
     """Run any stage (`croco.stage.run`): with a GPU slot when it uses one, a progress
-    artifact for a sharded one, its summary line in the log and its table as an artifact.
+    artifact for a sharded one (a training: progress and curves artifacts updated as it
+    runs, `croco.tasks.training`), its summary line in the log and its table as an
+    artifact.
 
     Returns the stage's result (its output URI; lang -> URI for a stage with one output per
     language). A sharded stage (generate, score) can also run in steps, for shard groups
@@ -314,6 +316,11 @@ def stage_task(stage: Stage, data_root: str, step: str = "run", group: int | Non
         return {"uri": uri, "parts": [contract.part_name(i) for i in shards]}
     progress = (_ProgressArtifact(label, f"{label} progress")
                 if isinstance(stage, contract.ShardedStage) else None)
+    if isinstance(stage, stages.Train):
+        from croco.tasks.training import TrainingArtifacts
+
+        lang = stage.spec.lang
+        progress = TrainingArtifacts(f"{label}-{lang}" if lang else label)
     with gpu_slot(label) if stage.uses_gpu() else nullcontext():
         result = contract.run(stage, data_root, progress=progress)
     line = stage.summary(result)

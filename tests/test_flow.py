@@ -429,6 +429,17 @@ def test_training_variants_and_heldout_comparison(prefect_harness, tiny_config, 
     for png in ("win_rates.png", "heldout_rewards.png", "pair_gaps.png",
                 "language_fidelity.png"):
         assert (Path(result["report"]).parent / png).stat().st_size > 1000
+    # every training run's curves, with the rows it trained on per language
+    curves = report.split("## Training curves", 1)[1].split("\n## ", 1)[0]
+    assert "| run | method | de | en | fr | total |" in curves
+    for name in training:
+        block = curves.split(f"### {name}\n", 1)[1].split("###", 1)[0]
+        assert "- too few steps to judge (2 logged" in block  # max_steps 2: no warning
+        file = "curves-" + name.replace(":", "-") + ".png"
+        assert f"]({file})" in block
+        assert (Path(result["report"]).parent / file).read_bytes().startswith(b"\x89PNG")
+    sft_rows = metrics["sft"]["train_by_lang"]
+    assert f"| sft | sft | {sft_rows['de']} | {sft_rows['en']} | {sft_rows['fr']} |" in curves
 
     calls.clear()
     again = croco_pipeline(config=cfg)
@@ -483,6 +494,7 @@ def test_per_language_models_go_through_their_own_rounds(prefect_harness, tiny_c
         m = storage.read_json(storage.join(second[lang], "metrics.json"))
         assert m["init_adapter"] == adapter_path(first[lang]), lang
         assert m["lang"] == lang
+        assert list(m["train_by_lang"]) == [lang]  # one language's pairs only
         samples = storage.read_parquet(rounds[1].scores[lang])
         assert set(samples["policy"]) == {f"{cfg.policy.model}+{adapter_path(first[lang])}"}
     assert first["en"] != first["de"] and second["en"] != second["de"]

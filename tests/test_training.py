@@ -150,6 +150,80 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_lm, tmp_path
     assert CountSteps.steps == [3, 4]  # only the steps after the checkpoint ran again
     assert metrics["steps"] == 4
     assert storage.is_complete(uri)
+    # the log history goes back to step 1: the checkpoint carried the steps before it
+    history = json.loads((Path(uri) / "log_history.json").read_text())
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
+
+
+def _is_png(data: bytes) -> bool:
+    return data.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_a_training_run_writes_its_log_history_curves_and_tensorboard_events(tiny_lm,
+                                                                             tmp_path):
+    import importlib.util
+
+    pairs_uri = write_pairs(tmp_path, separable_pairs())
+    uri = run_train(DPOSpec(pairs_uri=pairs_uri, variant_name="dpo",
+                            policy=PolicyConfig(model=tiny_lm),
+                            training=TrainingConfig(max_steps=3, **FAST),
+                            data_root=str(tmp_path)))
+    out = Path(uri)
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [r for r in history if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]  # logging_steps 1: every step a point
+    assert all({"rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(r)
+               for r in steps)
+    assert any("train_runtime" in r for r in history)  # the closing summary too
+    assert _is_png((out / "curves.png").read_bytes())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_by_lang"] == {"en": 8}
+    if importlib.util.find_spec("tensorboard") is None:
+        assert not (out / "runs").exists()
+        pytest.skip("tensorboard is not installed: no event files to check "
+                    "(pip install tensorboard)")
+    events = [p.name for p in (out / "runs").iterdir()]
+    assert events and all(n.startswith("events.out.tfevents") for n in events)
+    scalars = _tensorboard_scalars(out / "runs")
+    assert scalars["train/loss"] == pytest.approx([r["loss"] for r in steps])
+    assert len(scalars["train/rewards/margins"]) == 3
+
+
+def test_report_to_none_writes_no_event_files(tiny_lm, tmp_path):
+    pairs_uri = write_pairs(tmp_path, separable_pairs())
+    uri = run_train(SFTSpec(pairs_uri=pairs_uri, variant_name="sft",
+                            policy=PolicyConfig(model=tiny_lm),
+                            training=TrainingConfig(max_steps=2, report_to="none", **FAST),
+                            data_root=str(tmp_path)))
+    assert not (Path(uri) / "runs").exists()
+    history = json.loads((Path(uri) / "log_history.json").read_text())
+    assert [r["step"] for r in history if "loss" in r] == [1, 2]
+    assert _is_png((Path(uri) / "curves.png").read_bytes())
+
+
+def test_a_missing_report_to_package_fails_before_any_model_loads(tmp_path, monkeypatch):
+    from croco.errors import MissingPackageError
+    from croco.training import reporting
+
+    monkeypatch.setattr(reporting, "_installed", lambda module: module != "wandb")
+    pairs_uri = write_pairs(tmp_path, separable_pairs())
+    # the policy does not exist: loading it first would raise ModelNotFoundError instead
+    spec = DPOSpec(pairs_uri=pairs_uri, variant_name="dpo",
+                   policy=PolicyConfig(model=str(tmp_path / "no-such-model")),
+                   training=TrainingConfig(max_steps=1, report_to="wandb", **FAST),
+                   data_root=str(tmp_path))
+    with pytest.raises(MissingPackageError, match=r"^training\.report_to: wandb needs the "
+                                                  r"wandb package, .*: pip install wandb"):
+        run_train(spec)
+    assert not storage.is_complete(spec.uri())
 
 
 def test_sft_trains_on_the_chosen_completions(tiny_lm, tmp_path):
@@ -274,6 +348,16 @@ def test_checkpoints_on_object_storage_survive_a_lost_local_disk(tiny_lm, tmp_pa
     assert metrics["resumed_from"] == "checkpoint-2"
     assert "adapter_config.json" in storage.list_dir(storage.join(uri, "adapter"))
     assert storage.is_complete(uri)
+    # the log history and its figure are in the bucket; TensorBoard's events too, uploaded
+    # from the local work folder with the adapter
+    history = json.loads(storage.read_bytes(storage.join(uri, "log_history.json")))
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3]
+    assert storage.read_bytes(storage.join(uri, "curves.png")).startswith(b"\x89PNG")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert any(n.startswith("events.out.tfevents")
+                   for n in storage.list_dir(storage.join(uri, "runs")))
 
 
 def test_distributed_launch_spec_round_trips_and_builds_the_accelerate_command(tmp_path,

@@ -3,7 +3,10 @@
 Sections: per-variant verdict lines ("matches or exceeds base in N of M languages"),
 open-ended win rates against the base with 95% intervals and length-controlled rates,
 held-out mean reward and language fidelity per language and model, training metrics,
-and the pair statistics. Plots: win rate per language with intervals, held-out reward
+each training run's curves (`croco.evaluation.curves`: the figure, the pairs per language
+it trained on, and a warning line when a curve shows a problem; "too few steps to judge"
+for a short run, "no curves recorded" for an output written before training kept its log
+history), and the pair statistics. Plots: win rate per language with intervals, held-out reward
 distributions of base and variants, the reward gap (chosen - rejected) of the pairs,
 language fidelity.
 """
@@ -59,6 +62,8 @@ def collect(manifest: dict) -> dict:
         out["gaps"] = (dpo["chosen_score"] - dpo["rejected_score"]).to_list()
     out["training"] = {name: storage.read_json(storage.join(e.uri, "metrics.json"))
                        for name, e in outputs.training_runs().items()}
+    out["curves"] = {name: training_curves(e.uri, out["training"][name])
+                     for name, e in outputs.training_runs().items()}
     ev = outputs.evaluation
     out["judge_bias"] = {}
     if ev is None:
@@ -86,6 +91,87 @@ def collect(manifest: dict) -> dict:
     if rates:
         out["win_rates"] = pl.concat(rates)
     return out
+
+
+def training_curves(training_uri: str, metrics: dict) -> dict:
+    """What the report shows of one training run's curves: its log history (None when the
+    output has none), its curves figure (PNG bytes, None without a history), its method
+    and the rows it trained on per language (`trained_on`; `counted`: read off its pairs,
+    held-out pairs included, for an output that did not record them)."""
+    from croco.evaluation.curves import plot_training_curves
+
+    history_uri = storage.join(training_uri, "log_history.json")
+    history = storage.read_json(history_uri) if storage.exists(history_uri) else None
+    png = None
+    if history is not None:
+        png_uri = storage.join(training_uri, "curves.png")
+        png = (storage.read_bytes(png_uri) if storage.exists(png_uri)
+               else plot_training_curves(history))
+    trained_on, counted = metrics.get("train_by_lang"), False
+    if trained_on is None:
+        trained_on, counted = _count_by_lang(metrics), True
+    return {"history": history, "png": png, "method": metrics.get("method"),
+            "trained_on": trained_on or {}, "counted": counted}
+
+
+def _count_by_lang(metrics: dict) -> dict[str, int] | None:
+    """Rows per language of the pairs a training output names (`pairs_uri`, narrowed to
+    its `lang`); None when they cannot be read."""
+    uri, method = metrics.get("pairs_uri"), metrics.get("method")
+    if not uri:
+        return None
+    table, column = {"dpo": ("dpo", "prompt_lang"), "sft": ("sft", "lang")}.get(
+        method, (None, "prompt_lang"))
+    try:
+        df = storage.read_parquet(storage.join(uri, table) if table else uri)
+    except (OSError, pl.exceptions.PolarsError):  # moved or deleted since
+        return None
+    if column not in df.columns:
+        return None
+    if metrics.get("lang"):
+        df = df.filter(pl.col(column) == metrics["lang"])
+    counts = df.group_by(column).len().sort(column)
+    return dict(zip(counts[column].to_list(), counts["len"].to_list()))
+
+
+def curves_section(curves: dict[str, dict]) -> tuple[list[str], dict[str, bytes]]:
+    """The report's training-curves section (Markdown lines) and its images by file name:
+    a table of the rows each run trained on per language, then per run its verdict lines
+    (`croco.evaluation.curves.curve_verdict`) and figure."""
+    from croco.evaluation.curves import MIN_POINTS, curve_verdict
+
+    if not curves:
+        return [], {}
+    langs = sorted({lang for c in curves.values() for lang in c["trained_on"]})
+    rows = []
+    for name, c in curves.items():
+        row = {"run": name, "method": c["method"]}
+        row.update({lang: c["trained_on"].get(lang) for lang in langs})
+        row["total"] = sum(c["trained_on"].values()) if c["trained_on"] else None
+        rows.append(row)
+    md = ["## Training curves",
+          "Loss, DPO rewards and margins, reward accuracy and log-probabilities per logged "
+          f"step. Checked once a run has logged {MIN_POINTS} steps: loss not decreasing "
+          "(last quarter's mean >= first quarter's), reward accuracy at chance (last "
+          "quarter within 0.05 of 0.5), margins collapsing (last margin < 0 or < 10% of "
+          "its peak).", "",
+          "Trained on, per language (DPO and online DPO: pairs; SFT: chosen samples):", "",
+          _md_table(pl.DataFrame(rows, strict=False)), ""]
+    counted = sorted(n for n, c in curves.items() if c["counted"] and c["trained_on"])
+    if counted:
+        md += [f"Counted from the pairs each names, held-out pairs included (the output "
+               f"records no per-language count): {', '.join(counted)}.", ""]
+    images = {}
+    for name, c in curves.items():
+        md += [f"### {name}", ""]
+        md += [f"- {line}" for line in curve_verdict(c["history"], c["method"] or "")]
+        md.append("")
+        if c["png"] is not None:
+            file = "curves-" + "".join(ch if ch.isalnum() or ch in "-_" else "-"
+                                       for ch in name) + ".png"
+            images[file] = c["png"]
+            md += [f"![{name} curves]({file})", ""]
+    return md, images
 
 
 def verdict_lines(data: dict) -> list[str]:
@@ -235,6 +321,10 @@ def render(manifest: dict, data_root: str) -> str:
         rows = [{"variant": n, **{k: m.get(k) for k in keys}}
                 for n, m in data["training"].items()]
         md += ["## Training", "", _md_table(pl.DataFrame(rows, strict=False)), ""]
+    curve_lines, curve_images = curves_section(data.get("curves", {}))
+    for name, blob in curve_images.items():
+        storage.write_bytes(storage.join(run_uri, name), blob)
+    md += curve_lines
     if "pair_stats" in data:
         md += ["## Pairs", "", _md_table(data["pair_stats"]), ""]
         if "pair_gaps.png" in images:

@@ -1,5 +1,6 @@
 """What every trainer shares: device-dependent precision, LoRA, batch arithmetic, the
-held-out split, checkpoints mirrored to the run's storage, metrics."""
+held-out split, checkpoints mirrored to the run's storage, where the logs go
+(`training.report_to`, TensorBoard's event files), metrics."""
 
 from __future__ import annotations
 
@@ -82,8 +83,71 @@ def schedule_args(cfg: TrainingConfig, lr: float) -> dict:
             "max_steps": cfg.max_steps, "lr_scheduler_type": cfg.lr_scheduler_type,
             **_warmup_arg(cfg.warmup_ratio), "weight_decay": cfg.weight_decay,
             "seed": cfg.seed, "logging_steps": cfg.logging_steps, "save_steps": cfg.save_steps,
-            "save_strategy": "steps", "save_total_limit": 2, "report_to": [],
+            "save_strategy": "steps", "save_total_limit": 2, "report_to": report_to(cfg),
             "disable_tqdm": False, "remove_unused_columns": False}
+
+
+def report_to(cfg: TrainingConfig) -> list[str]:
+    """What the Trainer reports to itself (`training.report_to`, resolved by
+    `croco.training.reporting.resolve`): every integration but TensorBoard, whose callback
+    croco adds with its own folder (`trainer_callbacks`)."""
+    from croco.training.reporting import resolve
+
+    return [n for n in resolve(cfg.report_to) if n != "tensorboard"]
+
+
+def logs_dir(workdir: Path) -> Path:
+    """Where TensorBoard's event files are written: `runs/` beside `adapter/` (the output
+    folder itself on local storage; uploaded with the adapter otherwise)."""
+    return workdir.parent / "runs"
+
+
+def tensorboard_callback(log_dir: Path):
+    """transformers' TensorBoard callback writing to `log_dir`, every writer it opens
+    (training, then a final evaluation) included."""
+    from transformers.integrations import TensorBoardCallback
+
+    class TensorBoardInFolder(TensorBoardCallback):
+        def _init_summary_writer(self, args, log_dir_arg=None):
+            self.tb_writer = self._SummaryWriter(log_dir=str(log_dir))
+
+    return TensorBoardInFolder()
+
+
+def trainer_callbacks(cfg: TrainingConfig, workdir: Path, out_uri: str,
+                      callbacks: list | None, *, mirror: bool = True) -> list:
+    """The callbacks a trainer gets: checkpoints mirrored to storage (`mirror`: for the
+    trainers that resume from them), TensorBoard when `training.report_to` resolves to
+    it, then the caller's."""
+    from croco.training.reporting import resolve
+
+    out = [checkpoint_mirror(out_uri)] if mirror else []
+    if "tensorboard" in resolve(cfg.report_to):
+        out.append(tensorboard_callback(logs_dir(workdir)))
+    return [*out, *(callbacks or [])]
+
+
+def history_recorder():
+    """A TrainerCallback that keeps the trainer's log history (`.log_history`: every
+    logged step, evaluation and the closing summary, restored from the checkpoint on a
+    resume), for `log_history.json`."""
+    from transformers import TrainerCallback
+
+    class HistoryRecorder(TrainerCallback):
+        def __init__(self):
+            self.state = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.state = state
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.state = state
+
+        @property
+        def log_history(self) -> list[dict]:
+            return list(self.state.log_history) if self.state is not None else []
+
+    return HistoryRecorder()
 
 
 def heldout_mask(ids: list[str], fraction: float) -> list[bool]:
@@ -182,6 +246,12 @@ def publish(local_dir: Path, out_uri: str, name: str) -> str:
     return target
 
 
+def rows_by_lang(df: pl.DataFrame, column: str) -> dict[str, int]:
+    """Rows per language of a training table (`column`: its language column)."""
+    counts = df.group_by(column).len().sort(column)
+    return dict(zip(counts[column].to_list(), counts["len"].to_list()))
+
+
 def summarize_log(log_history: list[dict]) -> dict:
     """Final and first values of the logged training metrics."""
     train = [r for r in log_history if "loss" in r and "eval_loss" not in r]
@@ -228,10 +298,12 @@ def load_policy_for_training(policy: str, adapter: str | None, cfg: TrainingConf
 
 def save_adapter(trainer, tokenizer, workdir: Path, out_uri: str) -> None:
     """Save the trained adapter (and tokenizer) next to the work folder and publish it to
-    `<out_uri>/adapter`."""
+    `<out_uri>/adapter`, TensorBoard's event files (when written) to `<out_uri>/runs`."""
     adapter_dir = workdir.parent / "adapter"
     trainer.save_model(str(adapter_dir))  # the main process saves; every process waits
     if is_main_process():
         tokenizer.save_pretrained(str(adapter_dir))
         publish(adapter_dir, out_uri, "adapter")
+        if logs_dir(workdir).is_dir():
+            publish(logs_dir(workdir), out_uri, "runs")
     trainer.accelerator.wait_for_everyone()

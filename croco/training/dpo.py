@@ -26,16 +26,17 @@ from croco import storage
 from croco.config import TrainingConfig
 from croco.training.common import (
     batch_args,
-    checkpoint_mirror,
     is_main_process,
     last_checkpoint,
     load_policy_for_training,
     local_workdir,
     precision_args,
+    rows_by_lang,
     save_adapter,
     schedule_args,
     split_heldout,
     summarize_log,
+    trainer_callbacks,
     world_size,
 )
 
@@ -217,7 +218,7 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
     workdir.mkdir(parents=True, exist_ok=True)
     trainer = _dpo_trainer(train_df, eval_df, policy=policy, adapter=adapter, cfg=cfg,
                            prec=prec, output_dir=workdir, precompute=precompute,
-                           callbacks=[checkpoint_mirror(out_uri), *(callbacks or [])])
+                           callbacks=trainer_callbacks(cfg, workdir, out_uri, callbacks))
     trainer_cls = type(trainer)
     args = trainer.args
     ref_batches_precompute = trainer_cls.ref_forward_batches
@@ -236,6 +237,7 @@ def train_dpo(pairs: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Tra
         args.gradient_accumulation_steps * world_size()
     metrics = {
         "method": "dpo", "pairs_train": train_df.height, "pairs_heldout": eval_df.height,
+        "train_by_lang": rows_by_lang(train_df, "prompt_lang"),
         "ref_logps": "stored" if stored is not None else "computed",
         "ref_forward_batches": trainer_cls.ref_forward_batches,
         "ref_forward_batches_precompute": ref_batches_precompute,

@@ -21,9 +21,11 @@ from croco.training.common import (
     load_policy_for_training,
     local_workdir,
     precision_args,
+    rows_by_lang,
     save_adapter,
     schedule_args,
     summarize_log,
+    trainer_callbacks,
 )
 
 
@@ -73,7 +75,8 @@ class CrocoReward:
 
 def train_online_dpo(prompts: pl.DataFrame, *, policy: str, adapter: str | None = None,
                      scorer_cfgs: list, cfg: TrainingConfig, out_uri: str,
-                     max_new_tokens: int = 64, temperature: float = 0.9) -> dict:
+                     max_new_tokens: int = 64, temperature: float = 0.9,
+                     callbacks: list | None = None) -> dict:
     """Online DPO on the prompts table; writes `adapter/` and `online_pairs/data.parquet`.
 
     `adapter`, when given, is continued (round r of an iterative variant goes on from
@@ -100,11 +103,14 @@ def train_online_dpo(prompts: pl.DataFrame, *, policy: str, adapter: str | None 
                            temperature=temperature, max_length=cfg.max_length,
                            **batch_args(cfg), **schedule_args(cfg, cfg.learning_rate), **prec)
     trainer = OnlineDPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
-                               processing_class=tok, peft_config=peft_config)
+                               processing_class=tok, peft_config=peft_config,
+                               callbacks=trainer_callbacks(cfg, workdir, out_uri, callbacks,
+                                                           mirror=False))
     trainer.train()
     save_adapter(trainer, tok, workdir, out_uri)
     pairs = pl.DataFrame(reward.pairs, schema=DPO_SCHEMA)
     storage.write_parquet(pairs, storage.join(out_uri, "online_pairs", "data.parquet"))
     return {"method": "online_dpo", "pairs_generated": pairs.height,
+            "train_by_lang": rows_by_lang(pairs, "prompt_lang"),
             "wall_seconds": round(time.perf_counter() - t0, 2),
             **summarize_log(trainer.state.log_history)}

@@ -1,8 +1,11 @@
 """The training stage: one spec in (`croco.training.spec`), one training output out.
 
-`train(spec, out)` writes `adapter/`, `metrics.json` and `training_config.json` (plus
-`merged/` and a hub upload when asked) under `out` and returns what the output's
-`_SUCCESS` records; the stage runner (`croco.stage.run_once`) writes that marker, last.
+`train(spec, out)` writes `adapter/`, `metrics.json`, `training_config.json`,
+`log_history.json` (the Trainer's log history: one record per logged step, held-out
+evaluations, the closing summary), `curves.png` (`croco.evaluation.curves`) and, when
+`training.report_to` resolves to TensorBoard, its event files in `runs/` (plus `merged/`
+and a hub upload when asked) under `out` and returns what the output's `_SUCCESS`
+records; the stage runner (`croco.stage.run_once`) writes that marker, last.
 `run_train(spec)` is the two together at `<data_root>/training/<key>/`, for callers
 outside the pipeline (the distributed launcher, tests); an output already complete is
 returned at once. This module sits below `croco.stages` and the flows: it reads the stage
@@ -38,9 +41,12 @@ def train(spec: TrainSpec, out: str, *, callbacks: list | None = None) -> dict:
     (iterative rounds, for every method), `spec.lang` restricting the data to one language
     (per-language models). Returns what `_SUCCESS` records (rows, method, ...); writes no
     marker. In a distributed run only the main process writes files."""
-    from croco.training.common import is_main_process
+    from croco.training.common import history_recorder, is_main_process
+    from croco.training.reporting import check_report_to
 
-    metrics = _train(spec, out, callbacks)
+    check_report_to(spec.training.report_to)  # before any model loads
+    recorder = history_recorder()
+    metrics = _train(spec, out, [recorder, *(callbacks or [])])
     generation_policy = (spec.generation_policy if isinstance(spec, (DPOSpec, SFTSpec))
                          else None) or spec.policy.model
     metrics.update({"variant": spec.variant_name, "lang": spec.lang,
@@ -57,6 +63,7 @@ def train(spec: TrainSpec, out: str, *, callbacks: list | None = None) -> dict:
         metrics["merged"] = export_merged(out, spec.policy.model)
     if spec.training.push_to_hub:
         metrics["pushed_to"] = push_adapter(out, spec.training.push_to_hub)
+    write_curves(out, recorder.log_history, title=_curves_title(spec))
     storage.write_json(storage.join(out, "metrics.json"), metrics)
     # The spec itself, so the run can be told apart and redone (TrainSpecAdapter reads it).
     storage.write_json(storage.join(out, "training_config.json"), spec.model_dump(mode="json"))
@@ -91,7 +98,27 @@ def _train(spec: TrainSpec, out: str, callbacks: list | None) -> dict:
     prompts = select_for_generation(prompts, split=spec.prompts_split, limit=spec.prompts_limit)
     return train_online_dpo(prompts, policy=policy.model, adapter=policy.adapter,
                             scorer_cfgs=spec.reward.scorers, cfg=training, out_uri=out,
-                            max_new_tokens=spec.max_new_tokens)
+                            max_new_tokens=spec.max_new_tokens, callbacks=callbacks)
+
+
+def write_curves(out: str, log_history: list[dict], *, title: str | None = None) -> None:
+    """`log_history.json` and its figure, `curves.png`, under the training output `out`."""
+    import json
+
+    from croco.evaluation.curves import plot_training_curves
+
+    storage.write_bytes(storage.join(out, "log_history.json"),
+                        json.dumps(log_history, indent=1, default=str).encode())
+    storage.write_bytes(storage.join(out, "curves.png"),
+                        plot_training_curves(log_history, title=title))
+
+
+def _curves_title(spec: TrainSpec) -> str:
+    """`dpo`, `dpo-all (dpo)`, `per-lang (dpo, de)`: the variant, its method when its name
+    is not the method's, its language."""
+    details = [m for m in (spec.method if spec.method != spec.variant_name else None,
+                           spec.lang) if m]
+    return spec.variant_name + (f" ({', '.join(details)})" if details else "")
 
 
 def adapter_path(training_uri: str) -> str:

@@ -10,15 +10,16 @@ import polars as pl
 from croco.config import TrainingConfig
 from croco.training.common import (
     batch_args,
-    checkpoint_mirror,
     last_checkpoint,
     load_policy_for_training,
     local_workdir,
     precision_args,
+    rows_by_lang,
     save_adapter,
     schedule_args,
     split_heldout,
     summarize_log,
+    trainer_callbacks,
 )
 
 
@@ -56,7 +57,7 @@ def train_sft(rows: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Trai
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_prompt_completion(train_df),
                          eval_dataset=to_prompt_completion(eval_df) if eval_df.height else None,
                          processing_class=tok, peft_config=peft_config,
-                         callbacks=[checkpoint_mirror(out_uri), *(callbacks or [])])
+                         callbacks=trainer_callbacks(cfg, workdir, out_uri, callbacks))
     resume = last_checkpoint(workdir, out_uri)
     result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if eval_df.height else {}
@@ -64,6 +65,7 @@ def train_sft(rows: pl.DataFrame, *, policy: str, adapter: str | None, cfg: Trai
     runtime = result.metrics.get("train_runtime")
     n_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * cfg.num_train_epochs
     metrics = {"method": "sft", "rows_train": train_df.height, "rows_heldout": eval_df.height,
+               "train_by_lang": rows_by_lang(train_df, "lang"),
                "resumed_from": resume.rsplit("/", 1)[-1] if resume else None,
                "train_runtime": runtime,
                "tokens_per_second": n_tokens / runtime if runtime else None,
