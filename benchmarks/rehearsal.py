@@ -220,6 +220,7 @@ class RequestLog:
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, str, int]] = []
         self.times: list[float] = []  # when each request arrived (seconds since the epoch)
+        self.keys: list[str] = []  # the key (or listing prefix) of each request
 
     def folder(self, key: str) -> str:
         if not key.startswith(self.prefix):
@@ -265,6 +266,7 @@ class RequestLog:
         with self.lock:
             self.requests.append((method, op, self.folder(key), size))
             self.times.append(time.time())
+            self.keys.append(key)
 
     def mark(self) -> int:
         with self.lock:
@@ -1038,6 +1040,8 @@ def parse(argv: list[str] | None = None):
     ap.add_argument("--no-probe", dest="probe", action="store_false",
                     help="run `python -m croco.flows.cli` itself, without the model-work timers")
     ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--requests-log", help="with --root s3: write every request the server "
+                    "answered here, a line each (seconds since the start, operation, key)")
     ap.add_argument("--workdir", help="work here (default: a new temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     return ap.parse_args(argv)
@@ -1080,6 +1084,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  nightly rerun: {runs['nightly']['wall_seconds']:.0f} s", flush=True)
     finally:
         r.close()
+        if a.requests_log and r.s3:
+            log = r.s3.log
+            t0 = log.times[0] if log.times else 0.0
+            Path(a.requests_log).write_text("".join(
+                f"{t - t0:.3f} {req[1]} {key}\n"
+                for t, req, key in zip(log.times, log.requests, log.keys, strict=True)))
     result = {"command": "python benchmarks/rehearsal.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
               "machine": machine, "libraries": models["machine"], "sizes": sizes,

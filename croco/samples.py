@@ -99,9 +99,10 @@ def plan_uri(generations_uri: str) -> str:
 
 def read_plan(where: str) -> dict | None:
     """The plan at `where` (`plan_uri`), None when there is none yet."""
-    if not storage.is_file(where):
+    try:
+        return storage.read_json(where)
+    except FileNotFoundError:
         return None
-    return storage.read_json(where)
 
 
 def make_plan(out: str, prompts, store: str, shard_size: int) -> dict:

@@ -228,9 +228,9 @@ def _modified(entry: dict) -> float | None:
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole file: one GET on an object store (no HEAD first)."""
     fs, path = filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return fs.cat_file(path)
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -254,15 +254,17 @@ def read_parquet(uri: str) -> pl.DataFrame:
     import pyarrow.parquet as pq
 
     fs, path = filesystem(uri)
+    if path.endswith(".parquet"):  # a file, read in one GET; else a folder so named
+        try:
+            return pl.from_arrow(pq.read_table(io.BytesIO(fs.cat_file(path))))
+        except (FileNotFoundError, IsADirectoryError):
+            if not fs.isdir(path):
+                raise
     if fs.isdir(path):
         files = _folder_files(uri, fs, path)
         if not files:
             raise FileNotFoundError(f"no Parquet files under {uri}")
-        frames = []
-        for f in files:
-            rfs, rpath = filesystem(f)
-            with rfs.open(rpath, "rb") as fh:
-                frames.append(pl.from_arrow(pq.read_table(fh)))
+        frames = [pl.from_arrow(pq.read_table(io.BytesIO(read_bytes(f)))) for f in files]
         return pl.concat(frames, how="diagonal_relaxed")
     with fs.open(path, "rb") as fh:
         return pl.from_arrow(pq.read_table(fh))
@@ -306,8 +308,7 @@ def references(folder: str) -> dict[str, str]:
     protocol, _ = _split(folder)
     fs, path = filesystem(folder)
     try:
-        with fs.open(f"{path.rstrip('/')}/{REFERENCES}", "rb") as f:
-            rel = json.loads(f.read())["files"]
+        rel = json.loads(fs.cat_file(f"{path.rstrip('/')}/{REFERENCES}"))["files"]
     except FileNotFoundError:
         return {}
     return {name: _resolve(protocol, path, r) for name, r in rel.items()}
@@ -326,8 +327,7 @@ def _folder_files(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> list[st
             named[p] = _uri(protocol, p)
         elif name == REFERENCES:
             folder = posixpath.dirname(p)
-            with fs.open(p, "rb") as f:
-                rel = json.loads(f.read())["files"]
+            rel = json.loads(fs.cat_file(p))["files"]
             for ref_name, r in rel.items():
                 named.setdefault(posixpath.join(folder, ref_name), _resolve(protocol, folder, r))
     return [named[k] for k in sorted(named)]
@@ -342,9 +342,10 @@ def parquet_files(uri: str) -> list[str]:
     fs, path = filesystem(uri)
     if any(ch in path for ch in "*?["):
         found = fs.glob(path)
-    elif fs.isdir(path):
-        return _folder_files(uri, fs, path)
     else:
+        files = _folder_files(uri, fs, path)  # one listing; a file lists as itself
+        if files or not path.endswith(".parquet"):
+            return files
         found = [path] if fs.exists(path) else []
     files = sorted(p for p in found if p.endswith(".parquet") and TMP_MARK not in p)
     return [_uri(protocol, p) for p in files]
