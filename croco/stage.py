@@ -301,6 +301,13 @@ def _run_parts(stage: ShardedStage, data_root: str, progress: Progress | None,
         _seal(out, parts, {})  # the last group to finish; its own time is not the stage's
 
 
+def part_files(stage: ShardedStage, data_root: str, shards: range) -> list[str]:
+    """The URIs of the files that are these parts of the stage's output: a part written
+    there, or the stored file it references."""
+    parts, out = stage.parts(data_root), stage.output(data_root)
+    return [parts.reference(i) or storage.join(out, part_name(i)) for i in shards]
+
+
 def seal(stage: ShardedStage, data_root: str) -> str:
     """Mark a sharded output complete once every shard group has written its parts
     (cheap: lists the folder, counts rows). Missing parts fail with their names."""

@@ -88,8 +88,11 @@ def _complete(result: Any) -> bool:
 
 
 def _parts_written(result: dict) -> bool:
-    """A shard group's files (`{"uri", "parts"}`) all still exist in its stage output."""
-    return all(storage.exists(storage.join(result["uri"], p)) for p in result["parts"])
+    """A shard group's files (`{"uri", "parts"}`: the URIs of its parts, written in the
+    output or stored and referenced; a bare part name, from a result cached by an earlier
+    release, is a file in the output) all still exist."""
+    return all(storage.is_file(p if "/" in p or "\\" in p else storage.join(result["uri"], p))
+               for p in result["parts"])
 
 
 def run_together(work: list[tuple[Any, list[dict]]]) -> list[list]:

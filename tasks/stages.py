@@ -313,7 +313,7 @@ def stage_task(stage: Stage, data_root: str, step: str = "run", group: int | Non
                 contract.run(stage, data_root, shards=shards)
             log.info("%s: shards %d..%d of %d in %.1fs -> %s", label, shards.start,
                      shards.stop - 1, n, time.perf_counter() - t0, uri)
-        return {"uri": uri, "parts": [contract.part_name(i) for i in shards]}
+        return {"uri": uri, "parts": contract.part_files(stage, data_root, shards)}
     progress = (_ProgressArtifact(label, f"{label} progress")
                 if isinstance(stage, contract.ShardedStage) else None)
     if isinstance(stage, stages.Train):

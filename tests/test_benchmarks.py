@@ -505,7 +505,9 @@ def test_rehearsal_runs_croco_end_to_end_at_a_tiny_size(tmp_path):
         assert run["plan_rc"] == 0 and run["report_rc"] == 0
         assert {"prompts", "samples", "generations", "scored", "scores", "pairs",
                 "runs"} <= set(run["folders"])
-    assert nightly["folders"]["samples"]["files_created"] == 2 * 2  # a shard per language
+    # per language: a new shard, its prompts file, and the store's index (written by the
+    # first plan that finds shards in the store)
+    assert nightly["folders"]["samples"]["files_created"] == 2 * 3
     assert result["nightly_over_first"]["bytes_written"] > 0
 
 
@@ -513,11 +515,11 @@ def test_rehearsal_runs_croco_end_to_end_at_a_tiny_size(tmp_path):
 def test_a_nightly_rerun_costs_in_proportion_to_its_new_prompts_and_memory_is_flat_in_n(
         tmp_path):
     """The rehearsal at a CI size through the real `croco run` (first run, then 5% new
-    prompts per language), at two N on a local root and at one N on `s3://`: the ratios
-    that must hold at any size. The nightly rerun samples only its new prompts, writes for
+    prompts per language), on a local root and at two N on `s3://`: the ratios that must
+    hold at any size. The nightly rerun samples only its new prompts, writes for
     generation and scoring little more than the new samples and scores themselves, and
-    makes few object-store requests upstream of pairs; the peak memory does not grow with
-    N."""
+    makes as many object-store requests before pairing whatever the store holds; the peak
+    memory does not grow with N."""
     import subprocess
 
     def rehearse(name: str, n: int, root: str) -> dict:
@@ -531,9 +533,9 @@ def test_a_nightly_rerun_costs_in_proportion_to_its_new_prompts_and_memory_is_fl
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return json.loads(out.read_text())
 
-    small, large, s3 = (rehearse("small", 40, "local"), rehearse("large", 80, "local"),
-                        rehearse("s3", 40, "s3"))
-    for result in (small, large, s3):
+    local, small, large = (rehearse("local", 40, "local"), rehearse("small", 40, "s3"),
+                           rehearse("large", 80, "s3"))
+    for result in (local, small, large):
         c = result["nightly_checks"]
         first, nightly = result["runs"]["first"], result["runs"]["nightly"]
         # model work: the new prompts' samples only (2 of 40, 4 of 80 prompts a language)
@@ -545,8 +547,13 @@ def test_a_nightly_rerun_costs_in_proportion_to_its_new_prompts_and_memory_is_fl
         assert views <= 0.5 * c["new_store_data_bytes"], (views, c)
         assert first["stages"]["generate"]["rows"] > nightly["stages"]["generate"][
             "generated_rows"] > 0
-    assert s3["nightly_checks"]["upstream_request_ratio"] <= UPSTREAM_REQUEST_SHARE, \
-        s3["nightly_checks"]
+    # object-store requests follow the shards a run adds, not the store's size: with twice
+    # the prompts stored, the first run makes more requests, the nightly rerun (one new
+    # shard a language either way) about as many
+    first_a, nightly_a = small["nightly_checks"]["upstream_requests"]
+    first_b, nightly_b = large["nightly_checks"]["upstream_requests"]
+    assert first_b > 1.2 * first_a, (first_a, first_b)
+    assert nightly_b <= 1.15 * nightly_a, (nightly_a, nightly_b)
     # memory: twice the prompts, about the same peak (within 20%)
     a, b = (r["runs"]["first"]["peak_rss_tree_mb"] for r in (small, large))
     assert b <= 1.2 * a, (a, b)

@@ -70,12 +70,13 @@ def outage(s3_server, tmp_path, tiny_yaml, direct):
 
 
 def _first_shard(client, bucket: str, run, timeout: float = 300) -> str:
-    """Poll the bucket until a generation shard is committed; its key."""
+    """Poll the bucket until a generation shard is committed (sampled into the sample
+    store, its prompts file last); its key."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        page = client.list_objects_v2(Bucket=bucket, Prefix="croco/generations/")
+        page = client.list_objects_v2(Bucket=bucket, Prefix="croco/samples/")
         for obj in page.get("Contents", []):
-            if obj["Key"].endswith(".parquet"):
+            if obj["Key"].endswith(".prompts.parquet"):
                 return obj["Key"]
         assert run.proc.poll() is None, "the run ended before writing a generation shard"
         time.sleep(0.1)
@@ -171,7 +172,7 @@ def test_a_lasting_outage_keeps_what_was_committed_and_a_rerun_continues(lasting
                         name="rerun").wait(timeout=400)
     assert rerun.rc == 0, rerun.output[-5000:]
     after = _committed(client, bucket)
-    shards = [k for k in before if "/generations/" in k and k.endswith(".parquet")]
+    shards = [k for k in before if "/samples/" in k and k.endswith(".parquet")]
     assert shards and all(after[k] == before[k] for k in shards)
     assert_same_outputs(read_manifest(setup["root"], "lasting"), reference_run)
     print(f"lasting outage: failed after {failed.seconds:.1f} s ({proxy.refused} connections "

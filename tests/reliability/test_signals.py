@@ -104,9 +104,11 @@ def _outputs(data: Path) -> dict:
     from safetensors.torch import load_file
 
     def table(stage: str) -> pl.DataFrame:
+        from croco import storage
+
         (key,) = [d for d in (data / stage).iterdir() if d.is_dir()]
-        files = sorted(p for p in key.rglob("*.parquet") if ".tmp-" not in p.name)
-        return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        # every part, written or referenced in the stores (temporary files left out)
+        return storage.read_parquet(str(key))
 
     scores = table("scores").sort("lang", "prompt_id", "sample_idx")
     pairs = table("pairs").sort(pl.all())
