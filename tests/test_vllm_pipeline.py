@@ -94,4 +94,4 @@ def test_the_demo_runs_with_vllm_generation(vllm_installed, tmp_path):
                              "Open-ended win rate against the base",
                              "Held-out answers: mean reward and language fidelity",
                              "Reward check: ranking accuracy on the preference set",
-                             "Training", "Pairs"]
+                             "Training", "Training curves", "Pairs"]
