@@ -303,15 +303,22 @@ def _resolve(protocol: str, folder_path: str, rel: str) -> str:
     return _uri(protocol, posixpath.normpath(posixpath.join(folder_path, rel)))
 
 
+def _read_references(fs: fsspec.AbstractFileSystem, protocol: str,
+                     folder_path: str) -> dict[str, str]:
+    """name -> URI of what the folder's `_parts.json` references (FileNotFoundError when
+    it has none)."""
+    folder_path = folder_path.rstrip("/")
+    rel = json.loads(fs.cat_file(f"{folder_path}/{REFERENCES}"))["files"]
+    return {name: _resolve(protocol, folder_path, r) for name, r in rel.items()}
+
+
 def references(folder: str) -> dict[str, str]:
     """name -> URI of the files `folder` references (empty when it references none)."""
-    protocol, _ = _split(folder)
     fs, path = filesystem(folder)
     try:
-        rel = json.loads(fs.cat_file(f"{path.rstrip('/')}/{REFERENCES}"))["files"]
+        return _read_references(fs, _split(folder)[0], path)
     except FileNotFoundError:
         return {}
-    return {name: _resolve(protocol, path, r) for name, r in rel.items()}
 
 
 def _folder_files(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
@@ -327,9 +334,8 @@ def _folder_files(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> list[st
             named[p] = _uri(protocol, p)
         elif name == REFERENCES:
             folder = posixpath.dirname(p)
-            rel = json.loads(fs.cat_file(p))["files"]
-            for ref_name, r in rel.items():
-                named.setdefault(posixpath.join(folder, ref_name), _resolve(protocol, folder, r))
+            for ref_name, target in _read_references(fs, protocol, folder).items():
+                named.setdefault(posixpath.join(folder, ref_name), target)
     return [named[k] for k in sorted(named)]
 
 
