@@ -133,6 +133,13 @@ class GenerationConfig(_Strict):
         "(merge, faster) or serve the adapter with LoRARequest (lora); the same model, so "
         "execution only", **EXECUTION_ONLY)
 
+    def identity_extra(self) -> dict:
+        """What the keys of its samples hash besides the fields. top_p < 1: nucleus draws
+        invert the distribution in vocabulary order since the transformers backend's
+        `next_tokens` changed (rank order before), so those samples moved keys; at top_p 1
+        the draws did not change and no key moved."""
+        return {"nucleus_draw": 2} if self.top_p < 1.0 else {}
+
 
 class ClassifierScorer(_Strict):
     """A sequence-classification reward model; the score is its raw logit."""

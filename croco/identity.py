@@ -88,6 +88,9 @@ def identity(value: Any) -> Any:
                 continue
             v = getattr(value, name)
             out[name] = path_identity(v) if marks.get("path_input") else identity(v)
+        extra = getattr(value, "identity_extra", None)
+        if callable(extra):
+            out.update(extra())
         return out
     if isinstance(value, (list, tuple)):
         return [identity(v) for v in value]

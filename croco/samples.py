@@ -19,7 +19,8 @@ plan's prompts (again referenced when whole). So a grown prompt source samples a
 pairs and everything after rerun on the whole set. A sample's draws depend only on the
 generation seed, its prompt and its index (`croco.generation.conversation_seed`), not on
 the shard or batch it was sampled in, so an incremental result equals a from-scratch run
-of the same final prompt set (exactly in float32; see `croco.generation.transformers`).
+of the same final prompt set (up to a draw that float rounding of the logits moves across
+a token boundary, rare; see `croco.generation.transformers`).
 """
 
 from __future__ import annotations

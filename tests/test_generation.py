@@ -262,10 +262,56 @@ def test_a_sample_is_the_same_whatever_the_batch_size(tiny_lm):
 
 def test_a_sample_is_the_same_whatever_other_prompts_share_the_call(tiny_lm):
     gen = TransformersGenerator(tiny_lm)
-    together = gen.generate(FOUR, k=3, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=5)
-    alone = [gen.generate([conv], k=3, temperature=1.0, top_p=0.9, max_new_tokens=6,
+    together = gen.generate(FOUR, k=3, temperature=1.0, max_new_tokens=6, seed=5)
+    alone = [gen.generate([conv], k=3, temperature=1.0, max_new_tokens=6,
                           seed=5)[0] for conv in reversed(FOUR)]
     assert together == alone[::-1]
+
+
+def test_nucleus_draws_keep_their_samples_whatever_other_prompts_share_the_call(tiny_lm):
+    # With top_p < 1 a draw can still change when two tokens tie, within float rounding
+    # of the batch's shape, at the nucleus's edge: on the random tiny model's flat
+    # distribution, 2 of 216 samples did on an AMD EPYC (9 when the draw went in rank
+    # order). A seed that depended on the call would change all of them.
+    gen = TransformersGenerator(tiny_lm)
+    together = gen.generate(FOUR, k=3, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=5)
+    alone = [gen.generate([conv], k=3, temperature=1.0, top_p=0.9, max_new_tokens=6,
+                          seed=5)[0] for conv in FOUR]
+    same = sum(a == b for t, o in zip(together, alone) for a, b in zip(t, o))
+    assert same >= 10, (same, together, alone)
+
+
+def test_a_nucleus_draw_moves_with_the_logits_by_no_more_than_their_rounding():
+    # Logits that differ by float32 rounding (another batch shape) pick the same tokens:
+    # the draw inverts the nucleus's distribution in vocabulary order. In rank order, two
+    # nearly equal probabilities that swap ranks hand the uniform number to another
+    # token: 0.8 % of these draws changed that way, 0.1 % now.
+    import torch
+
+    from croco.generation.transformers import next_tokens, uniforms
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1000, 49152, generator=g) * 0.3  # flat, as a random model's
+    moved = logits + torch.randn(logits.shape, generator=g) * 2e-7
+    u = torch.from_numpy(uniforms(np.arange(1000), 0))
+    for top_p in (1.0, 0.9):
+        a = next_tokens(logits, temperature=1.0, top_p=top_p, u=u)
+        b = next_tokens(moved, temperature=1.0, top_p=top_p, u=u)
+        assert (a != b).float().mean().item() <= 0.004, top_p
+        assert len(set(a.tolist())) > 900  # real draws over a flat distribution
+
+
+def test_top_p_below_1_moved_the_sample_keys_and_top_p_1_did_not():
+    from croco.identity import identity
+    from croco.samples import sample_store_uri
+
+    policy = PolicyConfig(model="m")
+    full, nucleus = GenerationConfig(k=2, top_p=1.0), GenerationConfig(k=2, top_p=0.9)
+    assert "nucleus_draw" not in identity(full)
+    assert identity(nucleus)["nucleus_draw"] == 2
+    # the keys these settings had before the nucleus draw changed
+    assert sample_store_uri(policy, full, "de", "/r") == "/r/samples/37f11cff51bb94d2/lang=de"
+    assert sample_store_uri(policy, nucleus, "de", "/r") != "/r/samples/df6cb4887bbf3f9b/lang=de"
 
 
 def test_sample_i_draws_with_its_conversation_seed_plus_i(tiny_lm):
