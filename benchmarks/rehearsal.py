@@ -41,7 +41,8 @@ Per run it reports:
   with `--root s3` the object-store requests, by operation;
 - for the whole run: the command's wall time and the flow's (the manifest's
   `wall_seconds`), the peak RSS of the command's process tree (psutil, polled every
-  0.2 s: the sum over the tree, and its largest process), the Prefect task runs and
+  0.2 s: the sum over the tree, and its largest process; per stage, the tree's peak
+  while one of the stage's Prefect task runs ran, `stage_peaks`), the Prefect task runs and
   flow runs it made (read from the SQLite database under PREFECT_HOME), the size of that
   database and of PREFECT_HOME, the manifest's size, and the wall time of `croco config
   plan` on the same config (run just before the run) and of `croco report RUN_ID` (just
@@ -71,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import bisect
 import io
 import json
 import math
@@ -482,13 +484,16 @@ def _env(extra: dict | None = None) -> dict:
 
 def run_measured(cmd: list[str], env: dict, log: Path) -> dict:
     """Run `cmd` with its output to `log`; its wall time, exit status and the peak RSS of
-    its process tree (polled every 0.2 s: the tree's sum, and its largest process)."""
+    its process tree (polled every 0.2 s: the tree's sum, and its largest process), and
+    the polls themselves (`timeline`: [epoch seconds, tree RSS in bytes]), from which
+    `stage_peaks` takes each stage's peak."""
     import psutil
 
     t0 = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         peak_tree = peak_one = 0
+        timeline: list[list[float]] = []
         try:
             parent = psutil.Process(proc.pid)
             while proc.poll() is None:
@@ -503,11 +508,34 @@ def run_measured(cmd: list[str], env: dict, log: Path) -> dict:
                     except (psutil.NoSuchProcess, psutil.AccessDenied):
                         pass
                 peak_tree, peak_one = max(peak_tree, sum(rss)), max(peak_one, max(rss or [0]))
+                timeline.append([time.time(), sum(rss)])
                 time.sleep(0.2)
         finally:
             rc = proc.wait()
     return {"seconds": round(time.perf_counter() - t0, 2), "rc": rc,
-            "peak_rss_tree_mb": round(peak_tree / MB), "peak_rss_process_mb": round(peak_one / MB)}
+            "peak_rss_tree_mb": round(peak_tree / MB), "peak_rss_process_mb": round(peak_one / MB),
+            "timeline": timeline}
+
+
+def stage_peaks(timeline: list[list[float]], tasks: dict, langs: set[str]) -> dict:
+    """Each stage's peak RSS (MB, the process tree's sum): the largest poll taken while one
+    of its Prefect task runs ran (from its start to its end in Prefect's database). Stages
+    whose tasks overlap in time (languages run side by side) share those polls, so a
+    stage's figure is the peak of the whole tree while it ran: an upper bound on its own.
+    Subflow-call task runs (which span their subflow) are left out."""
+    peaks: dict[str, float] = {}
+    times = [t for t, _ in timeline]
+    for t in tasks.values():
+        stage = task_stage(t["name"], langs)
+        if stage == "subflow calls" or not t.get("start") or not t.get("end"):
+            continue
+        lo = bisect.bisect_left(times, t["start"])
+        hi = bisect.bisect_right(times, t["end"])
+        # the poll just before the start too: a task shorter than a poll has none inside
+        window = [rss for _, rss in timeline[max(lo - 1, 0):max(hi, lo)]]
+        if window:
+            peaks[stage] = max(peaks.get(stage, 0), max(window))
+    return {stage: round(v / MB) for stage, v in peaks.items()}
 
 
 def tail(path: Path, n: int = 40) -> str:
@@ -526,7 +554,7 @@ def prefect_db(home: Path) -> dict:
         def rows(table: str) -> dict:
             cur = con.execute(f"SELECT id, name, state_name, start_time, end_time FROM {table}")
             return {r[0]: {"name": r[1], "state": r[2], "seconds": _seconds(r[3], r[4]),
-                           "start": _epoch(r[3])}
+                           "start": _epoch(r[3]), "end": _epoch(r[4])}
                     for r in cur.fetchall()}
         tasks, flows = rows("task_run"), rows("flow_run")
     finally:
@@ -709,6 +737,7 @@ class Rehearsal:
         """A short command (plan, report): wall time, exit status, requests."""
         m = self.mark()
         res = run_measured(self.croco(*args), self.env, self.work / f"{name}.log")
+        del res["timeline"]
         res["requests"] = self.requests(m)
         res["log"] = str(self.work / f"{name}.log")
         return res
@@ -751,6 +780,8 @@ class Rehearsal:
         new_flows = {k: v for k, v in db_after["flow_runs"].items()
                      if k not in db_before["flow_runs"]}
         stages = self.stages(before, after, new_tasks, probe_data, manifest)
+        for stage, mb in stage_peaks(res["timeline"], new_tasks, set(self.langs)).items():
+            stages.setdefault(stage, dict.fromkeys(STAGE_FIGURES, 0))["peak_rss_mb"] = mb
         # the requests before pairing began: prompts, generation and scoring (pairs,
         # training and evaluation read the whole set again on purpose)
         upstream = None
@@ -773,6 +804,8 @@ class Rehearsal:
             "plan_seconds": plan["seconds"], "plan_rc": plan["rc"],
             "plan_requests": plan["requests"],
             "report_seconds": report["seconds"], "report_rc": report["rc"],
+            "report_peak_rss_mb": report["peak_rss_tree_mb"],
+            "plan_peak_rss_mb": plan["peak_rss_tree_mb"],
             "report_requests": report["requests"], "report_log": report["log"],
             "new_store_data_bytes": new_data, "requests_before_pairs": upstream,
             "files_written": sum(f["files_created"] + f["files_rewritten"]
@@ -865,8 +898,9 @@ def _ratio(new, old) -> str:
 
 def stage_table(run: dict) -> str:
     lines = [("| stage | outputs | rows | sampled now | _SUCCESS s | in croco.stage.run s "
-              "| model load s | model work s | rest s | task runs | task time s (incl. waits) |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model load s | model work s | rest s | task runs | task time s (incl. waits) "
+              "| peak RSS MB (tree, while it ran) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for stage, s in run["stages"].items():
         model, load = s.get("model_seconds"), s.get("load_seconds")
         inside = s.get("stage_run_seconds")
@@ -875,7 +909,8 @@ def stage_table(run: dict) -> str:
         lines.append(
             f"| {stage} | {s['outputs']} | {s['rows']} | {s['generated_rows'] or '-'} "
             f"| {_fmt(s['success_seconds'])} | {_fmt(inside)} | {_fmt(load)} | {_fmt(model)} "
-            f"| {_fmt(rest)} | {s['task_runs']} | {_fmt(s['task_seconds'])} |")
+            f"| {_fmt(rest)} | {s['task_runs']} | {_fmt(s['task_seconds'])} "
+            f"| {_fmt(s.get('peak_rss_mb'))} |")
     return "\n".join(lines)
 
 
@@ -934,6 +969,8 @@ def run_table(first: dict, rerun: dict | None) -> str:
         ("bytes written", "bytes_written", "bytes"),
         ("`croco config plan` just before (wall)", "plan_seconds", "s"),
         ("`croco report RUN_ID` just after (wall)", "report_seconds", "s"),
+        ("peak RSS of `croco config plan`", "plan_peak_rss_mb", "MB"),
+        ("peak RSS of `croco report RUN_ID`", "report_peak_rss_mb", "MB"),
     ]
     header = ("| figure | first run | nightly rerun | nightly / first |\n|---|---|---|---|"
               if rerun else "| figure | first run |\n|---|---|")

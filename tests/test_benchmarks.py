@@ -406,6 +406,18 @@ def test_rehearsal_puts_task_runs_and_probe_records_under_their_stage():
                   "model_calls": 1}}
 
 
+def test_rehearsal_takes_each_stages_peak_memory_from_the_polls_while_its_tasks_ran():
+    from benchmarks.rehearsal import MB, stage_peaks
+
+    timeline = [[t, mb * MB] for t, mb in
+                ((0.0, 100), (1.0, 300), (2.0, 250), (3.0, 900), (4.0, 400), (5.0, 200))]
+    tasks = {"a": {"name": "generate-en", "start": 0.9, "end": 2.1},
+             "b": {"name": "score-en", "start": 3.5, "end": 3.6},  # shorter than a poll
+             "c": {"name": "croco-generate-0", "start": 0.0, "end": 5.0},  # a subflow call
+             "d": {"name": "pair-in_lang", "start": 4.2, "end": None}}  # never ended
+    assert stage_peaks(timeline, tasks, {"en"}) == {"generate": 300, "score": 900}
+
+
 def test_rehearsal_prompt_file_has_the_counts_asked_for_and_grows_at_the_end(tmp_path):
     from benchmarks.rehearsal import PAPER_LANGUAGES, append_prompts, write_prompts
     from croco.config import PAPER_LANGUAGES as CROCO_PAPER_LANGUAGES
@@ -557,3 +569,9 @@ def test_a_nightly_rerun_costs_in_proportion_to_its_new_prompts_and_memory_is_fl
     # memory: twice the prompts, about the same peak (within 20%)
     a, b = (r["runs"]["first"]["peak_rss_tree_mb"] for r in (small, large))
     assert b <= 1.2 * a, (a, b)
+    # and stage by stage (the tree's peak while the stage's task runs ran), the report too
+    for stage in ("prompts", "generate", "score", "pair"):
+        a, b = (r["runs"]["first"]["stages"][stage]["peak_rss_mb"] for r in (small, large))
+        assert 0 < b <= 1.2 * a, (stage, a, b)
+    a, b = (r["runs"]["first"]["report_peak_rss_mb"] for r in (small, large))
+    assert 0 < b <= 1.2 * a, ("report", a, b)
