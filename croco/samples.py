@@ -71,9 +71,9 @@ def stored_shards(store: str) -> set[str]:
 def _store_index(store: str) -> pl.DataFrame:
     """(shard, prompt_id, hash) of every complete shard of the store. Read from the store's
     index, plus the prompts files of shards the index does not cover yet (then the index is
-    rewritten to cover them). The prompts files are the truth: an index row of a shard no
-    longer stored is ignored, and two planners that rewrite the index at once each write a
-    true one."""
+    rewritten to cover them). The prompts files are the truth: an index row of a shard not
+    stored (gone, or planned and not sampled yet: `make_plan` adds the shards it plans) is
+    ignored, and two planners that rewrite the index at once each write a true one."""
     shards = stored_shards(store)
     schema = {"shard": pl.String, "prompt_id": pl.String, "hash": pl.String}
     where = storage.join(store, STORE_INDEX)
@@ -142,6 +142,14 @@ def make_plan(out: str, prompts, store: str, shard_size: int) -> dict:
         parts.append({"shard": stable_hash(chunk), "prompt_ids": [pid for pid, _ in chunk],
                       "whole": True})
     plan = {"store": store, "parts": parts}
+    if new:
+        # The index gets the shards this plan adds now, before they are sampled: it is
+        # read through the store's listing (a row whose shard is not stored yet is left
+        # out), so the next plan finds them in it instead of reading their prompts files.
+        rows = [{"shard": stable_hash(new[i:i + shard_size]), "prompt_id": pid, "hash": h}
+                for i in range(0, len(new), shard_size) for pid, h in new[i:i + shard_size]]
+        storage.write_parquet(pl.concat([table, pl.DataFrame(rows, schema=table.schema)]),
+                              storage.join(store, STORE_INDEX))
     storage.write_json(where, plan)
     return plan
 

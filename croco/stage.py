@@ -197,11 +197,14 @@ class ShardedStage(Stage):
 
 def _missing(out: str, parts: Parts, wanted: range) -> list[int]:
     """The parts of `wanted` not made yet: a written part without its file in `out`, a
-    referenced one without its stored file (two listings in all)."""
-    existing = set(storage.list_dir(out))
-    stored = parts.stored()
+    referenced one without its stored file (a listing of each, where needed)."""
+    referenced = {i for i in wanted if parts.reference(i)}
+    # each listing only when some part is of its kind (a run's view of the stores is
+    # usually references only)
+    existing = set(storage.list_dir(out)) if len(referenced) < len(wanted) else set()
+    stored = parts.stored() if referenced else set()
     return [i for i in wanted
-            if (i not in stored if parts.reference(i) else part_name(i) not in existing)]
+            if (i not in stored if i in referenced else part_name(i) not in existing)]
 
 
 def _seal(out: str, parts: Parts, info: dict) -> None:
@@ -218,10 +221,11 @@ def _seal(out: str, parts: Parts, info: dict) -> None:
                                 "referenced": len(refs), **info})
 
 
-def run_once(out: str, work: Callable[[], dict]) -> str:
+def run_once(out: str, work: Callable[[], dict], *, checked: bool = False) -> str:
     """`out` as it is when complete; otherwise `work()` writes it and returns what
-    `_SUCCESS` records, which is written last with the seconds the work took."""
-    if storage.is_complete(out):
+    `_SUCCESS` records, which is written last with the seconds the work took. `checked`:
+    the caller has just found `out` incomplete (no second request to ask again)."""
+    if not checked and storage.is_complete(out):
         return out
     storage.sweep_temporary(out)  # what a writer killed here earlier left
     t0 = time.perf_counter()
@@ -261,7 +265,7 @@ def run(stage: Stage, data_root: str, *, progress: Progress | None = None,
         _run_languages(stage, data_root, progress)
         return stage.result(data_root)
     out = stage.output(data_root)
-    run_once(out, lambda: stage.work(out, progress))
+    run_once(out, lambda: stage.work(out, progress), checked=True)
     return stage.result(data_root)
 
 
@@ -328,6 +332,6 @@ def seal(stage: ShardedStage, data_root: str) -> str:
 def completion_info(uri: str) -> dict:
     """What a stage output's `_SUCCESS` marker recorded (rows, seconds, ...)."""
     try:
-        return storage.read_json(storage.join(uri, storage.SUCCESS))
+        return storage.marker_info(uri)
     except Exception:  # noqa: BLE001 - a marker without info is still a marker
         return {}

@@ -29,6 +29,8 @@ contents; the heavy code each calls lives in its family's package.
 
 from __future__ import annotations
 
+import threading
+
 import polars as pl
 
 from croco import storage
@@ -132,6 +134,11 @@ class Prompts(Stage):
 # ------------------------------------------------------------------------ generation
 
 
+#: Generation prompts read in this process, by (prompts file, split, limit).
+_PROMPTS: dict[tuple, pl.DataFrame] = {}
+_PROMPTS_LOCK = threading.Lock()
+
+
 class Generate(ShardedStage):
     """k samples for each selected prompt of one language, part by part. Part i holds the
     samples of the prompts of the plan's part i (`croco.samples.make_plan`), read from the
@@ -155,12 +162,23 @@ class Generate(ShardedStage):
         return f"generate-{self.lang}"
 
     def prompts(self) -> pl.DataFrame:
+        """The prompts this output samples. Read once per process for a prompts output (its
+        key names its content, so the file never changes) and selection: the plan and the
+        sampler both ask."""
         from croco.prompts import select_for_generation
 
         cfg = self.prompts_cfg
-        prompts = select_for_generation(
-            storage.read_parquet(storage.join(self.prompts_uri, "data.parquet")),
-            split=cfg.split, limit=cfg.limit)
+        uri = storage.join(self.prompts_uri, "data.parquet")
+        memo = (uri, cfg.split, cfg.limit)
+        with _PROMPTS_LOCK:
+            prompts = _PROMPTS.get(memo)
+        if prompts is None:
+            prompts = select_for_generation(storage.read_parquet(uri), split=cfg.split,
+                                            limit=cfg.limit)
+            with _PROMPTS_LOCK:
+                _PROMPTS[memo] = prompts
+                while len(_PROMPTS) > 64:
+                    _PROMPTS.pop(next(iter(_PROMPTS)))
         if prompts.is_empty():
             raise ValueError(f"no {cfg.split!r} prompts for language {self.lang!r} in "
                              f"{self.prompts_uri}; check prompts.split")
@@ -296,8 +314,16 @@ def _write_by_language(df: pl.DataFrame, outs: dict[str, str]) -> dict[str, dict
 def generation_parts(generations_uri: str) -> list[str]:
     """The part files of a complete generations output (URIs, referenced parts included),
     in part order."""
-    if not storage.is_complete(generations_uri):
-        raise RuntimeError(f"generations at {generations_uri} are incomplete; rerun generation")
+    try:
+        info = storage.marker_info(generations_uri)
+    except FileNotFoundError:
+        raise RuntimeError(f"generations at {generations_uri} are incomplete; rerun "
+                           "generation") from None
+    if info.get("shards") and info.get("referenced") == info["shards"]:
+        # every part references a stored shard: `_parts.json` names them all, no listing
+        refs = storage.references(generations_uri)
+        if len(refs) == info["shards"]:
+            return [refs[name] for name in sorted(refs)]
     return storage.parquet_files(generations_uri)
 
 

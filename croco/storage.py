@@ -137,8 +137,33 @@ def is_complete(uri: str) -> bool:
     return is_file(join(uri, SUCCESS))
 
 
+#: What this process wrote into `_SUCCESS` markers, by marker URI (the last 4,096): read
+#: back by `marker_info` without a request (a task's summary line, the score stage asking
+#: for the rows of the generations it just made).
+_MARKED: dict[str, dict] = {}
+
+
 def mark_complete(uri: str, info: dict | None = None) -> None:
-    write_bytes(join(uri, SUCCESS), json.dumps(info or {}, sort_keys=True).encode())
+    marker = join(uri, SUCCESS)
+    write_bytes(marker, json.dumps(info or {}, sort_keys=True).encode())
+    _MARKED[marker] = dict(info or {})
+    while len(_MARKED) > 4096:
+        _MARKED.pop(next(iter(_MARKED)), None)
+
+
+def marker_info(uri: str) -> dict:
+    """What the `_SUCCESS` marker of `uri` records: from memory when this process wrote it,
+    else read (FileNotFoundError when there is none)."""
+    marker = join(uri, SUCCESS)
+    known = _MARKED.get(marker)
+    if known is not None:
+        return dict(known)
+    data = read_bytes(marker)
+    try:
+        info = json.loads(data) if data.strip() else {}
+    except ValueError:
+        return {}  # a marker without readable info is still a marker
+    return info if isinstance(info, dict) else {}
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -227,10 +252,20 @@ def _modified(entry: dict) -> float | None:
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
+def _cat(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The whole file in one GET on an object store. s3fs asks for the size first (a HEAD,
+    and for a missing key a listing too) to split a large read into concurrent ranges;
+    croco's files are read whole and are at most tens of MB, so it reads them in one
+    stream."""
+    if _is_local(fs) or not hasattr(fs, "call_s3"):
+        return fs.cat_file(path)
+    return fs.cat_file(path, max_concurrency=1)
+
+
 def read_bytes(uri: str) -> bytes:
     """The whole file: one GET on an object store (no HEAD first)."""
     fs, path = filesystem(uri)
-    return fs.cat_file(path)
+    return _cat(fs, path)
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -256,7 +291,7 @@ def read_parquet(uri: str) -> pl.DataFrame:
     fs, path = filesystem(uri)
     if path.endswith(".parquet"):  # a file, read in one GET; else a folder so named
         try:
-            return pl.from_arrow(pq.read_table(io.BytesIO(fs.cat_file(path))))
+            return pl.from_arrow(pq.read_table(io.BytesIO(_cat(fs, path))))
         except (FileNotFoundError, IsADirectoryError):
             if not fs.isdir(path):
                 raise
@@ -308,7 +343,7 @@ def _read_references(fs: fsspec.AbstractFileSystem, protocol: str,
     """name -> URI of what the folder's `_parts.json` references (FileNotFoundError when
     it has none)."""
     folder_path = folder_path.rstrip("/")
-    rel = json.loads(fs.cat_file(f"{folder_path}/{REFERENCES}"))["files"]
+    rel = json.loads(_cat(fs, f"{folder_path}/{REFERENCES}"))["files"]
     return {name: _resolve(protocol, folder_path, r) for name, r in rel.items()}
 
 
@@ -403,8 +438,15 @@ def list_dir(uri: str) -> list[str]:
     """Names (not paths) directly under `uri`; empty if it does not exist."""
     fs, path = filesystem(uri)
     try:
-        found = fs.ls(path, detail=False, refresh=True) if not _is_local(fs) else (
-            fs.ls(path, detail=False) if fs.isdir(path) else [])
+        if _is_local(fs):
+            found = fs.ls(path, detail=False) if fs.isdir(path) else []
+        elif hasattr(fs, "_lsdir"):
+            # one listing (paged): `ls` lists the parent too when the folder is empty
+            from fsspec.asyn import sync
+
+            found = [e["name"] for e in sync(fs.loop, fs._lsdir, path, refresh=True)]
+        else:
+            found = fs.ls(path, detail=False, refresh=True)
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in found)
@@ -412,6 +454,9 @@ def list_dir(uri: str) -> list[str]:
 
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
+    for marker in [m for m in _MARKED if m == join(uri, SUCCESS) or m.startswith(
+            uri.rstrip("/") + "/")]:
+        _MARKED.pop(marker, None)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 

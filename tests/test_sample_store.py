@@ -120,9 +120,16 @@ def test_a_plan_reads_the_store_index_not_every_shards_prompts_file(
     read = []
     real = storage.read_parquet
     monkeypatch.setattr(storage, "read_parquet", lambda uri: read.append(uri) or real(uri))
-    # the first plan over the grown store reads the new shards' prompts files once and
-    # indexes them
+    # the plan that made the shards indexed them: the next plan reads no prompts file
+    index = real(storage.join(store, STORE_INDEX))
+    assert index.height == 12 and index["shard"].n_unique() == 3
     generation_plan(prompts_uri, "de", policy, gen, PromptsConfig(path=src, limit=10), root)
+    assert not [u for u in read if u.endswith(".prompts.parquet")]
+    # a store without an index (made before there was one): the first plan over it reads
+    # the shards' prompts files once and indexes them
+    storage.remove(storage.join(store, STORE_INDEX))
+    read.clear()
+    generation_plan(prompts_uri, "de", policy, gen, PromptsConfig(path=src, limit=9), root)
     assert len([u for u in read if u.endswith(".prompts.parquet")]) == 3
     index = real(storage.join(store, STORE_INDEX))
     assert index.height == 12 and index["shard"].n_unique() == 3
@@ -132,6 +139,20 @@ def test_a_plan_reads_the_store_index_not_every_shards_prompts_file(
                            root)
     assert [p["whole"] for p in plan["parts"]] == [True, True]
     assert not [u for u in read if u.endswith(".prompts.parquet")]
+
+    # a plan indexes the shards it adds before they are sampled; until they are, they are
+    # not in the store for any other plan
+    bigger = _prompts(tmp_path, "bigger", 16)
+    planned = generation_plan(prompts_uri, "de", policy, gen, PromptsConfig(path=src, limit=None),
+                              root)
+    assert len(planned["parts"]) == 3  # the same 12 prompts: nothing new
+    new_uri = run_prompts(PromptsConfig(path=bigger, limit=None), "de", root)
+    planned = generation_plan(new_uri, "de", policy, gen, PromptsConfig(path=bigger, limit=None),
+                              root)
+    new_shards = {p["shard"] for p in planned["parts"]} - set(stored_shards(store))
+    assert new_shards
+    assert new_shards <= set(real(storage.join(store, STORE_INDEX))["shard"])
+    assert not new_shards & set(_store_index(store)["shard"])
 
     # the prompts files are the truth: a shard gone from the store is not reused, whatever
     # the index says
