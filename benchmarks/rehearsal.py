@@ -58,6 +58,20 @@ fixture starts it), in front of which a WSGI wrapper counts every request it ans
 croco, s3fs and polars' native reader send. croco gets the endpoint and credentials from
 the environment (`CROCO_S3_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...).
 
+`--via deployments`: the same runs through deployments, as a cluster runs them. The
+benchmark starts a Prefect server on loopback (SQLite under PREFECT_HOME), the
+`croco-cpu` and `croco-gpu` process work pools with a worker each (2 and 1 flow runs at
+a time), deploys `infra/prefect.yaml` (`croco deploy`) and runs `croco run --deployment
+croco-pipeline/scale-out CONFIG ...`: one flow run per language for generation and for
+scoring, each in a process of its own. The probe cannot reach those processes, so the
+model-work columns are empty; what stands for them is the time inside stages: the union,
+over the outputs the run completed, of the intervals their `_SUCCESS` markers record
+(written at the end, after `seconds` of work), against the run's wall time
+(`stage_busy_seconds`, in both modes). The peak RSS is that of everything the benchmark
+started (server, workers and their flow-run processes, the command). The stage table's
+"other" row is the pipeline's tasks that start a child flow run and wait for it
+(`run_deployment`; named after the flow run), as "subflow calls" is in process.
+
 The probe: by default the command is `python -m benchmarks.rehearsal --croco run ...`,
 which wraps five croco functions with timers (by the Prefect task run they run in) and
 then runs `croco.flows.cli` exactly as `python -m croco.flows.cli` does; `--no-probe`
@@ -482,11 +496,12 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_measured(cmd: list[str], env: dict, log: Path) -> dict:
+def run_measured(cmd: list[str], env: dict, log: Path, also: list[int] = ()) -> dict:
     """Run `cmd` with its output to `log`; its wall time, exit status and the peak RSS of
     its process tree (polled every 0.2 s: the tree's sum, and its largest process), and
     the polls themselves (`timeline`: [epoch seconds, tree RSS in bytes]), from which
-    `stage_peaks` takes each stage's peak."""
+    `stage_peaks` takes each stage's peak. `also`: more process trees counted in the RSS
+    (the Prefect server and workers of `--via deployments`)."""
     import psutil
 
     t0 = time.perf_counter()
@@ -496,11 +511,22 @@ def run_measured(cmd: list[str], env: dict, log: Path) -> dict:
         timeline: list[list[float]] = []
         try:
             parent = psutil.Process(proc.pid)
+            others = []
+            for pid in also:
+                try:
+                    others.append(psutil.Process(pid))
+                except psutil.NoSuchProcess:
+                    pass
             while proc.poll() is None:
                 try:
                     procs = [parent, *parent.children(recursive=True)]
                 except psutil.NoSuchProcess:
                     break
+                for other in others:
+                    try:
+                        procs += [other, *other.children(recursive=True)]
+                    except psutil.NoSuchProcess:
+                        pass
                 rss = []
                 for p in procs:
                     try:
@@ -515,6 +541,20 @@ def run_measured(cmd: list[str], env: dict, log: Path) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 2), "rc": rc,
             "peak_rss_tree_mb": round(peak_tree / MB), "peak_rss_process_mb": round(peak_one / MB),
             "timeline": timeline}
+
+
+def stage_busy_seconds(markers: list[tuple[float, float]]) -> float:
+    """The time some stage was working: the union of the intervals [end - seconds, end] of
+    the `_SUCCESS` markers a run wrote (`end`: when the marker was written; `seconds`: the
+    work it records). Parallel stages count once, and what is outside every interval
+    (Prefect's scheduling, flow-run processes starting, waits) is the orchestration."""
+    total, last = 0.0, float("-inf")
+    for start, end in sorted((end - seconds, end) for end, seconds in markers if seconds):
+        if end <= last:
+            continue
+        total += end - max(start, last)
+        last = end
+    return round(total, 2)
 
 
 def stage_peaks(timeline: list[list[float]], tasks: dict, langs: set[str]) -> dict:
@@ -690,6 +730,101 @@ def probe_by_stage(probe: dict, langs: set[str]) -> dict:
             for k, v in out.items()}
 
 
+# ------------------------------------------------------------- through deployments
+
+class Deployments:
+    """A Prefect server on loopback, the process work pools `croco-cpu` and `croco-gpu`
+    with a worker each, and croco's deployments (`croco deploy`): the stack a cluster runs
+    `croco run --deployment` against. Every process runs in a process group of its own
+    and `stop` ends them all (SIGINT, then SIGKILL after 15 s)."""
+
+    def __init__(self, home: Path, env: dict):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.home = home
+        self.api = f"http://127.0.0.1:{port}/api"
+        self.port = port
+        self.env = {**env, "PREFECT_API_URL": self.api,
+                    "PREFECT_API_DATABASE_CONNECTION_URL":
+                        f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+                    "PREFECT_WORKER_QUERY_SECONDS": "1",
+                    "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+                    "CROCO_WORKDIR": str(ROOT)}
+        self.procs: list[subprocess.Popen] = []
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = (self.home / f"{name}.log").open("w")
+        self.procs.append(subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True))
+
+    def _cli(self, *args: str) -> None:
+        res = subprocess.run([sys.executable, "-m", *args], env=self.env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=900)
+        if res.returncode:
+            raise RuntimeError(f"{' '.join(args)} exited {res.returncode}:\n"
+                               f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+
+    def start(self) -> None:
+        import urllib.request
+
+        self._start("server", [sys.executable, "-m", "prefect", "server", "start", "--host",
+                               "127.0.0.1", "--port", str(self.port)])
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"the Prefect server did not start; see "
+                                       f"{self.home / 'server.log'}") from None
+                time.sleep(1)
+        for pool in ("croco-cpu", "croco-gpu"):
+            self._cli("prefect", "work-pool", "create", pool, "--type", "process",
+                      "--overwrite")
+        # `croco deploy` also deploys the Slurm stage deployments, to their own pool
+        self._cli("prefect", "work-pool", "create", "croco-slurm", "--type", "slurm",
+                  "--base-job-template", str(ROOT / "infra/work-pools/slurm.json"),
+                  "--overwrite")
+        self._cli("croco.flows.cli", "deploy")
+        self._start("worker-cpu", [sys.executable, "-m", "prefect", "worker", "start",
+                                   "--pool", "croco-cpu", "--type", "process", "--limit", "2"])
+        self._start("worker-gpu", [sys.executable, "-m", "prefect", "worker", "start",
+                                   "--pool", "croco-gpu", "--type", "process", "--limit", "1"])
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.poll() is None]
+
+    def stop(self) -> None:
+        import signal
+
+        for sig, wait in ((signal.SIGINT, 15), (signal.SIGKILL, 10)):
+            for proc in self.procs:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.time() + wait
+            for proc in self.procs:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+def _written_at(meta: tuple) -> float | None:
+    """When a file of a snapshot was last written (epoch seconds): its mtime on a local
+    root, its LastModified on S3 (whole seconds)."""
+    if isinstance(meta[1], int):
+        return meta[1] / 1e9
+    return _epoch(meta[2])
+
+
 # ------------------------------------------------------------------------- one run
 
 class Rehearsal:
@@ -718,6 +853,15 @@ class Rehearsal:
             self.data_root = str(work / "data")
             (work / "data").mkdir(exist_ok=True)
         self.env = _env({"PREFECT_HOME": str(self.home), **self.extra_env})
+        self.stack = None
+        if a.via == "deployments":
+            self.stack = Deployments(self.home, self.env)
+            self.env = self.stack.env
+            try:
+                self.stack.start()
+            except BaseException:
+                self.close()
+                raise
 
     def snapshot(self) -> dict:
         return snapshot_s3(self.client) if self.s3 else snapshot_local(Path(self.data_root))
@@ -751,10 +895,11 @@ class Rehearsal:
         env = {**self.env, "CROCO_REHEARSAL_PROBE": str(probe)}
         m = self.mark()
         log = self.work / f"run-{run_id}.log"
+        via = (["--deployment", "croco-pipeline/scale-out"] if self.stack else [])
         cmd = self.croco("run", str(self.config), *sets, "--until", self.a.until,
-                         "--run-id", run_id, probe="yes")
+                         "--run-id", run_id, *via, probe=None if self.stack else "yes")
         print(f"  {run_id}: {' '.join(cmd[1:])}", flush=True)
-        res = run_measured(cmd, env, log)
+        res = run_measured(cmd, env, log, also=self.stack.pids() if self.stack else [])
         m_end = self.mark()
         if res["rc"]:
             raise RuntimeError(f"croco run failed (exit status {res['rc']}); the end of "
@@ -780,6 +925,12 @@ class Rehearsal:
         new_flows = {k: v for k, v in db_after["flow_runs"].items()
                      if k not in db_before["flow_runs"]}
         stages = self.stages(before, after, new_tasks, probe_data, manifest)
+        busy = []
+        for rel in written_markers(before, after):
+            end = _written_at(after[rel])
+            seconds = json.loads(self.read(rel) or b"{}").get("seconds")
+            if end is not None and seconds:
+                busy.append((end, seconds))
         for stage, mb in stage_peaks(res["timeline"], new_tasks, set(self.langs)).items():
             stages.setdefault(stage, dict.fromkeys(STAGE_FIGURES, 0))["peak_rss_mb"] = mb
         # the requests before pairing began: prompts, generation and scoring (pairs,
@@ -793,6 +944,9 @@ class Rehearsal:
         return {
             "run_id": run_id, "command": " ".join(cmd[1:]), "log": str(log),
             "wall_seconds": res["seconds"], "flow_wall_seconds": manifest.get("wall_seconds"),
+            "via": self.a.via, "stage_busy_seconds": stage_busy_seconds(busy),
+            "outside_stages_share": round(1 - stage_busy_seconds(busy) / res["seconds"], 3)
+            if res["seconds"] else None,
             "peak_rss_tree_mb": res["peak_rss_tree_mb"],
             "peak_rss_process_mb": res["peak_rss_process_mb"],
             "stages": stages, "folders": folders, "requests": reqs,
@@ -867,6 +1021,8 @@ class Rehearsal:
                 for k, v in out.items() if any(v.values())}
 
     def close(self) -> None:
+        if self.stack:
+            self.stack.stop()
         if self.s3:
             self.s3.stop()
 
@@ -958,6 +1114,9 @@ def run_table(first: dict, rerun: dict | None) -> str:
     rows = [
         ("`croco run` wall time", "wall_seconds", "s"),
         ("flow wall time (manifest wall_seconds)", "flow_wall_seconds", "s"),
+        ("time inside stages (union of their _SUCCESS intervals)", "stage_busy_seconds", "s"),
+        ("outside every stage (orchestration, waits), share of the wall time",
+         "outside_stages_share", ""),
         ("peak RSS, process tree (sum)", "peak_rss_tree_mb", "MB"),
         ("peak RSS, largest process", "peak_rss_process_mb", "MB"),
         ("Prefect task runs", "task_runs", ""),
@@ -1022,8 +1181,8 @@ def report(result: dict) -> str:
         (f"sizes: {sz['languages']} languages x {sz['n']} train prompts x k={sz['k']} "
          f"(= {sz['samples']:,} samples), <= {sz['max_new_tokens']} new tokens, shard_size "
          f"{sz['shard_size']}, shards_per_language {sz['groups']}, batch {sz['batch_size']}, "
-         f"root {sz['root']}, --until {sz['until']}; nightly: +{sz['nightly_new']} prompts per "
-         "language"),
+         f"root {sz['root']}, --until {sz['until']}, via {sz.get('via', 'process')}; "
+         f"nightly: +{sz['nightly_new']} prompts per language"),
         "",
         "### The whole run",
         "",
@@ -1074,6 +1233,10 @@ def parse(argv: list[str] | None = None):
                     help="training.max_steps with --until train/evaluate (-1: one epoch)")
     ap.add_argument("--nightly", type=float, default=0.05,
                     help="share of new prompts per language for the rerun (0: no rerun)")
+    ap.add_argument("--via", choices=("process", "deployments"), default="process",
+                    help="process: `croco run` in one process (Prefect's temporary API); "
+                    "deployments: a Prefect server, process workers and "
+                    "`croco run --deployment croco-pipeline/scale-out`")
     ap.add_argument("--no-probe", dest="probe", action="store_false",
                     help="run `python -m croco.flows.cli` itself, without the model-work timers")
     ap.add_argument("--json", help="write every number here")
@@ -1111,7 +1274,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "root": a.root, "until": a.until, "max_new_tokens": a.max_new_tokens,
                  "shard_size": a.shard_size, "batch_size": a.batch_size,
                  "score_batch_size": a.score_batch_size, "heldout": a.heldout,
-                 "samples": len(r.langs) * a.n * a.k, "nightly_new": new}
+                 "samples": len(r.langs) * a.n * a.k, "nightly_new": new, "via": a.via}
         print(f"sizes: {sizes}", flush=True)
         runs = {"first": r.run("first")}
         print(f"  first run: {runs['first']['wall_seconds']:.0f} s", flush=True)

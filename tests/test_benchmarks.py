@@ -418,6 +418,15 @@ def test_rehearsal_takes_each_stages_peak_memory_from_the_polls_while_its_tasks_
     assert stage_peaks(timeline, tasks, {"en"}) == {"generate": 300, "score": 900}
 
 
+def test_rehearsal_counts_time_inside_stages_once_where_they_overlap():
+    from benchmarks.rehearsal import stage_busy_seconds
+
+    # (end, seconds): [0, 10] and [5, 12] overlap, [20, 25] apart, a marker without seconds
+    assert stage_busy_seconds([(10.0, 10.0), (12.0, 7.0), (25.0, 5.0), (30.0, 0)]) == 17.0
+    assert stage_busy_seconds([(10.0, 10.0), (9.0, 2.0)]) == 10.0  # inside another
+    assert stage_busy_seconds([]) == 0
+
+
 def test_rehearsal_prompt_file_has_the_counts_asked_for_and_grows_at_the_end(tmp_path):
     from benchmarks.rehearsal import PAPER_LANGUAGES, append_prompts, write_prompts
     from croco.config import PAPER_LANGUAGES as CROCO_PAPER_LANGUAGES
