@@ -1116,7 +1116,7 @@ def run_table(first: dict, rerun: dict | None) -> str:
         ("flow wall time (manifest wall_seconds)", "flow_wall_seconds", "s"),
         ("time inside stages (union of their _SUCCESS intervals)", "stage_busy_seconds", "s"),
         ("outside every stage (orchestration, waits), share of the wall time",
-         "outside_stages_share", ""),
+         "outside_stages_share", "%"),
         ("peak RSS, process tree (sum)", "peak_rss_tree_mb", "MB"),
         ("peak RSS, largest process", "peak_rss_process_mb", "MB"),
         ("Prefect task runs", "task_runs", ""),
@@ -1137,6 +1137,7 @@ def run_table(first: dict, rerun: dict | None) -> str:
     for label, key, unit in rows:
         a, b = first.get(key), (rerun or {}).get(key)
         show = (_fmt_bytes if unit == "bytes" else
+                (lambda v: "-" if v is None else f"{100 * v:.1f} %") if unit == "%" else
                 (lambda v, u=unit: "-" if v is None else f"{_fmt(v)} {u}".strip()))
         line = f"| {label} | {show(a)}"
         if rerun:

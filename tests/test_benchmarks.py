@@ -467,6 +467,7 @@ def _rehearsal_run(run_id: str, scale: float, s3: bool) -> dict:
              "task_runs": 2, "task_seconds": 5.0, "stage_run_seconds": 3.1,
              "load_seconds": 1.0, "model_seconds": 1.5, "model_calls": 2}
     return {"run_id": run_id, "wall_seconds": 20.0 * scale, "flow_wall_seconds": 15.0,
+            "stage_busy_seconds": 18.0 * scale, "outside_stages_share": 0.1,
             "peak_rss_tree_mb": 1500, "peak_rss_process_mb": 1100,
             "stages": {"generate": stage}, "folders": folders, "requests": requests,
             "task_runs": 8, "flow_runs": 1, "prefect_db_bytes": 5_800_000,
@@ -492,6 +493,8 @@ def test_rehearsal_report_shows_every_table_and_the_nightly_ratios(s3):
     json.dumps(result)  # what --json writes
     assert "2 CPUs (Test CPU), 24 GiB" in text
     assert "| `croco run` wall time | 20.0 s | 10.0 s | 0.50 |" in text
+    assert ("| outside every stage (orchestration, waits), share of the wall time | 10.0 % "
+            "| 10.0 % | 1.00 |") in text
     assert "| samples | 8 / 4 (0.50) | 0 / 0 (-) | 1.0 kB / 500 B (0.50) |" in text
     # the per-stage table: model load and work and the rest of croco.stage.run
     assert "| generate | 2 | 100 | 100 | 3.0 | 3.1 | 1.0 | 1.5 | 0.6 | 2 | 5.0 |" in text
