@@ -61,7 +61,8 @@ the environment (`CROCO_S3_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...).
 `--via deployments`: the same runs through deployments, as a cluster runs them. The
 benchmark starts a Prefect server on loopback (SQLite under PREFECT_HOME), the
 `croco-cpu` and `croco-gpu` process work pools with a worker each (2 and 1 flow runs at
-a time), deploys `infra/prefect.yaml` (`croco deploy`) and runs `croco run --deployment
+a time) and deploys `infra/prefect.yaml` (`croco deploy`), as the deployment tests do
+(`benchmarks.prefect_stack.Stack`), then runs `croco run --deployment
 croco-pipeline/scale-out CONFIG ...`: one flow run per language for generation and for
 scoring, each in a process of its own. The probe cannot reach those processes, so the
 model-work columns are empty; what stands for them is the time inside stages: the union,
@@ -730,93 +731,6 @@ def probe_by_stage(probe: dict, langs: set[str]) -> dict:
             for k, v in out.items()}
 
 
-# ------------------------------------------------------------- through deployments
-
-class Deployments:
-    """A Prefect server on loopback, the process work pools `croco-cpu` and `croco-gpu`
-    with a worker each, and croco's deployments (`croco deploy`): the stack a cluster runs
-    `croco run --deployment` against. Every process runs in a process group of its own
-    and `stop` ends them all (SIGINT, then SIGKILL after 15 s)."""
-
-    def __init__(self, home: Path, env: dict):
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.home = home
-        self.api = f"http://127.0.0.1:{port}/api"
-        self.port = port
-        self.env = {**env, "PREFECT_API_URL": self.api,
-                    "PREFECT_API_DATABASE_CONNECTION_URL":
-                        f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-                    "PREFECT_WORKER_QUERY_SECONDS": "1",
-                    "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-                    "CROCO_WORKDIR": str(ROOT)}
-        self.procs: list[subprocess.Popen] = []
-
-    def _start(self, name: str, args: list[str]) -> None:
-        log = (self.home / f"{name}.log").open("w")
-        self.procs.append(subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True))
-
-    def _cli(self, *args: str) -> None:
-        res = subprocess.run([sys.executable, "-m", *args], env=self.env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=900)
-        if res.returncode:
-            raise RuntimeError(f"{' '.join(args)} exited {res.returncode}:\n"
-                               f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-
-    def start(self) -> None:
-        import urllib.request
-
-        self._start("server", [sys.executable, "-m", "prefect", "server", "start", "--host",
-                               "127.0.0.1", "--port", str(self.port)])
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError(f"the Prefect server did not start; see "
-                                       f"{self.home / 'server.log'}") from None
-                time.sleep(1)
-        for pool in ("croco-cpu", "croco-gpu"):
-            self._cli("prefect", "work-pool", "create", pool, "--type", "process",
-                      "--overwrite")
-        # `croco deploy` also deploys the Slurm stage deployments, to their own pool
-        self._cli("prefect", "work-pool", "create", "croco-slurm", "--type", "slurm",
-                  "--base-job-template", str(ROOT / "infra/work-pools/slurm.json"),
-                  "--overwrite")
-        self._cli("croco.flows.cli", "deploy")
-        self._start("worker-cpu", [sys.executable, "-m", "prefect", "worker", "start",
-                                   "--pool", "croco-cpu", "--type", "process", "--limit", "2"])
-        self._start("worker-gpu", [sys.executable, "-m", "prefect", "worker", "start",
-                                   "--pool", "croco-gpu", "--type", "process", "--limit", "1"])
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p.poll() is None]
-
-    def stop(self) -> None:
-        import signal
-
-        for sig, wait in ((signal.SIGINT, 15), (signal.SIGKILL, 10)):
-            for proc in self.procs:
-                if proc.poll() is None:
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
-                        pass
-            deadline = time.time() + wait
-            for proc in self.procs:
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.time()))
-                except subprocess.TimeoutExpired:
-                    pass
-
-
 def _written_at(meta: tuple) -> float | None:
     """When a file of a snapshot was last written (epoch seconds): its mtime on a local
     root, its LastModified on S3 (whole seconds)."""
@@ -855,10 +769,13 @@ class Rehearsal:
         self.env = _env({"PREFECT_HOME": str(self.home), **self.extra_env})
         self.stack = None
         if a.via == "deployments":
-            self.stack = Deployments(self.home, self.env)
+            from benchmarks.prefect_stack import Stack, free_port
+
+            self.stack = Stack(self.home, free_port(), base_env=self.env)
             self.env = self.stack.env
             try:
-                self.stack.start()
+                self.stack.boot()  # server, pools, `croco deploy`
+                self.stack.start_workers()
             except BaseException:
                 self.close()
                 raise
@@ -924,13 +841,12 @@ class Rehearsal:
                      if k not in db_before["task_runs"]}
         new_flows = {k: v for k, v in db_after["flow_runs"].items()
                      if k not in db_before["flow_runs"]}
-        stages = self.stages(before, after, new_tasks, probe_data, manifest)
-        busy = []
-        for rel in written_markers(before, after):
-            end = _written_at(after[rel])
-            seconds = json.loads(self.read(rel) or b"{}").get("seconds")
-            if end is not None and seconds:
-                busy.append((end, seconds))
+        # the markers this run wrote, read once: what they record
+        markers = {rel: json.loads(self.read(rel) or b"{}")
+                   for rel in written_markers(before, after)}
+        stages = self.stages(markers, new_tasks, probe_data, manifest)
+        busy = [(end, info["seconds"]) for rel, info in markers.items()
+                if info.get("seconds") and (end := _written_at(after[rel])) is not None]
         for stage, mb in stage_peaks(res["timeline"], new_tasks, set(self.langs)).items():
             stages.setdefault(stage, dict.fromkeys(STAGE_FIGURES, 0))["peak_rss_mb"] = mb
         # the requests before pairing began: prompts, generation and scoring (pairs,
@@ -979,10 +895,10 @@ class Rehearsal:
             return self.client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/{rel}")["Body"].read()
         return (Path(self.data_root) / rel).read_bytes()
 
-    def stages(self, before: dict, after: dict, tasks: dict, probe: dict,
-               manifest: dict) -> dict:
-        """Per stage: outputs this run completed (their `_SUCCESS` markers written now),
-        their rows and recorded seconds, Prefect task runs and time, and the probe's."""
+    def stages(self, markers: dict, tasks: dict, probe: dict, manifest: dict) -> dict:
+        """Per stage: outputs this run completed (`markers`: the `_SUCCESS` markers written
+        now, by path, and what they record), their rows and recorded seconds, Prefect task
+        runs and time, and the probe's."""
         langs = set(self.langs)
         # the run's own generations and scores (the held-out ones share their folders)
         run_outputs = {self.relative(o["uri"]) for section in ("generations", "scores")
@@ -991,7 +907,7 @@ class Rehearsal:
         for stage in STAGES:  # in this order in the table
             out[stage]
         seen_passes = set()
-        for rel in written_markers(before, after):
+        for rel, info in markers.items():
             parts = rel.split("/")
             folder = parts[0]
             stage = FOLDER_STAGE.get(folder, "other")
@@ -999,7 +915,6 @@ class Rehearsal:
                 stage = "evaluate"  # the held-out answers and their rewards
             if "ref_logps" in parts:
                 stage = "train"  # the reference log-probs, stored beside the pairs
-            info = json.loads(self.read(rel) or b"{}")
             s = out[stage]
             s["outputs"] += 1
             s["rows"] += info.get("rows") or 0
