@@ -3,6 +3,7 @@ same rule) and the whole stage (today's reference, which reads every column, vs
 `croco.stages.run_pairs`) in wall time and peak RSS, through the A/B harness.
 
     python benchmarks/pairing_scale.py [--quick] [--reps 3] [--sizes-gb 1,2,6] [--tmp /tmp]
+    python benchmarks/pairing_scale.py --flat    # memory at N = 500 and 2,000, in batches
 
 Figures:
 - pairing compute at 1e5, 1e6 and 5e6 rows (quick: 1e5): `croco.pairing.select_pools` plus
@@ -489,6 +490,11 @@ def stage_child(which: str, score_uris: dict, prompts_uris: dict, out: str) -> d
     t = time.perf_counter()
     if which == "old":
         old_run_pairs(score_uris, prompts_uris, PairingConfig(), out)
+    elif which == "whole":  # today's stage in one batch: the selection over every score row
+        from croco import pairs_io
+
+        pairs_io.BATCH_ROWS = 1 << 62
+        run_pairs(score_uris, prompts_uris, PairingConfig(), out)
     else:
         run_pairs(score_uris, prompts_uris, PairingConfig(), out)
     seconds = time.perf_counter() - t
@@ -526,12 +532,16 @@ def _drop_sets(keep: str | None = None) -> None:
 atexit.register(_drop_sets)
 
 
-def _stage_cases(gb: float, tmp: str) -> list[Case]:
-    """Wall time and peak RSS of the old and the new stage on one synthesized set; one
-    subprocess per measurement gives both (the RSS case reads what the wall case measured,
-    in the same A, B order, and measures afresh when run on its own). The set is made by the
-    first case's setup, which deletes the sets of other sizes; all are deleted at exit."""
-    state: dict = {"work": None, "rss": {"old": [], "new": []}}
+def _stage_cases(gb: float, tmp: str, *, prompts: int | None = None,
+                 baseline: str = "old") -> list[Case]:
+    """Wall time and peak RSS of the old (`baseline`) and the new stage on one synthesized
+    set; one subprocess per measurement gives both (the RSS case reads what the wall case
+    measured, in the same A, B order, and measures afresh when run on its own). The set is
+    made by the first case's setup, which deletes the sets of other sizes; all are deleted
+    at exit. `prompts`: instead of `gb`, the paper's counts with the rehearsal's short
+    responses (11 languages x `prompts` x 64 samples of ~40 bytes, shards of 64 prompts)."""
+    state: dict = {"work": None, "rss": {baseline: [], "new": []}}
+    size = f"{gb:g} GB text" if prompts is None else f"11 x {prompts} x 64"
 
     def setup() -> None:
         if state["work"] not in _SETS:
@@ -539,9 +549,14 @@ def _stage_cases(gb: float, tmp: str) -> list[Case]:
             _drop_sets()
             _SETS.append(state["work"])
             t = time.perf_counter()
-            state["uris"] = write_scored_set(state["work"], gb)
-            print(f"  synthesized {gb:g} GB of text in {time.perf_counter() - t:.0f} s "
-                  f"under {state['work']}", flush=True)
+            if prompts is None:
+                state["uris"] = write_scored_set(state["work"], gb)
+            else:
+                state["uris"] = write_scored_set(
+                    state["work"], prompts * len(PAPER_LANGS) * 64 * 40 / 1e9,
+                    langs=PAPER_LANGS, k=64, text_bytes=40, corpus_words=200_000)
+            print(f"  synthesized {size} under {state['work']} in "
+                  f"{time.perf_counter() - t:.0f} s", flush=True)
 
     def wall(which: str):
         def run() -> float:
@@ -557,18 +572,29 @@ def _stage_cases(gb: float, tmp: str) -> list[Case]:
             return _run_child(which, *state["uris"], state["work"])["peak_mb"]
         return run
 
-    labels = {"baseline_label": "old stage (all columns)", "croco_label": "run_pairs"}
+    labels = {"baseline_label": {"old": "old stage (all columns)",
+                                 "whole": "one batch (every score row)"}[baseline],
+              "croco_label": "run_pairs"}
     return [
-        Case(f"pair stage wall, {gb:g} GB text", wall("old"), wall("new"), setup=setup, **labels),
-        Case(f"pair stage peak RSS, {gb:g} GB text", rss("old"), rss("new"), unit="MB",
+        Case(f"pair stage wall, {size}", wall(baseline), wall("new"), setup=setup, **labels),
+        Case(f"pair stage peak RSS, {size}", rss(baseline), rss("new"), unit="MB",
              setup=setup, **labels),
     ]
 
 
-def cases(quick: bool = False, tmp: str = "/tmp", sizes_gb: list[float] | None = None
-          ) -> list[Case]:
+#: The paper's 11 languages (the rehearsal's).
+PAPER_LANGS = ["bg", "cs", "de", "en", "es", "fr", "it", "nl", "pl", "pt", "ru"]
+
+
+def cases(quick: bool = False, tmp: str = "/tmp", sizes_gb: list[float] | None = None,
+          flat: bool = False) -> list[Case]:
     """The figures: pairing compute (1e5 rows; + 1e6, 5e6 unless quick) and the pair stage
-    (0.2 GB of text when quick, else 1, 2 and 6 GB)."""
+    (0.2 GB of text when quick, else 1, 2 and 6 GB). `flat`: instead, the stage in batches
+    against one batch at the paper's counts, N = 500 and 2,000 prompts a language (is its
+    memory flat in N?)."""
+    if flat:
+        return [c for n in (500, 2000) for c in _stage_cases(0, tmp, prompts=n,
+                                                              baseline="whole")]
     rows = [100_000] if quick else [100_000, 1_000_000, 5_000_000]
     sizes = sizes_gb or ([0.2] if quick else [1.0, 2.0, 6.0])
     out = [_compute_case(n) for n in rows]
@@ -583,10 +609,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sizes-gb", help="comma-separated GB of text, e.g. 1,2,6")
     ap.add_argument("--tmp", default="/tmp", help="where the synthesized sets go")
+    ap.add_argument("--flat", action="store_true",
+                    help="the stage's memory at N = 500 and 2,000 prompts a language (11 "
+                         "languages, k = 64): in batches against one batch")
     a = ap.parse_args()
     sizes = [float(x) for x in a.sizes_gb.split(",")] if a.sizes_gb else None
     results = []
-    for case in cases(a.quick, a.tmp, sizes):
+    for case in cases(a.quick, a.tmp, sizes, flat=a.flat):
         print(f"{case.name} ...", flush=True)
         results.append(run_case(case, reps=a.reps))
     _drop_sets()

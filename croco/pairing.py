@@ -374,17 +374,61 @@ def build_sft(scores: pl.DataFrame, prompts: pl.DataFrame, *,
     return sft.select([pl.col(c).cast(t) for c, t in SFT_SCHEMA.items()])
 
 
-def pair_stats(scores: pl.DataFrame, pools: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
-    """Per-language stats: prompts, samples, reward mean/std, pairs, skipped pools,
-    reward gap (chosen - rejected) distribution and the share of responses in the prompt's
-    language (`lang_match`, null when no language was detected)."""
-    base = scores.group_by("lang").agg(
-        pl.col("prompt_id").n_unique().alias("prompts"),
-        pl.len().alias("samples"),
-        pl.col("reward").mean().alias("reward_mean"),
-        pl.col("reward").std(ddof=0).alias("reward_std"),
-        ((pl.col("detected_lang") == pl.col("lang")).mean().alias("lang_match")
-         if "detected_lang" in scores.columns else pl.lit(None, pl.Float64).alias("lang_match")),
+def sample_moments(scores: pl.DataFrame) -> pl.DataFrame:
+    """Per language, what `pair_stats` needs of the samples, in a form that adds up over
+    disjoint sets of pools (`combine_moments`): prompts, samples, the count, mean and sum
+    of squared deviations (`_m2`) of the non-null rewards, and the language matches."""
+    reward = pl.col("reward").cast(pl.Float64)
+    match = ((pl.col("detected_lang") == pl.col("lang")) if "detected_lang" in scores.columns
+             else pl.lit(None, pl.Boolean))
+    return scores.group_by("lang").agg(
+        pl.col("prompt_id").n_unique().cast(pl.Int64).alias("prompts"),
+        pl.len().cast(pl.Int64).alias("samples"),
+        reward.count().cast(pl.Int64).alias("_n"),
+        reward.mean().alias("reward_mean"),
+        (reward.std(ddof=0).pow(2) * reward.count()).alias("_m2"),
+        match.cast(pl.Int64).sum().alias("_match"),
+        match.count().cast(pl.Int64).alias("_match_n"),
+    )
+
+
+def combine_moments(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """`sample_moments` of disjoint sets of pools, as one (Chan's pairwise update for the
+    mean and the squared deviations: equal to the whole table's up to float rounding). A
+    prompt's samples of one language are all in one set, so the prompt counts add up."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, dict] = {}
+    for part in parts:
+        for r in part.iter_rows(named=True):
+            a = out.get(r["lang"])
+            if a is None:
+                out[r["lang"]] = dict(r)
+                continue
+            n = a["_n"] + r["_n"]
+            if r["_n"]:
+                if a["_n"]:
+                    delta = r["reward_mean"] - a["reward_mean"]
+                    a["_m2"] = a["_m2"] + r["_m2"] + delta * delta * a["_n"] * r["_n"] / n
+                    a["reward_mean"] = a["reward_mean"] + delta * r["_n"] / n
+                else:
+                    a["reward_mean"], a["_m2"] = r["reward_mean"], r["_m2"]
+            a["_n"] = n
+            for col in ("prompts", "samples", "_match", "_match_n"):
+                a[col] += r[col]
+    return pl.DataFrame(list(out.values()), schema=parts[0].schema)
+
+
+def finish_stats(moments: pl.DataFrame, pools: pl.DataFrame,
+                 pairs: pl.DataFrame) -> pl.DataFrame:
+    """The stats table from the samples' moments and the pools and pairs."""
+    base = moments.select(
+        "lang", pl.col("prompts").cast(pl.UInt32), pl.col("samples").cast(pl.UInt32),
+        "reward_mean",
+        pl.when(pl.col("_n") > 0).then((pl.col("_m2") / pl.col("_n")).sqrt())
+        .alias("reward_std"),
+        pl.when(pl.col("_match_n") > 0).then(pl.col("_match") / pl.col("_match_n"))
+        .cast(pl.Float64).alias("lang_match"),
     )
     gaps = pairs.with_columns((pl.col("chosen_score") - pl.col("rejected_score")).alias("gap"))
     per_pair = gaps.group_by(pl.col("prompt_lang").alias("lang")).agg(
@@ -404,3 +448,10 @@ def pair_stats(scores: pl.DataFrame, pools: pl.DataFrame, pairs: pl.DataFrame) -
         "lang", "prompts", "samples", "reward_mean", "reward_std", "pairs", "skipped",
         "gap_mean", "gap_median", "gap_min", "gap_max", "lang_match",
     ).sort("lang")
+
+
+def pair_stats(scores: pl.DataFrame, pools: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
+    """Per-language stats: prompts, samples, reward mean/std, pairs, skipped pools,
+    reward gap (chosen - rejected) distribution and the share of responses in the prompt's
+    language (`lang_match`, null when no language was detected)."""
+    return finish_stats(sample_moments(scores), pools, pairs)

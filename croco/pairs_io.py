@@ -1,14 +1,27 @@
-"""The pair stage's reading and writing, in memory bounded by the pairs, not the texts.
+"""The pair stage's reading and writing, in memory bounded by a batch of pools, not the set.
 
 A scored set is Parquet shards (`scores/<key>/lang=xx/part-NNNNN.parquet`, or any folder or
-glob of files with the score columns). The pair stage reads the score columns of every
-shard with polars' native reader and column projection (`read_scores`: prompt_id, lang,
-sample_idx, reward and, where present, finish_reason / detected_lang), remembering for each
-row its shard (`_part`) and row in that shard (`_part_row`); it selects the pools on those
-(`croco.pairing.pair_sets`); then it fetches the texts of the selected rows only, one shard
-at a time (`shard_texts`), copying them out of the shard's buffers so that each shard's
-response column is freed before the next one is read. Peak memory is the score columns,
-one shard's responses and the selected texts (3 of every k samples at most).
+glob of files with the score columns). The pair stage first reads each shard's pool keys
+(`pool_keys`: its (prompt_id, lang) pairs and their row counts, nothing else) and groups
+the shards that share a pool (one pool's samples may lie in several shards; an `all_lang`
+pool spans the languages' shards) into batches of at most `BATCH_ROWS` rows (`batches`:
+whole groups, so no pool is split). Then, batch by batch, it reads the score columns of
+the batch's shards with polars' native reader and column projection (`read_scores`:
+prompt_id, lang, sample_idx, reward and, where present, finish_reason / detected_lang),
+remembering for each row its shard (`_part`) and row in that shard (`_part_row`); it
+selects the batch's pools on those (`croco.pairing.pair_sets`); then it fetches the texts
+of the selected rows only, one shard at a time (`shard_texts`), copying them out of the
+shard's buffers so that each shard's response column is freed before the next one is
+read. Peak memory is one batch's score columns, one shard's responses and the selected
+texts of the whole set (3 of every k samples at most): flat in the number of prompts but
+for the pairs themselves. The batches' pools, pairs and SFT rows are concatenated in pool
+order and the per-language stats added up (`croco.pairing.combine_moments`), so the
+outputs are those of one selection over the whole set (the stats up to float rounding).
+
+Three options need every pool at once and select in one batch, holding every score row
+as before: `reject_target: random` and `prompt_source: random` (their seeded draws run in
+pool order over the whole set) and `normalize: zscore_per_lang` (each language's mean and
+standard deviation over the whole set).
 
 `build` is `croco pairs build`: the same stage for a scored set made elsewhere, with every
 input checked (columns, types, prompts for every scored language) before anything is
@@ -24,11 +37,26 @@ import polars as pl
 
 from croco import storage
 from croco.config import PairingConfig
-from croco.pairing import OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, PairSets, Texts, pair_sets
+from croco.pairing import (
+    OPTIONAL_SCORE_COLUMNS,
+    SCORE_COLUMNS,
+    PairSets,
+    Texts,
+    combine_moments,
+    finish_stats,
+    pair_sets,
+    sample_moments,
+)
 
 #: What a scored set must hold; `lang` may come from a hive `lang=xx` folder instead.
 REQUIRED = {"prompt_id": "a string", "lang": "a string", "sample_idx": "an integer",
             "reward": "a number", "response": "a string"}
+
+
+#: Score rows selected on at once: a batch of whole pools (more when one group of shards
+#: that share pools is larger). Some 100-200 bytes a row while a batch is selected on
+#: (the columns, the sort, the picks), so a few tens of MB.
+BATCH_ROWS = 1 << 17
 
 
 class ScoredSetError(ValueError):
@@ -76,6 +104,64 @@ def read_scores(parts: list[str]) -> pl.DataFrame:
         return pl.DataFrame(schema={"prompt_id": pl.String, "lang": pl.String,
                                     "sample_idx": pl.Int64, "reward": pl.Float64})
     return pl.concat(frames, how="diagonal_relaxed")
+
+
+def pool_keys(parts: list[str]) -> list[pl.DataFrame]:
+    """Per shard in `parts`: its (prompt_id, lang) pairs with their row counts (`len`),
+    read from the prompt_id and lang columns only. Checks each shard's columns."""
+    out = []
+    for uri in parts:
+        lf = storage.scan_parquet(uri)
+        schema = lf.collect_schema()
+        _check_schema(uri, schema)
+        if "lang" not in schema:
+            lf = lf.with_columns(pl.lit(_hive_lang(uri)).alias("lang"))
+        out.append(lf.group_by("prompt_id", "lang").len().collect())
+    return out
+
+
+def batches(keys: list[pl.DataFrame], scope: str, max_rows: int = BATCH_ROWS) -> list[list[int]]:
+    """Shard indexes in batches of at most `max_rows` rows that split no pool: shards that
+    share a pool key ((prompt_id, lang) for `in_lang`, prompt_id for `all_lang`) are in
+    the same batch. Batches in order of their first shard."""
+    parent = list(range(len(keys)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict = {}
+    cols = ["prompt_id", "lang"] if scope == "in_lang" else ["prompt_id"]
+    for i, frame in enumerate(keys):
+        for key in frame.select(cols).unique().iter_rows():
+            j = owner.setdefault(key, i)
+            if j != i:
+                a, b = root(i), root(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(keys)):
+        groups.setdefault(root(i), []).append(i)
+    out: list[list[int]] = []
+    rows = 0
+    for group in groups.values():  # in order of first shard: roots are the smallest index
+        n = sum(int(keys[i]["len"].sum()) for i in group)
+        if out and rows + n <= max_rows:
+            out[-1].extend(group)
+            rows += n
+        else:
+            out.append(list(group))
+            rows = n
+    return [sorted(b) for b in out]
+
+
+def _whole_set(pairing: dict) -> bool:
+    """The options whose selection needs every pool at once (module docstring)."""
+    return (pairing.get("reject_target") == "random"
+            or pairing.get("normalize", "none") != "none"
+            or (pairing.get("scope") == "all_lang" and pairing.get("prompt_source") == "random"))
 
 
 def _copied(texts: pl.Series) -> pl.Series:
@@ -133,12 +219,38 @@ def pairing_options(pairing: PairingConfig) -> dict:
     return pairing.model_dump()
 
 
-def pair_shards(parts: list[str], prompts: pl.DataFrame, pairing: PairingConfig) -> PairSets:
-    """The pair stage on the score shards `parts`: score columns in, texts of the selected
-    rows fetched last."""
-    scores = read_scores(parts)
-    return pair_sets(scores, prompts, texts=shard_texts(parts, scores),
-                     **pairing_options(pairing))
+def pair_shards(parts: list[str], prompts: pl.DataFrame, pairing: PairingConfig, *,
+                keys: list[pl.DataFrame] | None = None, check: bool = False,
+                max_rows: int | None = None) -> PairSets:
+    """The pair stage on the score shards `parts`, batch by batch (module docstring): score
+    columns in, texts of the selected rows fetched last. `keys`: `pool_keys(parts)` when
+    the caller has them; `check`: refuse null keys and duplicate samples (`croco pairs
+    build`); `max_rows`: the batch budget (default `BATCH_ROWS`)."""
+    opts = pairing_options(pairing)
+    keys = pool_keys(parts) if keys is None else keys
+    groups = ([list(range(len(parts)))] if _whole_set(opts) or len(parts) <= 1
+              else batches(keys, opts["scope"], max_rows or BATCH_ROWS))
+    if not groups:
+        groups = [[]]
+    pools, dpo, sft, moments = [], [], [], []
+    for group in groups:
+        batch = [parts[i] for i in group]
+        scores = read_scores(batch)
+        if check:
+            _check_keys(scores, batch)
+        sets = pair_sets(scores, prompts, texts=shard_texts(batch, scores), **opts)
+        moments.append(sample_moments(scores))
+        del scores
+        pools.append(sets.pools)
+        dpo.append(sets.dpo)
+        sft.append(sets.sft)
+        if len(groups) == 1:
+            return sets
+    pools_df = pl.concat(pools).sort("prompt_id", "pool_lang", maintain_order=True)
+    dpo_df = pl.concat(dpo).sort("prompt_id", "prompt_lang", maintain_order=True)
+    sft_df = pl.concat(sft).sort("prompt_id", "lang", maintain_order=True)
+    return PairSets(pools=pools_df, dpo=dpo_df, sft=sft_df,
+                    stats=finish_stats(combine_moments(moments), pools_df, dpo_df))
 
 
 def _check_keys(scores: pl.DataFrame, parts: list[str]) -> None:
@@ -169,18 +281,16 @@ def build(scores_uri: str, prompts_source: str, pairing: PairingConfig, out: str
     parts = storage.parquet_files(scores_uri)
     if not parts:
         raise ScoredSetError(f"{scores_uri}: no Parquet files found")
-    scores = read_scores(parts)
-    if scores.height == 0:
+    keys = pool_keys(parts)
+    if not any(k.height for k in keys):
         raise ScoredSetError(f"{scores_uri}: the scored set is empty (no rows)")
-    _check_keys(scores, parts)
     prompts = load_prompts(prompts_source)
-    langs = sorted(scores["lang"].unique())
+    langs = sorted({lang for k in keys for lang in k["lang"].drop_nulls()})
     missing = sorted(set(langs) - set(prompts["lang"]))
     if missing:
         raise ScoredSetError(f"{prompts_source}: no prompt text in scored language(s) "
                              f"{missing}; the prompts must cover every scored language")
-    sets = pair_sets(scores, prompts, texts=shard_texts(parts, scores),
-                     **pairing_options(pairing))
+    sets = pair_shards(parts, prompts, pairing, keys=keys, check=True)
     info = write_pair_sets(sets, out, langs)
     storage.mark_complete(out, {**info, "seconds": round(time.perf_counter() - t0, 3)})
     return sets

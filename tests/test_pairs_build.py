@@ -53,6 +53,97 @@ def test_run_pairs_writes_what_the_old_stage_wrote(tmp_path, pairing):
     assert_frame_equal(pools, pl.read_parquet(old / "pools.parquet").select(pools.columns))
 
 
+# ----------------------------------------------------- the pair stage in batches of pools
+
+
+def _split_set(root: Path) -> list[str]:
+    """3 languages x 7 prompts x 5 samples, the languages' shards cut at different prompts,
+    one pool's samples split across two shards of en, and a shard of de that holds two
+    prompts' samples out of order: the batches must follow the pools, not the shards."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    cuts = {"de": [["p0", "p3"], ["p1", "p2", "p4"], ["p5", "p6"]],
+            "en": [["p0", "p1", "p2"], ["p3", "p4"], ["p5", "p6"]],
+            "fr": [["p0"], ["p1", "p2", "p3", "p4", "p5", "p6"]]}
+    parts = []
+    for lang, shards in cuts.items():
+        frames = []
+        for pids in shards:
+            n = 5 * len(pids)
+            frames.append(pl.DataFrame({
+                "prompt_id": [p for p in pids for _ in range(5)], "lang": [lang] * n,
+                "sample_idx": [i for _ in pids for i in range(5)],
+                "response": [f"{p}/{lang}/{i}" for p in pids for i in range(5)],
+                "reward": rng.normal(0, 1, n).round(1),  # ties too
+                "finish_reason": rng.choice(["stop", "length"], n, p=[0.8, 0.2]).tolist(),
+                "detected_lang": rng.choice([lang, "xx"], n, p=[0.9, 0.1]).tolist()}))
+        if lang == "en":  # p4's samples 3 and 4 move to a shard of their own
+            p4 = frames[1].filter((pl.col("prompt_id") == "p4") & (pl.col("sample_idx") >= 3))
+            frames[1] = frames[1].filter(~((pl.col("prompt_id") == "p4")
+                                           & (pl.col("sample_idx") >= 3)))
+            frames.append(p4)
+        for i, frame in enumerate(frames):
+            uri = str(root / f"lang={lang}" / f"part-{i:05d}.parquet")
+            storage.write_parquet(frame, uri)
+            parts.append(uri)
+    return parts
+
+
+def test_batches_keep_every_pool_whole():
+    from croco.pairs_io import batches
+
+    keys = [pl.DataFrame({"prompt_id": pids, "lang": [lang] * len(pids),
+                          "len": [4] * len(pids)}, schema_overrides={"len": pl.UInt32})
+            for lang, pids in (("en", ["a", "b"]), ("de", ["a"]), ("en", ["c"]),
+                               ("en", ["b", "d"]), ("de", ["d"]))]
+    # in_lang: en's a/b shard shares b with the 4th; everything else stands alone
+    assert batches(keys, "in_lang", max_rows=1) == [[0, 3], [1], [2], [4]]
+    # all_lang: a joins shards 0 and 1, b joins 0 and 3, d joins 3 and 4
+    assert batches(keys, "all_lang", max_rows=1) == [[0, 1, 3, 4], [2]]
+    # whole groups are packed up to the row budget, in order of their first shard
+    assert batches(keys, "in_lang", max_rows=12) == [[0, 3], [1, 2, 4]]
+    assert batches(keys, "in_lang", max_rows=10**9) == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("pairing", [
+    PairingConfig(),
+    PairingConfig(scope="all_lang"),
+    PairingConfig(reject_target="q1", min_gap=0.3, drop_truncated=True),
+    PairingConfig(scope="all_lang", reject_target="percentile:30", prompt_source="rejected",
+                  drop_wrong_lang=True),
+    PairingConfig(scope="all_lang", reject_target="min", drop_truncated=True),
+    # the options that need every pool at once run in one batch whatever the budget
+    PairingConfig(reject_target="random", seed=5),
+    PairingConfig(scope="all_lang", prompt_source="random", seed=2),
+    PairingConfig(normalize="zscore_per_lang", scope="all_lang"),
+], ids=["default", "all_lang", "q1-filters", "all_lang-percentile", "all_lang-min",
+        "random", "random-prompt", "zscore"])
+def test_the_pair_stage_in_batches_writes_what_one_selection_over_the_set_writes(
+        tmp_path, pairing):
+    from croco.pairing import pair_sets
+    from croco.pairs_io import pair_shards, pool_keys, read_scores
+
+    parts = _split_set(tmp_path)
+    scores = read_scores(parts)
+    prompts = scores.select("prompt_id", "lang").unique().with_columns(
+        prompt=pl.format("{} in {}", "prompt_id", "lang"))
+    whole = pair_sets(scores.drop("_part", "_part_row"), prompts,
+                      texts=lambda rows: pl.read_parquet(parts)["response"].gather(rows),
+                      **pairing.model_dump())
+    batched = pair_shards(parts, prompts, pairing, max_rows=1)
+    assert whole.dpo.height >= 5
+    assert_frame_equal(batched.dpo, whole.dpo)
+    assert_frame_equal(batched.sft, whole.sft)
+    assert_frame_equal(batched.pools, whole.pools)
+    # the stats add up batch by batch: equal to rounding
+    assert_frame_equal(batched.stats, whole.stats, check_exact=False, rel_tol=1e-12)
+    assert_frame_equal(pair_shards(parts, prompts, pairing).dpo, whole.dpo)
+    if pairing.model_dump() == PairingConfig().model_dump():
+        from croco.pairs_io import batches
+        assert len(batches(pool_keys(parts), "in_lang", max_rows=1)) == 8
+
+
 # --------------------------------------------------------------------- croco pairs build
 
 
