@@ -176,7 +176,7 @@ class Stages:
         """Run independent calls as tasks in this process (those not complete); name ->
         result."""
         todo = self.todo(list(calls.values()))
-        (results,) = run_together([(self.stage_task, self.calls(todo))])
+        (results,) = run_together([(self.stage_task, self.calls(todo, checked=True))])
         ran = dict(zip(map(id, todo), results))
         return {name: ran[id(s)] if id(s) in ran else s.result(self.root)
                 for name, s in calls.items()}
@@ -210,7 +210,7 @@ class Stages:
                 self._remote(stage, [_call(s, root) for s in todo], [s.label() for s in todo],
                              [s.key() for s in todo])
             else:
-                (results,) = run_together([(self.stage_task, self.calls(todo))])
+                (results,) = run_together([(self.stage_task, self.calls(todo, checked=True))])
                 ran = dict(zip(map(id, todo), results))
         elif todo:
             ran = self._in_groups(stage, todo, n)
@@ -366,5 +366,5 @@ def croco_evaluate(config: CrocoConfig, run_id: str, runtime: Runtime | None = N
     checks = [stages.todo(c) for c in ([plan.reward_check] if plan.reward_check else [],
                                        list(plan.structured.values()),
                                        list(plan.judgments.values()))]
-    run_together([(stages.stage_task, stages.calls(c)) for c in checks if c])
+    run_together([(stages.stage_task, stages.calls(c, checked=True)) for c in checks if c])
     return plan.outputs(stages.root).model_dump(mode="json")

@@ -107,7 +107,8 @@ class StageRecord(CachePolicy):
         if not inputs:
             return None
         return hash_objects({k: v.where() if isinstance(v, Stage) else v
-                             for k, v in inputs.items()}, raise_on_failure=True)
+                             for k, v in inputs.items() if k != "checked"},
+                            raise_on_failure=True)
 
 
 _common = dict(cache_policy=StageRecord(), refresh_cache=True, persist_result=True,
@@ -278,7 +279,7 @@ def _stage_run_name() -> str:
 
 @task(name="stage", task_run_name=_stage_run_name, **_common)
 def stage_task(stage: Stage, data_root: str, step: str = "run", group: int | None = None,
-               groups: int = 1) -> Any:
+               groups: int = 1, checked: bool = False) -> Any:
     """Run any stage (`croco.stage.run`): with a GPU slot when it uses one, a progress
     artifact for a sharded one (a training: progress and curves artifacts updated as it
     runs, `croco.tasks.training`), its summary line in the log and its table as an
@@ -290,7 +291,9 @@ def stage_task(stage: Stage, data_root: str, step: str = "run", group: int | Non
     generation plan; no GPU) and returns its URI; `group` (0-based, of `groups`) writes
     that group's parts (`croco.stage.shard_group`) and returns `{"uri", "parts"}`, so the
     caller can check they still exist (the output is complete only when sealed);
-    `step="seal"` marks the output complete once every group is done (no GPU)."""
+    `step="seal"` marks the output complete once every group is done (no GPU).
+    `checked`: the flow has just found the output incomplete, so the first attempt does
+    not ask the store again (a retry does: the attempt before may have finished it)."""
     log = get_run_logger()
     label = stage.label()
     if step == "plan":
@@ -321,8 +324,12 @@ def stage_task(stage: Stage, data_root: str, step: str = "run", group: int | Non
 
         lang = stage.spec.lang
         progress = TrainingArtifacts(f"{label}-{lang}" if lang else label)
+    if checked:
+        from prefect.runtime import task_run as current
+
+        checked = (current.run_count or 1) <= 1
     with gpu_slot(label) if stage.uses_gpu() else nullcontext():
-        result = contract.run(stage, data_root, progress=progress)
+        result = contract.run(stage, data_root, progress=progress, checked=checked)
     line = stage.summary(result)
     if line:
         log.info("%s", line)

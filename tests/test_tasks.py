@@ -79,6 +79,76 @@ def test_orchestration_retries_drive_the_stage_tasks(prefect_harness, tmp_path):
     assert calls[tag] == 2  # one retry, then the failure stands
 
 
+def test_a_checked_stage_task_asks_the_store_again_only_on_a_retry(prefect_harness, tmp_path):
+    """The flow found the output incomplete (`checked=True`): the first attempt does not ask
+    again; a retry does, and finds what the attempt before it finished."""
+    import uuid
+
+    from prefect import flow
+
+    from croco.config import CrocoConfig
+    from croco.flows.stages import Stages
+    from croco.stage import Stage
+
+    asked: list[str] = []
+    works: list[str] = []
+
+    class Once(Stage):
+        folder = "prompts"
+        gpu = False
+        tag: str
+
+        def identity(self) -> dict:
+            return {"tag": self.tag}
+
+        def label(self) -> str:
+            return "once"
+
+        def complete(self, data_root: str) -> bool:
+            asked.append(self.tag)
+            return super().complete(data_root)
+
+        def work(self, out, progress):
+            works.append(self.tag)
+            return {"rows": 0}
+
+    cfg = CrocoConfig(data_root=str(tmp_path), orchestration={
+        "retries": 1, "retry_delay_seconds": 0})
+    stages = Stages(cfg)
+    first = Once(tag=uuid.uuid4().hex)
+
+    @flow
+    def checked_once():
+        return stages.stage_task(stage=first, data_root=str(tmp_path), checked=True)
+
+    checked_once()
+    assert asked == [] and works == [first.tag]  # the flow's check stands
+
+    # a retry: the first attempt finished the output, then failed on the way out
+    second = Once(tag=uuid.uuid4().hex)
+    from croco import stage as contract
+
+    real_run, attempts = contract.run, []
+
+    def failing_once(*args, **kwargs):
+        attempts.append(kwargs.get("checked"))
+        out = real_run(*args, **kwargs)
+        if len(attempts) == 1:
+            raise ConnectionResetError("peer reset after the work")
+        return out
+
+    @flow
+    def retried():
+        return stages.stage_task(stage=second, data_root=str(tmp_path), checked=True)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(contract, "run", failing_once)
+        assert retried().endswith(second.key())
+    assert attempts == [True, False]
+    assert works.count(second.tag) == 1  # the retry found it complete
+    assert asked == [second.tag]
+
+
 # ------------------------------------------------------------------ training artifacts
 
 
