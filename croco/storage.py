@@ -330,6 +330,20 @@ def write_references(folder: str, files: dict[str, str]) -> None:
         else:
             rel[name] = posixpath.relpath(t_path, base.rstrip("/"))
     write_json(join(folder, REFERENCES), {"files": rel})
+    _REFERENCED[_ref_key(protocol, base)] = rel
+    while len(_REFERENCED) > 4096:
+        _REFERENCED.pop(next(iter(_REFERENCED)), None)
+
+
+#: What this process wrote into `_parts.json` files, by folder (the last 4,096): read back
+#: without a request (the score stage listing the generations view it just made). A view
+#: is keyed by what it holds, so a folder's references never change once written.
+_REFERENCED: dict[str, dict[str, str]] = {}
+
+
+def _ref_key(protocol: str, folder_path: str) -> str:
+    return (os.path.abspath(folder_path) if protocol == "file"
+            else f"{protocol}://{folder_path.rstrip('/')}")
 
 
 def _resolve(protocol: str, folder_path: str, rel: str) -> str:
@@ -343,7 +357,9 @@ def _read_references(fs: fsspec.AbstractFileSystem, protocol: str,
     """name -> URI of what the folder's `_parts.json` references (FileNotFoundError when
     it has none)."""
     folder_path = folder_path.rstrip("/")
-    rel = json.loads(_cat(fs, f"{folder_path}/{REFERENCES}"))["files"]
+    rel = _REFERENCED.get(_ref_key(protocol, folder_path))
+    if rel is None:
+        rel = json.loads(_cat(fs, f"{folder_path}/{REFERENCES}"))["files"]
     return {name: _resolve(protocol, folder_path, r) for name, r in rel.items()}
 
 
@@ -457,6 +473,9 @@ def remove(uri: str) -> None:
     for marker in [m for m in _MARKED if m == join(uri, SUCCESS) or m.startswith(
             uri.rstrip("/") + "/")]:
         _MARKED.pop(marker, None)
+    gone = _ref_key(_split(uri)[0], path)
+    for folder in [f for f in _REFERENCED if f == gone or f.startswith(gone + "/")]:
+        _REFERENCED.pop(folder, None)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 

@@ -146,3 +146,30 @@ def test_a_stage_sweeps_temporary_files_a_killed_writer_left(tmp_path, prompt_fi
     run_prompts(PromptsConfig(path=str(prompt_file)), "en", root)
     assert storage.is_complete(str(out))
     assert not stale.exists() and live.exists()
+
+
+def test_a_view_this_process_wrote_is_resolved_without_a_request(s3_bucket, monkeypatch):
+    """The `_SUCCESS` markers and `_parts.json` files this process wrote are read back from
+    memory (the score stage reading the generations view the generate stage just made);
+    removing the folder forgets them."""
+    root = f"s3://{s3_bucket}/memo"
+    shard = storage.join(root, "samples", "k", "lang=en", "s1.parquet")
+    storage.write_parquet(pl.DataFrame({"x": [1, 2]}), shard)
+    view = storage.join(root, "generations", "k", "lang=en")
+    storage.write_references(view, {"part-00000.parquet": shard})
+    storage.mark_complete(view, {"rows": 2, "shards": 1, "referenced": 1})
+
+    reads: list[str] = []
+    real = storage._cat
+    monkeypatch.setattr(storage, "_cat", lambda fs, path: reads.append(path) or real(fs, path))
+    assert storage.references(view) == {"part-00000.parquet": shard}
+    assert storage.marker_info(view)["rows"] == 2
+    assert reads == []
+    assert storage.parquet_files(view) == [shard]  # a listing, no read of _parts.json
+    assert reads == []
+
+    storage.remove(view)
+    assert storage.references(view) == {}
+    assert reads == [f"{s3_bucket}/memo/generations/k/lang=en/_parts.json"]
+    with pytest.raises(FileNotFoundError):
+        storage.marker_info(view)
