@@ -28,7 +28,10 @@ from tests.test_deployments import _reference_stages as reference_stages
 
 pytestmark = pytest.mark.slow
 
-UNSUBMITTED_SECONDS = 20  # the worker's bound for a Pending run without a job
+# The worker's bound for a Pending run without a job. A resubmitted run is Pending again
+# while its worker calls sbatch; with a bound of 20 s, a loaded 2-core machine (load
+# average above 4) once crashed the resubmitted run as stuck a second time.
+UNSUBMITTED_SECONDS = 45
 SECRETS = {"HF_TOKEN": "hf-secret-token-27182818", "AWS_SECRET_ACCESS_KEY": "aws-secret-31415926"}
 
 
