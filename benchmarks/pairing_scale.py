@@ -552,9 +552,11 @@ def _stage_cases(gb: float, tmp: str, *, prompts: int | None = None,
             if prompts is None:
                 state["uris"] = write_scored_set(state["work"], gb)
             else:
+                from croco.config import PAPER_LANGUAGES
+
                 state["uris"] = write_scored_set(
-                    state["work"], prompts * len(PAPER_LANGS) * 64 * 40 / 1e9,
-                    langs=PAPER_LANGS, k=64, text_bytes=40, corpus_words=200_000)
+                    state["work"], prompts * len(PAPER_LANGUAGES) * 64 * 40 / 1e9,
+                    langs=PAPER_LANGUAGES, k=64, text_bytes=40, corpus_words=200_000)
             print(f"  synthesized {size} under {state['work']} in "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
 
@@ -580,10 +582,6 @@ def _stage_cases(gb: float, tmp: str, *, prompts: int | None = None,
         Case(f"pair stage peak RSS, {size}", rss(baseline), rss("new"), unit="MB",
              setup=setup, **labels),
     ]
-
-
-#: The paper's 11 languages (the rehearsal's).
-PAPER_LANGS = ["bg", "cs", "de", "en", "es", "fr", "it", "nl", "pl", "pt", "ru"]
 
 
 def cases(quick: bool = False, tmp: str = "/tmp", sizes_gb: list[float] | None = None,

@@ -157,11 +157,10 @@ def batches(keys: list[pl.DataFrame], scope: str, max_rows: int = BATCH_ROWS) ->
     return [sorted(b) for b in out]
 
 
-def _whole_set(pairing: dict) -> bool:
+def _whole_set(pairing: PairingConfig) -> bool:
     """The options whose selection needs every pool at once (module docstring)."""
-    return (pairing.get("reject_target") == "random"
-            or pairing.get("normalize", "none") != "none"
-            or (pairing.get("scope") == "all_lang" and pairing.get("prompt_source") == "random"))
+    return (pairing.reject_target == "random" or pairing.normalize != "none"
+            or (pairing.scope == "all_lang" and pairing.prompt_source == "random"))
 
 
 def _copied(texts: pl.Series) -> pl.Series:
@@ -228,10 +227,8 @@ def pair_shards(parts: list[str], prompts: pl.DataFrame, pairing: PairingConfig,
     build`); `max_rows`: the batch budget (default `BATCH_ROWS`)."""
     opts = pairing_options(pairing)
     keys = pool_keys(parts) if keys is None else keys
-    groups = ([list(range(len(parts)))] if _whole_set(opts) or len(parts) <= 1
-              else batches(keys, opts["scope"], max_rows or BATCH_ROWS))
-    if not groups:
-        groups = [[]]
+    groups = ([list(range(len(parts)))] if _whole_set(pairing) or len(parts) <= 1
+              else batches(keys, pairing.scope, max_rows or BATCH_ROWS))
     pools, dpo, sft, moments = [], [], [], []
     for group in groups:
         batch = [parts[i] for i in group]
@@ -239,13 +236,13 @@ def pair_shards(parts: list[str], prompts: pl.DataFrame, pairing: PairingConfig,
         if check:
             _check_keys(scores, batch)
         sets = pair_sets(scores, prompts, texts=shard_texts(batch, scores), **opts)
+        if len(groups) == 1:
+            return sets
         moments.append(sample_moments(scores))
         del scores
         pools.append(sets.pools)
         dpo.append(sets.dpo)
         sft.append(sets.sft)
-        if len(groups) == 1:
-            return sets
     pools_df = pl.concat(pools).sort("prompt_id", "pool_lang", maintain_order=True)
     dpo_df = pl.concat(dpo).sort("prompt_id", "prompt_lang", maintain_order=True)
     sft_df = pl.concat(sft).sort("prompt_id", "lang", maintain_order=True)
