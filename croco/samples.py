@@ -106,6 +106,19 @@ def read_plan(where: str) -> dict | None:
         return None
 
 
+#: The stored shards a plan made by this process reuses, by plan URI: the shards the
+#: plan's listing found, so the generate stage that asks next which parts exist
+#: (`stored_at_planning`) takes them instead of listing the store a second time. Taken
+#: once: a retry lists again.
+_STORED_AT_PLANNING: dict[str, frozenset[str]] = {}
+
+
+def stored_at_planning(plan: str) -> frozenset[str] | None:
+    """The shards the plan at `plan` reuses, when this process has just made it (found
+    stored by its listing; the shards it adds are not stored yet); None otherwise. Once."""
+    return _STORED_AT_PLANNING.pop(plan, None)
+
+
 def make_plan(out: str, prompts, store: str, shard_size: int) -> dict:
     """Which stored shard each part of the generations output `out` comes from:
     `{"store": URI, "parts": [{"shard": name, "prompt_ids": [...]}, ...]}`.
@@ -150,7 +163,10 @@ def make_plan(out: str, prompts, store: str, shard_size: int) -> dict:
                 for i in range(0, len(new), shard_size) for pid, h in new[i:i + shard_size]]
         storage.write_parquet(pl.concat([table, pl.DataFrame(rows, schema=table.schema)]),
                               storage.join(store, STORE_INDEX))
-    storage.write_json(where, plan)
+    storage.write_json(where, plan, keep=True)  # the score stage reads it back
+    _STORED_AT_PLANNING[where] = frozenset(reused)
+    while len(_STORED_AT_PLANNING) > 256:
+        _STORED_AT_PLANNING.pop(next(iter(_STORED_AT_PLANNING)), None)
     return plan
 
 
@@ -205,7 +221,8 @@ class StoreSampler:
         )
         storage.write_parquet(df, uri)
         # the prompts file last: its presence says the shard is complete
-        storage.write_parquet(prompts, storage.join(self.store, f"{shard}{_SIDECAR}"))
+        storage.write_parquet(prompts, storage.join(self.store, f"{shard}{_SIDECAR}"),
+                              keep=True)  # named by its content; the score stage reads it
         self.generated_rows += df.height
 
 

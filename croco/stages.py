@@ -55,6 +55,7 @@ from croco.samples import (
     score_shard,
     scored_shard,
     scored_store_uri,
+    stored_at_planning,
     stored_shards,
 )
 from croco.stage import (
@@ -127,7 +128,8 @@ class Prompts(Stage):
                     f"{cfg.path}: no prompts in language {lang!r} (the source has "
                     f"{sorted(table['lang'].unique())}); remove it from `languages` or add "
                     "prompts.translate to translate from one language")
-        storage.write_parquet(df, storage.join(out, "data.parquet"))
+        # kept: the generate stage reads it next, in this process when the flow runs in one
+        storage.write_parquet(df, storage.join(out, "data.parquet"), keep=True)
         return {"rows": df.height}
 
 
@@ -229,7 +231,10 @@ class _GenerateParts(Parts):
                 if entry.get("whole") else None)
 
     def stored(self) -> set[int]:
-        have = stored_shards(self.plan["store"])
+        # the plan's own listing when this process has just made it (one listing, not two)
+        have = stored_at_planning(self.sampler.plan)
+        if have is None:
+            have = stored_shards(self.plan["store"])
         return {i for i, e in enumerate(self.plan["parts"])
                 if e.get("whole") and e["shard"] in have}
 

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import posixpath
+import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +122,8 @@ def exists(uri: str) -> bool:
 def is_file(uri: str) -> bool:
     """True when the file `uri` exists: one HEAD request on an object store (`exists` asks
     again whether a missing key is a folder, a second request)."""
+    if _kept(uri) is not None:
+        return True
     fs, path = filesystem(uri)
     if _is_local(fs) or not hasattr(fs, "call_s3"):
         return fs.isfile(path)
@@ -166,8 +169,37 @@ def marker_info(uri: str) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write `data` to `uri` atomically: a temporary sibling, then a rename."""
+#: Small files this process wrote with `keep=True`, on an object store, by `_ref_key`: read
+#: back (`read_bytes`, `read_parquet`, `is_file`) without a request. Only for files that
+#: never change once written (a content-keyed output's own files, a stored shard's prompts
+#: file); `remove` forgets them. At most `KEEP_FILE_BYTES` a file and `KEEP_BYTES` in all
+#: (the oldest go first). Local files are not kept: reading one back costs no request.
+_KEPT: dict[str, bytes] = {}
+_KEPT_LOCK = threading.Lock()
+KEEP_FILE_BYTES = 4 << 20
+KEEP_BYTES = 32 << 20
+
+
+def _keep(key: str, data: bytes) -> None:
+    with _KEPT_LOCK:
+        _KEPT.pop(key, None)
+        _KEPT[key] = data
+        total = sum(len(v) for v in _KEPT.values())
+        while total > KEEP_BYTES:
+            total -= len(_KEPT.pop(next(iter(_KEPT))))
+
+
+def _kept(uri: str) -> bytes | None:
+    if not _KEPT:
+        return None
+    protocol, path = _split(uri)
+    return None if protocol == "file" else _KEPT.get(_ref_key(protocol, path))
+
+
+def write_bytes(uri: str, data: bytes, keep: bool = False) -> None:
+    """Write `data` to `uri` atomically: a temporary sibling, then a rename (one PUT on an
+    object store). `keep`: the file never changes once written, so this process reads it
+    back from memory (object stores only; see `_KEPT`)."""
     fs, path = filesystem(uri)
     local = _is_local(fs)
     if local:
@@ -184,6 +216,8 @@ def write_bytes(uri: str, data: bytes) -> None:
             # One PUT (a multipart upload for large data): the object appears whole or not
             # at all, so no temporary name, copy and delete (three requests for one).
             fs.pipe_file(path, data)
+            if keep and len(data) <= KEEP_FILE_BYTES:
+                _keep(_ref_key(_split(uri)[0], path), data)
     except BaseException as e:
         if local:
             _remove_quietly(fs, tmp)  # a failed write leaves nothing behind
@@ -263,24 +297,29 @@ def _cat(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 
 def read_bytes(uri: str) -> bytes:
-    """The whole file: one GET on an object store (no HEAD first)."""
+    """The whole file: one GET on an object store (no HEAD first), none when this process
+    wrote it with `keep`."""
+    kept = _kept(uri)
+    if kept is not None:
+        return kept
     fs, path = filesystem(uri)
     return _cat(fs, path)
 
 
-def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+def write_json(uri: str, obj: Any, keep: bool = False) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(),
+                keep=keep)
 
 
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
-def write_parquet(df: pl.DataFrame, uri: str) -> None:
-    """Write one Parquet file atomically."""
+def write_parquet(df: pl.DataFrame, uri: str, keep: bool = False) -> None:
+    """Write one Parquet file atomically (`keep`: see `write_bytes`)."""
     buf = io.BytesIO()
     df.write_parquet(buf, compression="zstd")
-    write_bytes(uri, buf.getvalue())
+    write_bytes(uri, buf.getvalue(), keep=keep)
 
 
 def read_parquet(uri: str) -> pl.DataFrame:
@@ -288,6 +327,9 @@ def read_parquet(uri: str) -> pl.DataFrame:
     import polars as pl
     import pyarrow.parquet as pq
 
+    kept = _kept(uri)
+    if kept is not None:
+        return pl.from_arrow(pq.read_table(io.BytesIO(kept)))
     fs, path = filesystem(uri)
     if path.endswith(".parquet"):  # a file, read in one GET; else a folder so named
         try:
@@ -476,6 +518,9 @@ def remove(uri: str) -> None:
     gone = _ref_key(_split(uri)[0], path)
     for folder in [f for f in _REFERENCED if f == gone or f.startswith(gone + "/")]:
         _REFERENCED.pop(folder, None)
+    with _KEPT_LOCK:
+        for kept in [f for f in _KEPT if f == gone or f.startswith(gone + "/")]:
+            _KEPT.pop(kept, None)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 

@@ -200,3 +200,55 @@ def test_references_resolve_on_an_object_store_and_survive_a_moved_root(s3_bucke
     moved = storage.join(str(tmp_path / "b"), "generations", "g", "lang=de")
     assert storage.parquet_files(moved)[0] == str(tmp_path / "b" / "samples" / "k" /
                                                   "lang=de" / "s1.parquet")
+
+
+def test_one_process_reads_back_what_it_just_wrote_without_a_request(
+        tiny_lm, tiny_rm, tmp_path, gen, s3_bucket, monkeypatch):
+    """Prompts, generate and score of a grown source in one process on an object store:
+    the generate stage reads no prompts file back and lists the store once (its plan's
+    listing), the score stage reads neither the plan nor the new shard's prompts file
+    back; each is still read by a process that did not write it."""
+    import s3fs
+
+    from croco.samples import plan_uri
+
+    root = f"s3://{s3_bucket}/data"
+    policy = PolicyConfig(model=tiny_lm)
+    reward = RewardConfig(scorers=[ClassifierScorer(name="rm", model=tiny_rm)])
+    calls: list[tuple[str, str]] = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def record(self, method, *args, **kwargs):
+        name = method if isinstance(method, str) else method.__name__
+        calls.append((name, kwargs.get("Key") or kwargs.get("Prefix") or ""))
+        return await real(self, method, *args, **kwargs)
+
+    def run(n: int):
+        pcfg = PromptsConfig(path=_prompts(tmp_path, f"src{n}", n), limit=None)
+        prompts_uri = run_prompts(pcfg, "de", root)
+        gens = run_generate(prompts_uri, "de", policy, gen, pcfg, root)
+        return prompts_uri, gens, run_score(gens, prompts_uri, "de", reward, root)
+
+    run(8)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", record)
+    prompts_uri, gens, scores = run(10)  # one new shard of 2
+    gets = [key for name, key in calls if name == "get_object"]
+    assert not [k for k in gets if k.endswith("/data.parquet") and "/prompts/" in k]
+    assert not [k for k in gets if k.endswith(".prompts.parquet")]
+    # the plan: looked for once (not there yet), written, never read back
+    plan_calls = [name for name, k in calls if "/_plans/" in k]
+    assert plan_calls == ["get_object", "put_object"]
+    store = json.loads(storage.read_bytes(
+        plan_uri(gens)))["store"]
+    store_key = store.split("://", 1)[1].split("/", 1)[1]
+    listings = [k for name, k in calls if name == "list_objects_v2"
+                and k.rstrip("/") == store_key]
+    assert len(listings) == 1
+    assert storage.read_parquet(scores).height == 10 * gen.k
+
+    # another process has none of them in memory: it reads them
+    storage._KEPT.clear()
+    calls.clear()
+    assert storage.read_parquet(storage.join(prompts_uri, "data.parquet")).height == 10
+    storage.read_json(plan_uri(gens))
+    assert [name for name, _ in calls] == ["get_object", "get_object"]

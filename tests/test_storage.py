@@ -173,3 +173,49 @@ def test_a_view_this_process_wrote_is_resolved_without_a_request(s3_bucket, monk
     assert reads == [f"{s3_bucket}/memo/generations/k/lang=en/_parts.json"]
     with pytest.raises(FileNotFoundError):
         storage.marker_info(view)
+
+
+def test_a_kept_file_this_process_wrote_is_read_back_without_a_request(
+        s3_bucket, tmp_path, monkeypatch):
+    """`keep=True` (files that never change once written): read back from memory on an
+    object store, never for a local file, not past the size limits, forgotten on
+    `remove`."""
+    root = f"s3://{s3_bucket}/kept"
+    table = storage.join(root, "prompts", "k", "lang=en", "data.parquet")
+    plan = storage.join(root, "generations", "g", "_plans", "lang=en.json")
+    plain = storage.join(root, "other.json")
+    storage.write_parquet(pl.DataFrame({"x": [1, 2]}), table, keep=True)
+    storage.write_json(plan, {"parts": [1]}, keep=True)
+    storage.write_json(plain, {"a": 1})
+    local = str(tmp_path / "local.json")
+    storage.write_json(local, {"b": 2}, keep=True)
+
+    reads: list[str] = []
+    real = storage._cat
+    monkeypatch.setattr(storage, "_cat", lambda fs, path: reads.append(path) or real(fs, path))
+    assert storage.read_parquet(table)["x"].to_list() == [1, 2]
+    assert storage.read_json(plan) == {"parts": [1]}
+    assert storage.is_file(plan)
+    assert reads == []
+    assert storage.read_json(plain) == {"a": 1}  # not kept: read
+    assert storage.read_json(local) == {"b": 2}  # local: read from disk
+    assert reads == [f"{s3_bucket}/kept/other.json", local]
+
+    storage.remove(storage.join(root, "generations", "g"))
+    reads.clear()
+    with pytest.raises(FileNotFoundError):
+        storage.read_json(plan)
+    assert not storage.is_file(plan)
+    assert storage.read_parquet(table)["x"].to_list() == [1, 2]  # the other one kept
+    assert reads == [f"{s3_bucket}/kept/generations/g/_plans/lang=en.json"]
+
+    # a file over the per-file limit is not kept; the oldest go past the total
+    monkeypatch.setattr(storage, "KEEP_FILE_BYTES", 40)
+    storage.write_bytes(storage.join(root, "big"), b"x" * 41, keep=True)
+    monkeypatch.setattr(storage, "KEEP_BYTES", 50)
+    for name in ("a", "b"):
+        storage.write_bytes(storage.join(root, name), b"y" * 30, keep=True)
+    reads.clear()
+    for name in ("big", "a", "b"):
+        storage.read_bytes(storage.join(root, name))
+    assert reads == [f"{s3_bucket}/kept/big", f"{s3_bucket}/kept/a"]
