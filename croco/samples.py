@@ -106,20 +106,8 @@ def read_plan(where: str) -> dict | None:
         return None
 
 
-#: The stored shards a plan made by this process reuses, by plan URI: the shards the
-#: plan's listing found, so the generate stage that asks next which parts exist
-#: (`stored_at_planning`) takes them instead of listing the store a second time. Taken
-#: once: a retry lists again.
-_STORED_AT_PLANNING: dict[str, frozenset[str]] = {}
-
-
-def stored_at_planning(plan: str) -> frozenset[str] | None:
-    """The shards the plan at `plan` reuses, when this process has just made it (found
-    stored by its listing; the shards it adds are not stored yet); None otherwise. Once."""
-    return _STORED_AT_PLANNING.pop(plan, None)
-
-
-def make_plan(out: str, prompts, store: str, shard_size: int) -> dict:
+def make_plan(out: str, prompts, store: str, shard_size: int,
+              listed: dict | None = None) -> dict:
     """Which stored shard each part of the generations output `out` comes from:
     `{"store": URI, "parts": [{"shard": name, "prompt_ids": [...]}, ...]}`.
 
@@ -130,7 +118,10 @@ def make_plan(out: str, prompts, store: str, shard_size: int) -> dict:
     is in no part; an edited one is new. `whole`: the part is its stored shard entire (the
     usual case), so the output references the stored file instead of copying it; plans
     made before parts could be references lack it and are read as copies. `prompts`: the
-    output's prompts, or a callable that reads them (only when the plan is made)."""
+    output's prompts, or a callable that reads them (only when the plan is made).
+    `listed`: when this call makes the plan, `listed["stored"]` gets the stored shards it
+    reuses (found by the store's listing just now; the shards it adds are not stored
+    yet), so a caller about to ask which parts exist need not list the store again."""
     where = plan_uri(out)
     plan = read_plan(where)
     if plan is not None:
@@ -164,9 +155,8 @@ def make_plan(out: str, prompts, store: str, shard_size: int) -> dict:
         storage.write_parquet(pl.concat([table, pl.DataFrame(rows, schema=table.schema)]),
                               storage.join(store, STORE_INDEX))
     storage.write_json(where, plan, keep=True)  # the score stage reads it back
-    _STORED_AT_PLANNING[where] = frozenset(reused)
-    while len(_STORED_AT_PLANNING) > 256:
-        _STORED_AT_PLANNING.pop(next(iter(_STORED_AT_PLANNING)), None)
+    if listed is not None:
+        listed["stored"] = frozenset(reused)
     return plan
 
 

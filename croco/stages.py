@@ -55,7 +55,6 @@ from croco.samples import (
     score_shard,
     scored_shard,
     scored_store_uri,
-    stored_at_planning,
     stored_shards,
 )
 from croco.stage import (
@@ -186,11 +185,12 @@ class Generate(ShardedStage):
                              f"{self.prompts_uri}; check prompts.split")
         return prompts
 
-    def plan(self, data_root: str) -> dict:
+    def plan(self, data_root: str, listed: dict | None = None) -> dict:
         """Which stored shard each part comes from (made once, then read back; the
-        prompts are read only to make it)."""
+        prompts are read only to make it). `listed`: see `croco.samples.make_plan`."""
         store = sample_store_uri(self.policy, self.gen, self.lang, data_root)
-        return make_plan(self.output(data_root), self.prompts, store, self.gen.shard_size)
+        return make_plan(self.output(data_root), self.prompts, store, self.gen.shard_size,
+                         listed)
 
     def prepare(self, data_root: str) -> str:
         self.plan(data_root)
@@ -214,7 +214,10 @@ class _GenerateParts(Parts):
     into the store first when missing), else its rows of the part's prompts."""
 
     def __init__(self, stage: Generate, data_root: str):
-        self.plan = stage.plan(data_root)
+        listed: dict = {}
+        self.plan = stage.plan(data_root, listed)
+        # made just now: the shards its listing found stored (taken by the first `stored`)
+        self.stored_at_planning = listed.get("stored")
         self.count = len(self.plan["parts"])
         self.k = stage.gen.k
         self.sampler = StoreSampler(self.plan["store"], plan_uri(stage.output(data_root)),
@@ -231,8 +234,8 @@ class _GenerateParts(Parts):
                 if entry.get("whole") else None)
 
     def stored(self) -> set[int]:
-        # the plan's own listing when this process has just made it (one listing, not two)
-        have = stored_at_planning(self.sampler.plan)
+        # the plan's own listing when this object has just made it (one listing, not two)
+        have, self.stored_at_planning = self.stored_at_planning, None
         if have is None:
             have = stored_shards(self.plan["store"])
         return {i for i, e in enumerate(self.plan["parts"])

@@ -252,3 +252,27 @@ def test_one_process_reads_back_what_it_just_wrote_without_a_request(
     assert storage.read_parquet(storage.join(prompts_uri, "data.parquet")).height == 10
     storage.read_json(plan_uri(gens))
     assert [name for name, _ in calls] == ["get_object", "get_object"]
+
+
+def test_shard_groups_of_a_plan_made_beforehand_write_and_seal_every_part(
+        tiny_lm, tmp_path, gen):
+    """The plan is made once before the shard groups start (`prepare`, where the flow
+    runs); the groups and the seal read it back and ask the store which parts exist: none
+    takes the listing of a plan it did not make (the seal would find the parts the groups
+    wrote elsewhere missing)."""
+    from croco.stage import run, seal
+    from croco.stages import Generate
+
+    root = str(tmp_path / "data")
+    pcfg = PromptsConfig(path=_prompts(tmp_path, "src", 12), limit=None)
+    prompts_uri = run_prompts(pcfg, "de", root)
+    stage = Generate(prompts_uri=prompts_uri, lang="de", policy=PolicyConfig(model=tiny_lm),
+                     gen=gen, prompts_cfg=pcfg)
+    stage.prepare(root)
+    parts = stage.parts(root)
+    assert parts.count == 3 and parts.stored_at_planning is None  # read back: lists
+    for shards in (range(0, 2), range(2, 3)):
+        run(stage, root, shards=shards)
+    out = seal(stage, root)
+    assert storage.marker_info(out)["rows"] == 12 * gen.k
+    assert storage.read_parquet(out).height == 12 * gen.k
