@@ -96,6 +96,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -537,6 +538,13 @@ def run_measured(cmd: list[str], env: dict, log: Path, also: list[int] = ()) -> 
                 peak_tree, peak_one = max(peak_tree, sum(rss)), max(peak_one, max(rss or [0]))
                 timeline.append([time.time(), sum(rss)])
                 time.sleep(0.2)
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): stop the command as Ctrl-C does
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         finally:
             rc = proc.wait()
     return {"seconds": round(time.perf_counter() - t0, 2), "rc": rc,
@@ -1163,8 +1171,19 @@ def parse(argv: list[str] | None = None):
     return ap.parse_args(argv)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (`kill`) ends the benchmark as Ctrl-C does: the command it runs and the
+    Prefect server and workers it started are stopped, not left running."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
+    if threading.current_thread() is threading.main_thread():
+        _exit_on_sigterm()
     t_start = time.perf_counter()
     machine = machine_info()
     print(f"machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), "
