@@ -588,3 +588,28 @@ def test_a_nightly_rerun_costs_in_proportion_to_its_new_prompts_and_memory_is_fl
         assert 0 < b <= 1.2 * a, (stage, a, b)
     a, b = (r["runs"]["first"]["report_peak_rss_mb"] for r in (small, large))
     assert 0 < b <= 1.2 * a, ("report", a, b)
+
+
+@pytest.mark.slow
+def test_training_scale_measures_both_stages_at_two_sizes_in_fresh_processes(tmp_path):
+    """`benchmarks/training_scale.py` at a tiny size: the reference log-probs stage and a
+    DPO run on its stored log-probs (checked inside), at two N, peak RSS and wall time of
+    each in a fresh process."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/training_scale.py", "--sizes", "2,4", "--reps", "1",
+         "--steps", "1", "--tmp", str(tmp_path)],
+        check=False, cwd=Path(benchmarks.__file__).parents[1], capture_output=True, text=True,
+        timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "N = 2: 22 pairs" in proc.stdout and "N = 4: 44 pairs" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")
+            and "N = 2 | N = 4" in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| reference log-probs stage wall", "| reference log-probs stage peak RSS",
+        "| DPO, 1 steps wall", "| DPO, 1 steps peak RSS"]
+    for row in rows:  # a positive figure on both sides
+        a, b = (float(cell.split(" / ")[0]) for cell in row.split(" | ")[3:5])
+        assert a > 0 and b > 0, row
+    assert list(tmp_path.iterdir()) == []  # the synthesized sets are gone
