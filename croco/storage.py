@@ -175,18 +175,27 @@ def marker_info(uri: str) -> dict:
 #: file); `remove` forgets them. At most `KEEP_FILE_BYTES` a file and `KEEP_BYTES` in all
 #: (the oldest go first). Local files are not kept: reading one back costs no request.
 _KEPT: dict[str, bytes] = {}
+_KEPT_TOTAL = 0  # the bytes in `_KEPT`
 _KEPT_LOCK = threading.Lock()
 KEEP_FILE_BYTES = 4 << 20
 KEEP_BYTES = 32 << 20
 
 
 def _keep(key: str, data: bytes) -> None:
+    global _KEPT_TOTAL
     with _KEPT_LOCK:
-        _KEPT.pop(key, None)
+        _KEPT_TOTAL += len(data) - len(_KEPT.pop(key, b""))
         _KEPT[key] = data
-        total = sum(len(v) for v in _KEPT.values())
-        while total > KEEP_BYTES:
-            total -= len(_KEPT.pop(next(iter(_KEPT))))
+        while _KEPT_TOTAL > KEEP_BYTES:
+            _KEPT_TOTAL -= len(_KEPT.pop(next(iter(_KEPT))))
+
+
+def _forget_kept(folder_key: str) -> None:
+    """Forget the kept files at or below `folder_key` (a `_ref_key`)."""
+    global _KEPT_TOTAL
+    with _KEPT_LOCK:
+        for key in [k for k in _KEPT if k == folder_key or k.startswith(folder_key + "/")]:
+            _KEPT_TOTAL -= len(_KEPT.pop(key))
 
 
 def _kept(uri: str) -> bytes | None:
@@ -518,9 +527,7 @@ def remove(uri: str) -> None:
     gone = _ref_key(_split(uri)[0], path)
     for folder in [f for f in _REFERENCED if f == gone or f.startswith(gone + "/")]:
         _REFERENCED.pop(folder, None)
-    with _KEPT_LOCK:
-        for kept in [f for f in _KEPT if f == gone or f.startswith(gone + "/")]:
-            _KEPT.pop(kept, None)
+    _forget_kept(gone)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 

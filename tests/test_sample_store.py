@@ -247,7 +247,7 @@ def test_one_process_reads_back_what_it_just_wrote_without_a_request(
     assert storage.read_parquet(scores).height == 10 * gen.k
 
     # another process has none of them in memory: it reads them
-    storage._KEPT.clear()
+    storage._forget_kept(root)
     calls.clear()
     assert storage.read_parquet(storage.join(prompts_uri, "data.parquet")).height == 10
     storage.read_json(plan_uri(gens))
