@@ -472,7 +472,8 @@ def nightly_checks(first: dict, nightly: dict) -> dict:
 def checks_table(c: dict) -> str:
     lines = ["| nightly rerun against the first run | value |", "|---|---|",
              f"| rows sampled (model work) | {c['generated_rows'][1]:,} of "
-             f"{c['generated_rows'][0]:,} = {c['model_work']:.1%} |",
+             f"{c['generated_rows'][0]:,} = " + (f"{c['model_work']:.1%} |" if c[
+                 "model_work"] is not None else "not recorded |"),
              f"| bytes written, prompts to scores | {_fmt_bytes(c['upstream_bytes_written'][1])}"
              f" of {_fmt_bytes(c['upstream_bytes_written'][0])} = {c['upstream_bytes']:.1%} |",
              f"| bytes written by generate and score / the new samples and scores | "
@@ -1239,12 +1240,13 @@ def main(argv: list[str] | None = None) -> dict:
             result["nightly_over_first"]["requests"] = round(
                 n["requests"]["total"] / f["requests"]["total"], 3)
         result["nightly_checks"] = nightly_checks(f, n)
+    if a.json:  # first: the numbers survive a report that fails
+        Path(a.json).write_text(json.dumps(result, indent=2, default=str))
     print()
     print(report(result))
     if a.keep or a.workdir:
         print(f"work folder (data root, PREFECT_HOME, logs): {work}")
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2, default=str))
         print(f"numbers: {a.json}")
     return result
 

@@ -334,10 +334,36 @@ def _run_parts(stage: ShardedStage, data_root: str, progress: Progress | None,
         if on_shard:
             on_shard(i)
     bar.close()
+    info = {"seconds": round(time.perf_counter() - t0, 3), **parts.info()}
     if shards is None:
-        _seal(out, parts, {"seconds": round(time.perf_counter() - t0, 3), **parts.info()})
-    elif not _missing(out, parts, range(n)):
-        _seal(out, parts, {})  # the last group to finish; its own time is not the stage's
+        _seal(out, parts, info)
+        return
+    if todo:  # what this group did, for whichever call seals the output
+        storage.write_json(storage.join(out, GROUPS, f"{wanted.start:05d}-{wanted.stop - 1:05d}"
+                                        ".json"), info, keep=True)
+    if not _missing(out, parts, range(n)):
+        _seal(out, parts, _groups_info(out))  # the last group to finish
+
+
+#: A sharded output's records of what each shard group did (`_groups/00000-00007.json`:
+#: its seconds and the stage's own counts, e.g. the rows it sampled), written by a group
+#: that made parts, summed into `_SUCCESS` by whichever call seals the output.
+GROUPS = "_groups"
+
+
+def _groups_info(out: str) -> dict:
+    """What the shard groups of `out` did together: their counts summed, `seconds` the
+    longest group's (they run side by side), `groups` how many recorded. A group that made
+    no part (all there already) recorded nothing; a group run again replaces its record."""
+    folder = storage.join(out, GROUPS)
+    total: dict = {}
+    names = [n for n in storage.list_dir(folder) if n.endswith(".json")]
+    for name in names:
+        for key, value in storage.read_json(storage.join(folder, name)).items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            total[key] = (max if key == "seconds" else sum)((total.get(key, 0), value))
+    return {**total, "groups": len(names)} if names else {}
 
 
 def part_files(stage: ShardedStage, data_root: str, shards: range) -> list[str]:
@@ -360,7 +386,7 @@ def seal(stage: ShardedStage, data_root: str) -> str:
         raise RuntimeError(f"{out}: {len(missing)} of {n} shards are missing "
                            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
                            f"rerun {stage.label()}, which writes only the missing shards")
-    _seal(out, parts, {})
+    _seal(out, parts, _groups_info(out))
     return out
 
 

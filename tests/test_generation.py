@@ -161,8 +161,10 @@ def test_shard_groups_write_the_same_bytes_as_one_call_and_seal_when_all_are_the
     out = run_generate(prompts_uri, "de", policy, gen, pcfg, grouped_root,
                        shards=shard_group(4, 2, 3))
     # each part is a whole stored shard: group 2 sampled one into the store, wrote nothing
-    # into the output
-    assert storage.list_dir(out) == [] and not storage.is_complete(out)
+    # into the output but the record of what it did
+    assert storage.list_dir(out) == ["_groups"] and not storage.is_complete(out)
+    assert storage.read_json(storage.join(out, "_groups", "00003-00003.json"))[
+        "generated_rows"] == 2
     (skey,) = storage.list_dir(storage.join(grouped_root, "samples"))
     assert len([n for n in storage.list_dir(storage.join(grouped_root, "samples", skey,
                                                          "lang=de"))
@@ -181,7 +183,10 @@ def test_shard_groups_write_the_same_bytes_as_one_call_and_seal_when_all_are_the
     for a, b in zip(files, whole_files, strict=True):
         assert a.removeprefix(grouped_root) == b.removeprefix(whole_root)
         assert storage.read_bytes(a) == storage.read_bytes(b), a
-    assert storage.read_json(storage.join(out, storage.SUCCESS))["rows"] == 4 * 2
+    done = storage.read_json(storage.join(out, storage.SUCCESS))
+    assert done["rows"] == 4 * 2
+    # what the three groups did, summed by the one that sealed: every sample was drawn now
+    assert done["generated_rows"] == 4 * 2 and done["groups"] == 3 and done["seconds"] > 0
 
 
 def test_a_reused_shard_deleted_from_the_store_fails_naming_the_plan_to_delete(

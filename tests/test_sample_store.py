@@ -274,5 +274,7 @@ def test_shard_groups_of_a_plan_made_beforehand_write_and_seal_every_part(
     for shards in (range(0, 2), range(2, 3)):
         run(stage, root, shards=shards)
     out = seal(stage, root)
-    assert storage.marker_info(out)["rows"] == 12 * gen.k
+    done = storage.marker_info(out)
+    assert done["rows"] == 12 * gen.k
+    assert done["generated_rows"] == 12 * gen.k and done["groups"] == 2
     assert storage.read_parquet(out).height == 12 * gen.k
