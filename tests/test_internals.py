@@ -79,3 +79,35 @@ def test_the_gguf_parse_once_shortcut_applies():
     with _gguf_parsed_once() as readers:
         assert gguf.GGUFReader is not reader and readers == {}
     assert gguf.GGUFReader is reader
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(monkeypatch):
+    """`croco.stage.limit_malloc_arenas`: glibc's `mallopt(M_ARENA_MAX, 2)`, skipped when
+    `MALLOC_ARENA_MAX` is set (glibc reads that itself); importing the flows applies it."""
+    import importlib
+
+    from croco import stage
+
+    calls = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            return 1
+
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(stage, "_libc", lambda: FakeLibc())
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    stage.limit_malloc_arenas()
+    assert calls == [(-8, 2)]
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    stage.limit_malloc_arenas()
+    assert calls == [(-8, 2)]
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    import flows
+
+    calls.clear()
+    importlib.reload(flows)
+    assert calls == [(-8, 2)]
