@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -602,6 +603,8 @@ def cases(quick: bool = False, tmp: str = "/tmp", sizes_gb: list[float] | None =
 
 
 def main() -> None:
+    # `kill` stops it as Ctrl-C does: subprocess.run kills the running child on the way out
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
