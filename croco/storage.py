@@ -140,28 +140,18 @@ def is_complete(uri: str) -> bool:
     return is_file(join(uri, SUCCESS))
 
 
-#: What this process wrote into `_SUCCESS` markers, by marker URI (the last 4,096): read
-#: back by `marker_info` without a request (a task's summary line, the score stage asking
-#: for the rows of the generations it just made).
-_MARKED: dict[str, dict] = {}
-
-
 def mark_complete(uri: str, info: dict | None = None) -> None:
-    marker = join(uri, SUCCESS)
-    write_bytes(marker, json.dumps(info or {}, sort_keys=True).encode())
-    _MARKED[marker] = dict(info or {})
-    while len(_MARKED) > 4096:
-        _MARKED.pop(next(iter(_MARKED)), None)
+    # kept: a task's summary line and the next stage (the score stage asking for the rows
+    # of the generations it just made) read it back without a request
+    write_bytes(join(uri, SUCCESS), json.dumps(info or {}, sort_keys=True).encode(),
+                keep=True)
 
 
 def marker_info(uri: str) -> dict:
-    """What the `_SUCCESS` marker of `uri` records: from memory when this process wrote it,
-    else read (FileNotFoundError when there is none)."""
-    marker = join(uri, SUCCESS)
-    known = _MARKED.get(marker)
-    if known is not None:
-        return dict(known)
-    data = read_bytes(marker)
+    """What the `_SUCCESS` marker of `uri` records: from memory when this process wrote it
+    on an object store (`write_bytes(..., keep=True)`), else read (FileNotFoundError when
+    there is none)."""
+    data = read_bytes(join(uri, SUCCESS))
     try:
         info = json.loads(data) if data.strip() else {}
     except ValueError:
@@ -170,9 +160,10 @@ def marker_info(uri: str) -> dict:
 
 
 #: Small files this process wrote with `keep=True`, on an object store, by `_ref_key`: read
-#: back (`read_bytes`, `read_parquet`, `is_file`) without a request. Only for files that
-#: never change once written (a content-keyed output's own files, a stored shard's prompts
-#: file); `remove` forgets them. At most `KEEP_FILE_BYTES` a file and `KEEP_BYTES` in all
+#: back (`read_bytes`, `read_parquet`, `is_file`, `marker_info`, a view's references)
+#: without a request. Only for files that never change once written (`_SUCCESS` markers,
+#: `_parts.json`, a content-keyed output's own files, a stored shard's prompts file);
+#: `remove` forgets them. At most `KEEP_FILE_BYTES` a file and `KEEP_BYTES` in all
 #: (the oldest go first). Local files are not kept: reading one back costs no request.
 _KEPT: dict[str, bytes] = {}
 _KEPT_TOTAL = 0  # the bytes in `_KEPT`
@@ -380,16 +371,9 @@ def write_references(folder: str, files: dict[str, str]) -> None:
             rel[name] = os.path.relpath(os.path.abspath(t_path), os.path.abspath(base))
         else:
             rel[name] = posixpath.relpath(t_path, base.rstrip("/"))
-    write_json(join(folder, REFERENCES), {"files": rel})
-    _REFERENCED[_ref_key(protocol, base)] = rel
-    while len(_REFERENCED) > 4096:
-        _REFERENCED.pop(next(iter(_REFERENCED)), None)
-
-
-#: What this process wrote into `_parts.json` files, by folder (the last 4,096): read back
-#: without a request (the score stage listing the generations view it just made). A view
-#: is keyed by what it holds, so a folder's references never change once written.
-_REFERENCED: dict[str, dict[str, str]] = {}
+    # kept: a view is keyed by what it holds, so its references never change once written;
+    # the score stage reads the generations view it just made without a request
+    write_json(join(folder, REFERENCES), {"files": rel}, keep=True)
 
 
 def _ref_key(protocol: str, folder_path: str) -> str:
@@ -408,9 +392,9 @@ def _read_references(fs: fsspec.AbstractFileSystem, protocol: str,
     """name -> URI of what the folder's `_parts.json` references (FileNotFoundError when
     it has none)."""
     folder_path = folder_path.rstrip("/")
-    rel = _REFERENCED.get(_ref_key(protocol, folder_path))
-    if rel is None:
-        rel = json.loads(_cat(fs, f"{folder_path}/{REFERENCES}"))["files"]
+    where = f"{folder_path}/{REFERENCES}"
+    data = _kept(_uri(protocol, where))
+    rel = json.loads(data if data is not None else _cat(fs, where))["files"]
     return {name: _resolve(protocol, folder_path, r) for name, r in rel.items()}
 
 
@@ -521,13 +505,7 @@ def list_dir(uri: str) -> list[str]:
 
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
-    for marker in [m for m in _MARKED if m == join(uri, SUCCESS) or m.startswith(
-            uri.rstrip("/") + "/")]:
-        _MARKED.pop(marker, None)
-    gone = _ref_key(_split(uri)[0], path)
-    for folder in [f for f in _REFERENCED if f == gone or f.startswith(gone + "/")]:
-        _REFERENCED.pop(folder, None)
-    _forget_kept(gone)
+    _forget_kept(_ref_key(_split(uri)[0], path))
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
