@@ -64,8 +64,11 @@ _SIDECAR = ".prompts.parquet"
 def stored_shards(store: str) -> set[str]:
     """The complete shards of a store (one listing): those whose prompts file, written
     after their samples, is there."""
-    return {name.removesuffix(_SIDECAR) for name in storage.list_dir(store)
-            if name.endswith(_SIDECAR)}
+    return _complete_shards(storage.list_dir(store))
+
+
+def _complete_shards(names: list[str]) -> set[str]:
+    return {name.removesuffix(_SIDECAR) for name in names if name.endswith(_SIDECAR)}
 
 
 def _store_index(store: str) -> pl.DataFrame:
@@ -74,10 +77,13 @@ def _store_index(store: str) -> pl.DataFrame:
     rewritten to cover them). The prompts files are the truth: an index row of a shard not
     stored (gone, or planned and not sampled yet: `make_plan` adds the shards it plans) is
     ignored, and two planners that rewrite the index at once each write a true one."""
-    shards = stored_shards(store)
+    names = storage.list_dir(store)
+    shards = _complete_shards(names)
     schema = {"shard": pl.String, "prompt_id": pl.String, "hash": pl.String}
     where = storage.join(store, STORE_INDEX)
     try:
+        if STORE_INDEX not in names:  # the listing says so: no request to find nothing
+            raise FileNotFoundError(where)
         index = storage.read_parquet(where).filter(pl.col("shard").is_in(sorted(shards)))
     except FileNotFoundError:
         index = pl.DataFrame(schema=schema)
@@ -99,7 +105,10 @@ def plan_uri(generations_uri: str) -> str:
 
 
 def read_plan(where: str) -> dict | None:
-    """The plan at `where` (`plan_uri`), None when there is none yet."""
+    """The plan at `where` (`plan_uri`), None when there is none yet (or when the flow's
+    completion check has just listed the output and found none there: no request)."""
+    if storage.absent_when_listed(where):
+        return None
     try:
         return storage.read_json(where)
     except FileNotFoundError:

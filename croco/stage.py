@@ -90,8 +90,12 @@ class Stage(BaseModel):
         `_SUCCESS` records (rows, ...). The runner writes the marker, never the stage."""
         raise NotImplementedError
 
+    def markers(self, data_root: str) -> list[str]:
+        """The folders whose `_SUCCESS` markers together make this call complete."""
+        return [self.output(data_root)]
+
     def complete(self, data_root: str) -> bool:
-        return storage.is_complete(self.output(data_root))
+        return all(storage.is_complete(u) for u in self.markers(data_root))
 
     def result(self, data_root: str) -> Any:
         """What running the stage returns: its output URI (a stage with several outputs:
@@ -140,8 +144,8 @@ class LanguagesTogether(Stage):
     def result(self, data_root: str) -> dict[str, str]:
         return self.folders(self.output(data_root))
 
-    def complete(self, data_root: str) -> bool:
-        return all(storage.is_complete(u) for u in self.result(data_root).values())
+    def markers(self, data_root: str) -> list[str]:
+        return list(self.result(data_root).values())
 
 
 class Parts:
@@ -409,6 +413,15 @@ def seal(stage: ShardedStage, data_root: str) -> str:
                            f"rerun {stage.label()}, which writes only the missing shards")
     _seal(out, parts, _groups_info(out))
     return out
+
+
+def incomplete(stages: list[Stage], data_root: str) -> list[Stage]:
+    """The calls of `stages` whose output is not complete, asked together
+    (`croco.storage.complete_among`: on an object store, one listing for the language
+    folders of an output instead of a request each)."""
+    markers = [s.markers(data_root) for s in stages]
+    done = storage.complete_among([m for ms in markers for m in ms])
+    return [s for s, ms in zip(stages, markers) if not all(m in done for m in ms)]
 
 
 def completion_info(uri: str) -> dict:

@@ -140,6 +140,90 @@ def is_complete(uri: str) -> bool:
     return is_file(join(uri, SUCCESS))
 
 
+def complete_among(uris: list[str]) -> set[str]:
+    """Which of the folders `uris` carry their `_SUCCESS` marker (`is_complete` each).
+    On an object store, the language folders of one output (`<folder>/<key>/lang=xx`, two
+    or more of them asked at once) are answered by one listing of the output (a LIST,
+    paged every 1,000 files) instead of a HEAD each: what a run asks for every language of
+    a stage. That listing is kept a while for `absent_when_listed`. A marker this process
+    wrote is known without a request."""
+    done: set[str] = set()
+    by_output: dict[str, list[str]] = {}
+    for uri in dict.fromkeys(uris):
+        if _kept(join(uri, SUCCESS)) is not None:
+            done.add(uri)
+            continue
+        head, tail = posixpath.split(uri.rstrip("/"))
+        by_output.setdefault(head if tail.startswith("lang=") else uri, []).append(uri)
+    for head, group in by_output.items():
+        fs, path = filesystem(head)
+        if len(group) < 2 or _is_local(fs) or not hasattr(fs, "_lsdir"):
+            done.update(u for u in group if is_complete(u))
+            continue
+        names = _list_below(fs, head, path)
+        done.update(u for u in group
+                    if posixpath.join(posixpath.basename(u.rstrip("/")), SUCCESS) in names)
+    return done
+
+
+#: Listings of an output's folder this process made (`complete_among`), by `_ref_key`:
+#: (when, the paths below it then, plus what this process wrote there since). Read by
+#: `absent_when_listed` for `LISTED_SECONDS`.
+_LISTED: dict[str, tuple[float, set[str]]] = {}
+LISTED_SECONDS = 600.0
+
+
+def _list_below(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> set[str]:
+    """The paths of every file below the folder `path` (relative to it; one paged LIST,
+    no cache), remembered in `_LISTED`."""
+    import time
+
+    from fsspec.asyn import sync
+
+    base = path.rstrip("/")
+    try:
+        found = sync(fs.loop, fs._lsdir, base, delimiter="", refresh=True)
+    except FileNotFoundError:
+        found = []
+    names = {e["name"][len(base) + 1:] for e in found
+             if e.get("type") != "directory" and e["name"].startswith(base + "/")}
+    with _KEPT_LOCK:
+        _LISTED[_ref_key(_split(uri)[0], base)] = (time.monotonic(), set(names))
+        while len(_LISTED) > 64:
+            _LISTED.pop(next(iter(_LISTED)))
+    return names
+
+
+def absent_when_listed(uri: str) -> bool:
+    """True when a listing this process made in the last `LISTED_SECONDS` of a folder
+    above `uri` (`complete_among`) had no file there and this process has not written it
+    since: the caller may skip asking the store (a GET that would find nothing). False
+    when nothing is known. Another process may have written it since the listing; callers
+    use this only where that would be the same race as asking an instant earlier (a
+    generation plan, made once per output, when the output was just found incomplete)."""
+    import time
+
+    if not _LISTED:
+        return False
+    protocol, path = _split(uri)
+    if protocol == "file":
+        return False
+    key = _ref_key(protocol, path)
+    with _KEPT_LOCK:
+        for folder, (when, names) in _LISTED.items():
+            if key.startswith(folder + "/") and time.monotonic() - when < LISTED_SECONDS:
+                return key[len(folder) + 1:] not in names
+    return False
+
+
+def _note_written(key: str) -> None:
+    """A file this process wrote is no longer absent in the listings above it."""
+    with _KEPT_LOCK:
+        for folder, (_, names) in _LISTED.items():
+            if key.startswith(folder + "/"):
+                names.add(key[len(folder) + 1:])
+
+
 def mark_complete(uri: str, info: dict | None = None) -> None:
     # kept: a task's summary line and the next stage (the score stage asking for the rows
     # of the generations it just made) read it back without a request
@@ -218,6 +302,8 @@ def write_bytes(uri: str, data: bytes, keep: bool = False) -> None:
             fs.pipe_file(path, data)
             if keep and len(data) <= KEEP_FILE_BYTES:
                 _keep(_ref_key(_split(uri)[0], path), data)
+            if _LISTED:
+                _note_written(_ref_key(_split(uri)[0], path))
     except BaseException as e:
         if local:
             _remove_quietly(fs, tmp)  # a failed write leaves nothing behind

@@ -488,9 +488,11 @@ def config_plan(config: ConfigArg = None, set_: SetOpt = None) -> None:
     from croco.plan import STAGES, output_uris
 
     cfg = _load(config, set_)
+    outputs = list(output_uris(cfg))
+    done = storage.complete_among([uri for _, uri in outputs])  # one listing an output
     by_stage: dict[str, list[bool]] = {}
-    for stage, uri in output_uris(cfg):
-        by_stage.setdefault(stage, []).append(storage.is_complete(uri))
+    for stage, uri in outputs:
+        by_stage.setdefault(stage, []).append(uri in done)
     console.print(plan_table(by_stage, [s.name for s in STAGES], cfg.data_root))
 
 

@@ -41,7 +41,7 @@ from croco.config import (
 )
 from croco.manifest import EvaluationOutputs, VariantOutputs
 from croco.plan import EvaluationPlan, VariantPlan, build_plan
-from croco.stage import ShardedStage, Stage
+from croco.stage import ShardedStage, Stage, incomplete
 from croco.stages import Generate, Score
 from croco.tasks import stage_task
 from croco.tasks.remote import prepare_run, trigger_task
@@ -166,7 +166,7 @@ class Stages:
         """The calls whose output is not complete (`_SUCCESS` under their key): the only
         ones started, as a task or a flow run; the others' results are read off the plan.
         Logs how many were complete."""
-        todo = [s for s in stages if not s.complete(self.root)]
+        todo = incomplete(stages, self.root)
         done = len(stages) - len(todo)
         if done:
             _log().info("%s: %d of %d complete, read back", _names(stages), done, len(stages))

@@ -285,6 +285,35 @@ def s3_bucket(s3_server, monkeypatch):
     return name
 
 
+@pytest.fixture
+def s3_requests(caplog):
+    """The requests the local S3 server (in this process's threads) received, from its
+    request log: call it for those since the last call, as (method, path) pairs, a listing
+    as ("LIST", prefix)."""
+    import logging
+    import re
+    from urllib.parse import parse_qs, urlsplit
+
+    caplog.set_level(logging.INFO, logger="werkzeug")
+    caplog.clear()
+
+    def since() -> list[tuple[str, str]]:
+        seen = []
+        for record in caplog.records:
+            message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # colour of a 404
+            if record.name != "werkzeug" or '"' not in message:
+                continue
+            method, target = message.split('"')[1].split(" ")[:2]
+            url = urlsplit(target)
+            query = parse_qs(url.query)
+            seen.append(("LIST", query.get("prefix", [""])[0]) if "list-type" in query
+                        else (method, url.path))
+        caplog.clear()
+        return seen
+
+    return since
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

@@ -278,3 +278,44 @@ def test_shard_groups_of_a_plan_made_beforehand_write_and_seal_every_part(
     assert done["rows"] == 12 * gen.k
     assert done["generated_rows"] == 12 * gen.k and done["groups"] == 2
     assert storage.read_parquet(out).height == 12 * gen.k
+
+
+def test_a_flow_asks_for_every_language_at_once_and_looks_for_no_plan_the_listing_lacks(
+        tiny_lm, tmp_path, gen, s3_bucket, s3_requests):
+    """What the flow does on an object store (`croco.stage.incomplete`, then each call run
+    as checked): one listing for the generate outputs of both languages, no HEAD each; the
+    language without a plan makes one without first asking for it, the language whose plan
+    an interrupted run left reads and keeps that plan."""
+    from croco.samples import plan_uri
+    from croco.stage import incomplete, run
+    from croco.stages import Generate
+
+    root = f"s3://{s3_bucket}/flow"
+    policy = PolicyConfig(model=tiny_lm)
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"prompt_id": f"p{i}", "lang": lang, "prompt": f"Q {i}?",
+                                       "split": "train"}) + "\n"
+                           for lang in ("de", "fr") for i in range(6)))
+    pcfg = PromptsConfig(path=str(src), limit=None)
+    stages = [Generate(prompts_uri=run_prompts(pcfg, lang, root), lang=lang, policy=policy,
+                       gen=gen, prompts_cfg=pcfg) for lang in ("de", "fr")]
+    de, fr = stages
+    de.prepare(root)  # an earlier run planned de, then stopped
+    planned = storage.read_json(plan_uri(de.output(root)))
+    storage._forget_kept(root)  # that run's process is gone
+
+    s3_requests()
+    assert incomplete(stages, root) == stages
+    for stage in stages:
+        run(stage, root, checked=True)
+    seen = s3_requests()
+    gen_key = de.output(root).split("://", 1)[1].split("/", 1)[1].rsplit("/", 1)[0]
+    output_requests = [(m, p) for m, p in seen if gen_key in p]
+    assert [m for m, p in output_requests if m == "LIST"] == ["LIST"]  # one listing
+    assert not [p for m, p in output_requests if m == "HEAD"]
+    plans = [(m, p.rsplit("/", 1)[-1]) for m, p in output_requests if "/_plans/" in p]
+    assert sorted(plans) == [("GET", "lang=de.json"), ("PUT", "lang=fr.json")]
+    assert storage.read_json(plan_uri(de.output(root))) == planned
+    for stage in stages:
+        assert storage.is_complete(stage.output(root))
+        assert storage.read_parquet(stage.output(root)).height == 6 * gen.k

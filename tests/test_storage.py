@@ -219,3 +219,48 @@ def test_a_kept_file_this_process_wrote_is_read_back_without_a_request(
     for name in ("big", "a", "b"):
         storage.read_bytes(storage.join(root, name))
     assert reads == [f"{s3_bucket}/kept/big", f"{s3_bucket}/kept/a"]
+
+
+def test_the_language_folders_of_an_output_are_asked_for_with_one_listing(
+        s3_bucket, tmp_path, monkeypatch, s3_requests):
+    """`complete_among`: on an object store, two or more language folders of one output
+    cost one LIST (no HEAD each); a lone folder one HEAD; a marker this process wrote no
+    request. The listing then says which files are not there (`absent_when_listed`) until
+    this process writes them or it grows old."""
+    root = f"s3://{s3_bucket}/among"
+    out = storage.join(root, "generations", "g")
+    de, fr, it = (storage.join(out, f"lang={x}") for x in ("de", "fr", "it"))
+    for uri in (de, fr):
+        storage.mark_complete(uri, {"rows": 1})
+    storage.write_json(storage.join(out, "_plans", "lang=de.json"), {"parts": []})
+    lone = storage.join(root, "pairs", "p")
+    storage.mark_complete(lone)
+    storage._forget_kept(root)  # as another process would: nothing in memory
+
+    def requests() -> list[str]:
+        return sorted(method for method, _ in s3_requests())
+
+    requests()
+    assert storage.complete_among([de, fr, it, lone]) == {de, fr, lone}
+    assert requests() == ["HEAD", "LIST"]
+
+    plan_it = storage.join(out, "_plans", "lang=it.json")
+    assert storage.absent_when_listed(plan_it)
+    assert not storage.absent_when_listed(storage.join(out, "_plans", "lang=de.json"))
+    assert not storage.absent_when_listed(storage.join(root, "pairs", "p", "x.json"))
+    assert not storage.absent_when_listed(str(tmp_path / "local.json"))
+    assert requests() == []
+    storage.write_json(plan_it, {"parts": [1]})  # written since the listing
+    assert not storage.absent_when_listed(plan_it)
+    monkeypatch.setattr(storage, "LISTED_SECONDS", 0.0)  # too old to go by
+    assert not storage.absent_when_listed(storage.join(out, "_plans", "lang=fr.json"))
+
+    requests()
+    storage.mark_complete(it)  # this process wrote it: known without asking
+    assert storage.complete_among([it]) == {it}
+    assert requests() == ["PUT"]
+
+    # a local root: each folder asked on disk
+    local = [str(tmp_path / "o" / f"lang={x}") for x in ("de", "fr")]
+    storage.mark_complete(local[0])
+    assert storage.complete_among(local) == {local[0]}
