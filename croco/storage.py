@@ -157,7 +157,7 @@ def complete_among(uris: list[str]) -> set[str]:
         by_output.setdefault(head if tail.startswith("lang=") else uri, []).append(uri)
     for head, group in by_output.items():
         fs, path = filesystem(head)
-        if len(group) < 2 or _is_local(fs) or not hasattr(fs, "_lsdir"):
+        if len(group) < 2 or _is_local(fs) or not hasattr(fs, "call_s3"):  # s3fs only
             done.update(u for u in group if is_complete(u))
             continue
         names = _list_below(fs, head, path)
