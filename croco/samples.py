@@ -81,12 +81,12 @@ def _store_index(store: str) -> pl.DataFrame:
     shards = _complete_shards(names)
     schema = {"shard": pl.String, "prompt_id": pl.String, "hash": pl.String}
     where = storage.join(store, STORE_INDEX)
-    try:
-        if STORE_INDEX not in names:  # the listing says so: no request to find nothing
-            raise FileNotFoundError(where)
-        index = storage.read_parquet(where).filter(pl.col("shard").is_in(sorted(shards)))
-    except FileNotFoundError:
-        index = pl.DataFrame(schema=schema)
+    index = pl.DataFrame(schema=schema)
+    if STORE_INDEX in names:  # the listing says whether there is one: no request for nothing
+        try:
+            index = storage.read_parquet(where).filter(pl.col("shard").is_in(sorted(shards)))
+        except FileNotFoundError:
+            pass
     new = sorted(shards - set(index["shard"]))
     if new:
         rows = [{"shard": shard, "prompt_id": pid, "hash": h} for shard in new

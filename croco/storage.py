@@ -24,6 +24,7 @@ import json
 import os
 import posixpath
 import threading
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -176,8 +177,6 @@ LISTED_SECONDS = 600.0
 def _list_below(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> set[str]:
     """The paths of every file below the folder `path` (relative to it; one paged LIST,
     no cache), remembered in `_LISTED`."""
-    import time
-
     from fsspec.asyn import sync
 
     base = path.rstrip("/")
@@ -201,8 +200,6 @@ def absent_when_listed(uri: str) -> bool:
     when nothing is known. Another process may have written it since the listing; callers
     use this only where that would be the same race as asking an instant earlier (a
     generation plan, made once per output, when the output was just found incomplete)."""
-    import time
-
     if not _LISTED:
         return False
     protocol, path = _split(uri)
@@ -343,8 +340,6 @@ def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
 def sweep_temporary(uri: str, older_than: float = STALE_TMP_SECONDS) -> int:
     """Remove temporary files (`TMP_MARK`) anywhere under `uri` older than `older_than`
     seconds: what writers killed mid-write left. Returns how many were removed."""
-    import time
-
     fs, path = filesystem(uri)
     if not _is_local(fs):
         return 0  # object-store writes use no temporary names (one PUT each)

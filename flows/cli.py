@@ -488,7 +488,7 @@ def config_plan(config: ConfigArg = None, set_: SetOpt = None) -> None:
     from croco.plan import STAGES, output_uris
 
     cfg = _load(config, set_)
-    outputs = list(output_uris(cfg))
+    outputs = output_uris(cfg)
     done = storage.complete_among([uri for _, uri in outputs])  # one listing an output
     by_stage: dict[str, list[bool]] = {}
     for stage, uri in outputs:
